@@ -1,0 +1,75 @@
+"""Shared test fixtures.
+
+Every test runs behind a network guard: a connection to anything but a loopback
+address fails at once with ``OSError``. Code that would reach the internet in a
+real run (tiktoken's download, the GPT-2 mirror, the dataset URL) therefore
+takes its offline path in the tests, and a test that forgets to point a client at
+its own loopback server fails loudly instead of quietly using the network.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DIR = REPO_ROOT.parent / "shared"
+
+_LOCAL_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
+
+
+def _is_loopback(host: object) -> bool:
+    if host is None:
+        return True
+    if isinstance(host, bytes):
+        host = host.decode()
+    host = str(host)
+    if host in _LOCAL_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+class NetworkBlocked(OSError):
+    """Raised by the guard when a test tries to leave the machine."""
+
+
+@pytest.fixture(autouse=True)
+def _block_non_loopback_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_getaddrinfo = socket.getaddrinfo
+    real_connect = socket.socket.connect
+    real_connect_ex = socket.socket.connect_ex
+
+    def guarded_getaddrinfo(host, *args, **kwargs):
+        if not _is_loopback(host):
+            raise NetworkBlocked(f"test network guard: lookup of {host!r} refused")
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    def _check(address) -> None:
+        if isinstance(address, tuple) and not _is_loopback(address[0]):
+            raise NetworkBlocked(f"test network guard: connection to {address!r} refused")
+
+    def guarded_connect(self, address):
+        _check(address)
+        return real_connect(self, address)
+
+    def guarded_connect_ex(self, address):
+        _check(address)
+        return real_connect_ex(self, address)
+
+    monkeypatch.setattr(socket, "getaddrinfo", guarded_getaddrinfo)
+    monkeypatch.setattr(socket.socket, "connect", guarded_connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", guarded_connect_ex)
+
+
+@pytest.fixture
+def shared_dir() -> Path:
+    """The workplace's ../shared folder; skips the test when it is absent."""
+    if not SHARED_DIR.is_dir():
+        pytest.skip(f"{SHARED_DIR} is absent (it exists only on the project's own machines)")
+    return SHARED_DIR
