@@ -550,10 +550,17 @@ def _fetch(session: requests.Session, url: str, part: Path, timeout: float, prog
             have, mode = 0, "wb"
             length = response.headers.get("Content-Length")
             total = int(length) if length is not None else None
-        bar = tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=part.stem)
-        bar.disable = not progress
+        bar = tqdm(
+            total=total,
+            initial=have,
+            unit="B",
+            unit_scale=True,
+            desc=part.stem,
+            disable=not progress,
+        )
         with open(part, mode) as f, bar:
-            for chunk in response.iter_content(chunk_size=1 << 20):
+            # small chunks: a dropped connection loses at most one unwritten chunk
+            for chunk in response.iter_content(chunk_size=1 << 16):
                 f.write(chunk)
                 bar.update(len(chunk))
     size = part.stat().st_size
