@@ -73,6 +73,11 @@ class Mirror:
                 data = file.read_bytes()
                 match = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
                 start = int(match[1]) if match and "ignore_range" not in step else 0
+                if start >= len(data) > 0:
+                    self.send_response(416)
+                    self.send_header("Content-Range", f"bytes */{len(data)}")
+                    self.send_header("Content-Length", "0")
+                    return self.end_headers()
                 if match and "ignore_range" not in step:
                     self.send_response(206)
                     self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
@@ -188,6 +193,12 @@ def test_load_variable_returns_the_exact_arrays():
         array = gd.load_variable(TINY / "model.ckpt", name)
         assert array.dtype == np.float32 and array.flags.writeable
         np.testing.assert_array_equal(array, weight)
+
+
+def test_reader_works_without_the_crc32c_extension(monkeypatch):
+    monkeypatch.setattr(gd, "google_crc32c", None)  # use the numpy fallback
+    params = gd.load_gpt2_params_from_tf_ckpt(TINY / "model.ckpt", HPARAMS)
+    _assert_same_tree(params, _course_params(WEIGHTS, HPARAMS["n_layer"]))
 
 
 def test_unknown_variable_is_a_key_error_with_close_names():
@@ -415,6 +426,14 @@ def test_download_restarts_when_the_server_ignores_range(mirror, tmp_path):
     target = gd.download_file(f"{mirror.url}/124M/{DATA_FILE}", tmp_path / DATA_FILE, **FAST)
     assert target.read_bytes() == (TINY / DATA_FILE).read_bytes()
     assert mirror.requests[1][1] is not None  # it asked for a range and got the whole file
+
+
+def test_a_partial_file_longer_than_the_file_starts_over(mirror, tmp_path):
+    full = (TINY / DATA_FILE).read_bytes()
+    (tmp_path / f"{DATA_FILE}.part").write_bytes(full + b"stale bytes of another file")
+    target = gd.download_file(f"{mirror.url}/124M/{DATA_FILE}", tmp_path / DATA_FILE, **FAST)
+    assert target.read_bytes() == full
+    assert [r for _, r in mirror.requests] == [f"bytes={len(full) + 27}-", None]
 
 
 def test_short_body_is_never_renamed_into_place(mirror, tmp_path):
