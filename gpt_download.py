@@ -37,7 +37,7 @@ import numpy as np
 import requests
 from tqdm import tqdm
 
-try:  # the C implementation checks a 1.4 GB shard in about a second
+try:  # C speed (GB/s) for the 1.4 GB shard; the numpy fallback does ~150 MB/s
     import google_crc32c
 except ImportError:  # pragma: no cover - depends on the environment
     google_crc32c = None
@@ -95,7 +95,7 @@ def _feed(reg: int, data) -> int:
     return reg
 
 
-def _apply(op: list[int], reg):
+def _apply(op: tuple[int, ...] | list[int], reg):
     """Apply a linear map of the register (given by its 32 columns) to ``reg``.
 
     ``reg`` is an int or a numpy uint32 array (then every element is mapped).
