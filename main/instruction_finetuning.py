@@ -34,6 +34,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+# `python main/instruction_finetuning.py` in a fresh clone: find previous_chapters.py and
+# gpt_download.py in the repository root (an installed copy, if any, comes first).
+_REPO_ROOT = Path(__file__).resolve().parents[1]
+if (_REPO_ROOT / "previous_chapters.py").is_file() and str(_REPO_ROOT) not in sys.path:
+    sys.path.append(str(_REPO_ROOT))
+
 DATA_URL = (
     "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/"
     "01_main-chapter-code/instruction-data.json"
@@ -108,7 +114,9 @@ def download_text(url: str, *, timeout: float | tuple[float, float] = DOWNLOAD_T
         response = requests.get(url, timeout=timeout)
         response.raise_for_status()
     except requests.RequestException as exc:
-        raise DownloadError(f"could not download {url}: {_root_cause(exc)}\n{SMOKE_HINT}") from None
+        raise DownloadError(
+            f"could not download {url}: {_root_cause(exc)}. Check your internet connection.\n{SMOKE_HINT}"
+        ) from None
     response.encoding = response.encoding or "utf-8"
     return response.text
 
@@ -489,11 +497,11 @@ class RunConfig:
             pretrained=False,
             model_overrides=dict(SMOKE_MODEL_OVERRIDES),
             data=str(SAMPLE_DATA_PATH),
-            batch_size=4,
+            batch_size=8,
             epochs=2,
             lr=1e-3,
             eval_freq=2,
-            eval_iter=2,
+            eval_iter=1,
             max_new_tokens=16,
             smoke=True,
         )
@@ -565,13 +573,13 @@ def build_model(
 
 
 def _download_gpt2_params(tag: str, models_dir: str | os.PathLike) -> dict:
-    from gpt_download import download_and_load_gpt2
+    import gpt_download
 
     try:
-        _settings, params = download_and_load_gpt2(model_size=tag, models_dir=str(models_dir))
-    except (OSError, RuntimeError, requests.RequestException) as exc:
-        if isinstance(exc, ChapterError):
-            raise
+        _settings, params = gpt_download.download_and_load_gpt2(
+            model_size=tag, models_dir=str(models_dir)
+        )
+    except (gpt_download.DownloadError, gpt_download.CheckpointError, OSError) as exc:
         raise DownloadError(
             f"could not get the GPT-2 {tag} weights into {models_dir}: {exc}\n{SMOKE_HINT}"
         ) from None
@@ -623,13 +631,21 @@ def finetune(
     weight_decay: float = 0.1,
     eval_freq: int = 5,
     eval_iter: int = 5,
-    start_context: str = "",
+    start_context: str | None = None,
     device: str | torch.device = "cpu",
     seed: int = 123,
+    progress: bool = True,
 ) -> TrainingResult:
-    """Section 7.6: report the initial losses, train with AdamW, report the wall time."""
+    """Section 7.6: report the initial losses, train with AdamW, report the wall time.
+
+    ``start_context`` (the text the model continues after each epoch) defaults to the prompt
+    of the first validation entry, as in the course.
+    """
     from previous_chapters import train_model_simple
 
+    if start_context is None:
+        val_set = val_loader.dataset
+        start_context = val_set.style.format_input(val_set.data[0])
     device = torch.device(device)
     train_loss, val_loss = initial_losses(model, train_loader, val_loader, device, eval_iter)
     print(f"Initial training loss: {train_loss:.3f}")
@@ -649,6 +665,7 @@ def finetune(
         eval_iter=eval_iter,
         start_context=start_context,
         tokenizer=tokenizer,
+        progress=progress,
     )
     minutes = (time.time() - start) / 60
     print(f"Training completed in {minutes:.2f} minutes.")
@@ -702,29 +719,25 @@ def generate_responses(
 ) -> list[dict]:
     """Greedy responses for every test entry, batched; returns copies with ``json_key`` added.
 
-    Prompts are batched by length (less padding) and the answers put back in entry order.
+    ``generate_batch`` returns only the new tokens (cut before end-of-text); the response
+    marker and surrounding whitespace are stripped as in the course.
     """
     from previous_chapters import generate_batch
 
     style = get_prompt_style(style)
     prompts = [tokenizer.encode(style.format_input(entry)) for entry in test_data]
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    responses: list[str | None] = [None] * len(prompts)
     model.eval()
-    with tqdm(total=len(prompts), desc="Generating responses", disable=not progress) as bar:
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            with torch.no_grad():
-                new_tokens = generate_batch(
-                    model,
-                    [prompts[i] for i in chunk],
-                    max_new_tokens=max_new_tokens,
-                    context_size=context_size,
-                    eos_id=eos_id,
-                )
-            for i, tokens in zip(chunk, new_tokens, strict=True):
-                responses[i] = extract_response(tokenizer.decode(list(tokens)), style)
-            bar.update(len(chunk))
+    with torch.no_grad():
+        new_tokens = generate_batch(
+            model,
+            prompts,
+            max_new_tokens=max_new_tokens,
+            context_size=context_size,
+            eos_id=eos_id,
+            batch_size=batch_size,
+            progress=progress,
+        )
+    responses = [extract_response(tokenizer.decode(list(t)), style) for t in new_tokens]
     return [
         {**entry, json_key: response} for entry, response in zip(test_data, responses, strict=True)
     ]
@@ -1157,8 +1170,8 @@ def score_responses(
         judge_error = "judge disabled (--no-judge)"
     metrics = local_metrics(entries, json_key)
     print(
-        f"Local metrics ({LOCAL_METRICS_NOTE}): exact match {metrics['exact_match']:.3f}, "
-        f"ROUGE-L F1 {metrics['rouge_l_f1']:.3f} over {metrics['n']} entries"
+        f"Local metrics over {metrics['n']} entries: exact match {metrics['exact_match']:.3f}, "
+        f"ROUGE-L F1 {metrics['rouge_l_f1']:.3f}\n  ({LOCAL_METRICS_NOTE})"
     )
     return {"judge": judge, "judge_error": judge_error, "local_metrics": metrics}
 
@@ -1191,7 +1204,7 @@ def run(cfg: RunConfig, *, show_plot: bool = False, progress: bool = True) -> di
     print(f"Test set length: {len(test_data)}")
 
     model_cfg = model_config(cfg.model_size, **cfg.model_overrides)
-    tokenizer = get_tokenizer()
+    tokenizer = get_tokenizer(offline=True if cfg.smoke else None)
     train_loader, val_loader, _test_loader = create_dataloaders(
         train_data,
         val_data,
@@ -1205,6 +1218,11 @@ def run(cfg: RunConfig, *, show_plot: bool = False, progress: bool = True) -> di
         mask_prompt=cfg.mask_prompt,
         seed=cfg.seed,
     )
+    if not val_data or not test_data:
+        raise DatasetError(
+            f"{cfg.data}: {len(data)} entries leave {len(val_data)} for validation and "
+            f"{len(test_data)} for testing; the chapter needs at least one of each"
+        )
     if len(train_loader) == 0:
         raise DatasetError(
             f"{cfg.data}: {len(train_data)} training entries make no full batch of "
@@ -1229,9 +1247,10 @@ def run(cfg: RunConfig, *, show_plot: bool = False, progress: bool = True) -> di
         weight_decay=cfg.weight_decay,
         eval_freq=cfg.eval_freq,
         eval_iter=cfg.eval_iter,
-        start_context=format_input(val_data[0], cfg.prompt_style) if val_data else "",
+        start_context=format_input(val_data[0], cfg.prompt_style),
         device=device,
         seed=cfg.seed,
+        progress=progress,
     )
 
     plot_path = out / "loss-plot.png"
@@ -1306,6 +1325,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float)
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--data", help="instruction data: JSON file or http(s) URL")
+    p.add_argument(
+        "--data-cache", help="where a downloaded --data file is kept (default: its name, in cwd)"
+    )
     p.add_argument("--output-dir", help="where outputs go (default: outputs)")
     p.add_argument("--models-dir", help="where GPT-2 weights are kept (default: gpt2)")
     p.add_argument("--judge-url", help="judge host or endpoint (default: $OLLAMA_HOST)")
@@ -1329,6 +1351,7 @@ _FLAG_FIELDS = {
     "lr": "lr",
     "weight_decay": "weight_decay",
     "data": "data",
+    "data_cache": "data_cache",
     "output_dir": "output_dir",
     "models_dir": "models_dir",
     "judge_url": "judge_url",
