@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import math
 import os
 import re
 import sys
@@ -115,7 +114,8 @@ def download_text(url: str, *, timeout: float | tuple[float, float] = DOWNLOAD_T
         response.raise_for_status()
     except requests.RequestException as exc:
         raise DownloadError(
-            f"could not download {url}: {_root_cause(exc)}. Check your internet connection.\n{SMOKE_HINT}"
+            f"could not download {url}: {_root_cause(exc)}. "
+            f"Check your internet connection.\n{SMOKE_HINT}"
         ) from None
     response.encoding = response.encoding or "utf-8"
     return response.text
@@ -782,7 +782,7 @@ def ollama_base_url(host: str | None = None) -> str:
     try:
         port = parsed.port or port
     except ValueError:
-        raise ValueError(f"OLLAMA_HOST / judge host {value!r}: invalid port") from None
+        raise ConfigError(f"OLLAMA_HOST / judge host {value!r}: invalid port") from None
     name = parsed.hostname or "127.0.0.1"
     if name in ("0.0.0.0", "::"):
         name = "127.0.0.1" if name == "0.0.0.0" else "::1"
@@ -914,8 +914,6 @@ def query_model(
             + (_start_hint(model) if api == "ollama" else "")
         ) from None
     except (KeyError, IndexError, TypeError, ValueError) as exc:
-        if isinstance(exc, ChapterError):
-            raise
         raise JudgeUnavailableError(f"{endpoint}: unexpected reply format ({exc!r})") from None
 
 
@@ -953,19 +951,21 @@ def judge_prompt(entry: dict, json_key: str = "model_response") -> str:
 
 _SCALE_MENTIONS = re.compile(r"(?:/|\bout of|\bof)\s*100\b|\b0\s*(?:-|to)\s*100\b", re.I)
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+_AFTER_SCORE = re.compile(r"\bscore\b\W{0,6}?(?:is\W{0,3})?(-?\d+(?:\.\d+)?)", re.I)
 
 
 def parse_score(reply: str) -> int | None:
     """The integer score 0..100 in a judge reply, or None.
 
-    "85", "Score: 85", "85/100", "**85**", "85 out of 100" all give 85. A reply without a
-    number, with a non-integer number, or outside 0..100 gives None.
+    "85", "Score: 85", "85/100", "**85**", "85 out of 100" all give 85; a number right after
+    the word "score" wins over an earlier one ("1. Accurate. Score: 85" gives 85). A reply
+    without a number, with a non-integer number, or outside 0..100 gives None.
     """
     text = _SCALE_MENTIONS.sub(" ", reply)
-    match = _NUMBER.search(text)
-    if match is None or "." in match.group():
+    match = _AFTER_SCORE.search(text) or _NUMBER.search(text)
+    if match is None or "." in match.group(match.lastindex or 0):
         return None
-    score = int(match.group())
+    score = int(match.group(match.lastindex or 0))
     return score if 0 <= score <= 100 else None
 
 
@@ -1132,8 +1132,8 @@ def local_metrics(entries: Sequence[dict], json_key: str = "model_response") -> 
     return {
         "note": LOCAL_METRICS_NOTE,
         "n": n,
-        "exact_match": sum(em) / n if n else math.nan,
-        "rouge_l_f1": sum(rl) / n if n else math.nan,
+        "exact_match": sum(em) / n if n else None,
+        "rouge_l_f1": sum(rl) / n if n else None,
     }
 
 
