@@ -509,7 +509,11 @@ class RunConfig:
         return cls(**preset)
 
     def resolved_device(self) -> torch.device:
-        return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        """``device``, or cuda when available, else cpu; asking for a missing cuda is an error."""
+        device = torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device {self.device!r} asked for, but PyTorch sees no CUDA GPU")
+        return device
 
     def model_file_name(self) -> str:
         """``gpt2-medium355M-sft.pth`` like the course; ``gpt-random-init-sft.pth`` otherwise."""
@@ -559,13 +563,15 @@ def build_model(
         cfg = {**model_size, **(overrides or {})}
     else:
         cfg = model_config(model_size, **(overrides or {}))
-    torch.manual_seed(seed)
-    model = GPTModel(cfg)
-    if pretrained:
+    params = None
+    if pretrained:  # download (or find) the weights before building anything
         if isinstance(model_size, dict):
-            raise ValueError("pretrained=True needs a model size name, not a config dict")
+            raise ConfigError("pretrained=True needs a model size name, not a config dict")
         tag = _canonical_model_name(model_size).split(" ")[1].strip("()")
         params = _download_gpt2_params(tag, models_dir)
+    torch.manual_seed(seed)
+    model = GPTModel(cfg)
+    if params is not None:
         load_weights_into_gpt(model, params)
     model.to(device)
     model.eval()
@@ -804,7 +810,14 @@ def judge_endpoint(url: str | None = None, api: str = "ollama") -> str:
     else:
         base = url if _is_url(url) else f"http://{url}"
     base = base.rstrip("/")
-    path = urlsplit(base).path
+    parts = urlsplit(base)
+    try:
+        _ = parts.port  # raises ValueError for a non-numeric port
+    except ValueError:
+        raise ConfigError(f"judge URL {base!r}: invalid port") from None
+    if not parts.hostname:
+        raise ConfigError(f"judge URL {base!r}: no host name")
+    path = parts.path
     if api == "ollama":
         return base if path else base + "/api/chat"
     if path.endswith("/chat/completions"):
@@ -1189,10 +1202,12 @@ def run(cfg: RunConfig, *, show_plot: bool = False, progress: bool = True) -> di
     """
     from previous_chapters import get_tokenizer
 
-    get_prompt_style(cfg.prompt_style)  # fail before any download
+    # settings errors surface before any download
+    get_prompt_style(cfg.prompt_style)
     judge_endpoint(cfg.judge_url, cfg.judge_api)
-    out = Path(cfg.output_dir)
+    model_cfg = model_config(cfg.model_size, **cfg.model_overrides)
     device = cfg.resolved_device()
+    out = Path(cfg.output_dir)
     torch.manual_seed(cfg.seed)
 
     data = load_instruction_data(cfg.data, cache_path=cfg.data_cache)
@@ -1202,8 +1217,12 @@ def run(cfg: RunConfig, *, show_plot: bool = False, progress: bool = True) -> di
     print(f"Training set length: {len(train_data)}")
     print(f"Validation set length: {len(val_data)}")
     print(f"Test set length: {len(test_data)}")
+    if not val_data or not test_data:
+        raise DatasetError(
+            f"{cfg.data}: {len(data)} entries leave {len(val_data)} for validation and "
+            f"{len(test_data)} for testing; the chapter needs at least one of each"
+        )
 
-    model_cfg = model_config(cfg.model_size, **cfg.model_overrides)
     tokenizer = get_tokenizer(offline=True if cfg.smoke else None)
     train_loader, val_loader, _test_loader = create_dataloaders(
         train_data,
@@ -1218,11 +1237,6 @@ def run(cfg: RunConfig, *, show_plot: bool = False, progress: bool = True) -> di
         mask_prompt=cfg.mask_prompt,
         seed=cfg.seed,
     )
-    if not val_data or not test_data:
-        raise DatasetError(
-            f"{cfg.data}: {len(data)} entries leave {len(val_data)} for validation and "
-            f"{len(test_data)} for testing; the chapter needs at least one of each"
-        )
     if len(train_loader) == 0:
         raise DatasetError(
             f"{cfg.data}: {len(train_data)} training entries make no full batch of "
@@ -1344,30 +1358,31 @@ def build_arg_parser() -> argparse.ArgumentParser:
     return p
 
 
-_FLAG_FIELDS = {
-    "model_size": "model_size",
-    "epochs": "epochs",
-    "batch_size": "batch_size",
-    "lr": "lr",
-    "weight_decay": "weight_decay",
-    "data": "data",
-    "data_cache": "data_cache",
-    "output_dir": "output_dir",
-    "models_dir": "models_dir",
-    "judge_url": "judge_url",
-    "judge_model": "judge_model",
-    "judge_api": "judge_api",
-    "prompt_style": "prompt_style",
-    "max_new_tokens": "max_new_tokens",
-    "seed": "seed",
-    "device": "device",
-}
+# RunConfig fields set by a flag of the same name (when the flag is given)
+_FLAG_FIELDS = (
+    "model_size",
+    "epochs",
+    "batch_size",
+    "lr",
+    "weight_decay",
+    "data",
+    "data_cache",
+    "output_dir",
+    "models_dir",
+    "judge_url",
+    "judge_model",
+    "judge_api",
+    "prompt_style",
+    "max_new_tokens",
+    "seed",
+    "device",
+)
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """The smoke preset or the chapter's defaults, with every given flag applied on top."""
     cfg = RunConfig.smoke_preset() if args.smoke else RunConfig()
-    changes = {f: getattr(args, a) for a, f in _FLAG_FIELDS.items() if getattr(args, a) is not None}
+    changes = {f: getattr(args, f) for f in _FLAG_FIELDS if getattr(args, f) is not None}
     if args.no_judge:
         changes["use_judge"] = False
     if args.mask_prompt:
@@ -1383,12 +1398,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_arg_parser().parse_args(argv)
     cfg = config_from_args(args)
     try:
-        summary = run(cfg)
-    except ChapterError as exc:
+        run(cfg)
+    except ChapterError as exc:  # expected failures: one clear message, no traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"Run summary saved as {Path(cfg.output_dir) / 'run-summary.json'}")
-    return 0 if summary else 1
+    return 0
 
 
 if __name__ == "__main__":

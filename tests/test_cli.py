@@ -7,9 +7,10 @@ import json
 import socket
 import time
 
-import instruction_finetuning as ift
 import pytest
 import torch
+
+import instruction_finetuning as ift
 
 previous_chapters = pytest.importorskip("previous_chapters")
 from test_judge import FakeJudge  # noqa: E402  (the loopback Ollama server)
@@ -83,9 +84,9 @@ def test_finetune_lowers_the_loss_and_saves_a_loadable_state_dict(tokenizer, tmp
     )
     model, cfg = ift.build_model("124M", pretrained=False, overrides=TINY)
     result = ift.finetune(
-        model, tl, vl, tokenizer, num_epochs=3, lr=3e-3, eval_freq=1, eval_iter=1, progress=False
+        model, tl, vl, tokenizer, num_epochs=2, lr=3e-3, eval_freq=1, eval_iter=1, progress=False
     )
-    assert len(result.train_losses) == len(result.val_losses) == len(result.tokens_seen) == 9
+    assert len(result.train_losses) == len(result.val_losses) == len(result.tokens_seen) == 6
     assert result.final_train_loss < result.initial_train_loss
     assert result.minutes > 0
     path = ift.save_model(model, tmp_path / "m.pth")
@@ -208,6 +209,33 @@ def test_cli_bad_data_file_is_a_clear_error(tmp_path, capsys):
     path.write_text(json.dumps([{"instruction": "x", "input": 1, "output": "y"}]))
     assert ift.main(["--smoke", "--data", str(path), "--output-dir", str(tmp_path)]) != 0
     assert "entry 0: key 'input' must be a string, got int" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--model-size", "gpt5"], "unknown model size 'gpt5'"),
+        (["--judge-url", "http://127.0.0.1:bad"], "invalid port"),
+    ],
+)
+def test_cli_bad_settings_fail_before_any_download(argv, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert ift.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "could not download" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cli_missing_cuda_is_a_clear_error(capsys):
+    assert ift.main(["--smoke", "--device", "cuda"]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_cli_too_little_data(tmp_path, capsys):
+    path = tmp_path / "few.json"
+    path.write_text(json.dumps(tiny_entries(5)))  # 4 train, 0 test, 1 val
+    assert ift.main(["--smoke", "--data", str(path), "--output-dir", str(tmp_path)]) == 2
+    assert "0 for testing" in capsys.readouterr().err
 
 
 def test_cli_flags_override_the_preset():

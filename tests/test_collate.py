@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import instruction_finetuning as ift
 import pytest
 import torch
+
+import instruction_finetuning as ift
 
 PAD = 50256
 IGN = -100

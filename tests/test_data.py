@@ -8,8 +8,9 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import instruction_finetuning as ift
 import pytest
+
+import instruction_finetuning as ift
 
 ENTRY_WITH_INPUT = {
     "instruction": "Rewrite the sentence in the past tense.",

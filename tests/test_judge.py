@@ -8,8 +8,9 @@ import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import instruction_finetuning as ift
 import pytest
+
+import instruction_finetuning as ift
 
 
 class FakeJudge:
