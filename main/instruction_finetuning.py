@@ -554,8 +554,10 @@ def build_model(
 ) -> tuple[torch.nn.Module, dict]:
     """A GPTModel in eval mode and its config.
 
-    ``pretrained=True`` loads OpenAI's GPT-2 weights (downloaded once into ``models_dir``);
-    otherwise the weights are random (seeded). ``model_size`` may also be a full config dict.
+    ``pretrained=True`` loads OpenAI's GPT-2 weights (downloaded once into
+    ``models_dir/<size>``); the shapes come from the checkpoint's hparams.json, the rest of
+    the config (and ``overrides``) from ``model_config``. Otherwise the weights are random
+    (seeded). ``model_size`` may also be a full config dict (random weights only).
     """
     from previous_chapters import GPTModel, load_weights_into_gpt
 
@@ -568,7 +570,14 @@ def build_model(
         if isinstance(model_size, dict):
             raise ConfigError("pretrained=True needs a model size name, not a config dict")
         tag = _canonical_model_name(model_size).split(" ")[1].strip("()")
-        params = _download_gpt2_params(tag, models_dir)
+        settings, params = _download_gpt2_params(tag, models_dir)
+        cfg.update(
+            vocab_size=settings["n_vocab"],
+            context_length=settings["n_ctx"],
+            emb_dim=settings["n_embd"],
+            n_heads=settings["n_head"],
+            n_layers=settings["n_layer"],
+        )
     torch.manual_seed(seed)
     model = GPTModel(cfg)
     if params is not None:
@@ -578,18 +587,19 @@ def build_model(
     return model, cfg
 
 
-def _download_gpt2_params(tag: str, models_dir: str | os.PathLike) -> dict:
+def _download_gpt2_params(tag: str, models_dir: str | os.PathLike) -> tuple[dict, dict]:
+    """(hparams settings, params) of GPT-2 ``tag``; a failure carries the smoke hint."""
     import gpt_download
 
     try:
-        _settings, params = gpt_download.download_and_load_gpt2(
+        settings, params = gpt_download.download_and_load_gpt2(
             model_size=tag, models_dir=str(models_dir)
         )
     except (gpt_download.DownloadError, gpt_download.CheckpointError, OSError) as exc:
         raise DownloadError(
             f"could not get the GPT-2 {tag} weights into {models_dir}: {exc}\n{SMOKE_HINT}"
         ) from None
-    return params
+    return settings, params
 
 
 @dataclass

@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ import instruction_finetuning as ift
 previous_chapters = pytest.importorskip("previous_chapters")
 from test_judge import FakeJudge  # noqa: E402  (the loopback Ollama server)
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY = {"emb_dim": 32, "n_layers": 1, "n_heads": 2, "context_length": 128}
 
 
@@ -95,6 +98,27 @@ def test_finetune_lowers_the_loss_and_saves_a_loadable_state_dict(tokenizer, tmp
     fresh.load_state_dict(state)
     x = torch.tensor([[1, 2, 3]])
     assert torch.equal(fresh(x), model(x))
+
+
+def test_pretrained_path_loads_the_checkpoint_offline(tmp_path):
+    """build_model(pretrained=True) through gpt_download, on the repo's tiny real TF checkpoint
+    placed where a finished download would be (so nothing is fetched)."""
+    gpt_download = pytest.importorskip("gpt_download")
+    fixture = REPO_ROOT / "tests" / "fixtures" / "gpt2-tiny"
+    if not fixture.is_dir():
+        pytest.skip(f"{fixture} is absent")
+    shutil.copytree(fixture, tmp_path / "gpt2" / "124M")
+    model, cfg = ift.build_model("gpt2-small (124M)", models_dir=tmp_path / "gpt2")
+    settings = json.loads((fixture / "hparams.json").read_text())
+    assert (cfg["vocab_size"], cfg["emb_dim"], cfg["n_layers"]) == (
+        settings["n_vocab"],
+        settings["n_embd"],
+        settings["n_layer"],
+    )
+    ckpt = str(tmp_path / "gpt2" / "124M" / "model.ckpt")
+    wpe = torch.from_numpy(gpt_download.load_variable(ckpt, "model/wpe"))
+    assert torch.equal(model.pos_emb.weight.detach(), wpe)
+    assert not model.training
 
 
 def test_pretrained_download_failure_points_to_smoke(tmp_path, monkeypatch):
