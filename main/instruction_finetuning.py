@@ -321,6 +321,11 @@ class InstructionDataset(Dataset):
     ``dataset[i]`` is the token-id list, as in the course. With ``return_prompt_length=True``
     it is ``(token_ids, prompt_length)`` instead, which ``custom_collate_fn(mask_prompt=True)``
     needs to leave the prompt out of the loss. ``prompt_lengths[i]`` is always available.
+
+    The prompt is ``format_input(entry)`` (instruction + input); the response separator
+    ("### Response:") stays in the loss, as in the course's exercise 7.2. Its length is
+    ``len(encode(prompt))``, a prefix of the full text's tokens because every style's
+    response part starts with a newline (tests check this on the whole dataset).
     """
 
     def __init__(
@@ -994,7 +999,7 @@ def parse_score(reply: str) -> int | None:
 
 @dataclass
 class JudgeFailure:
-    index: int  # position of the entry in the scored list
+    index: int  # position of the entry in the list given to the judge
     reply: str
     reason: str
 
