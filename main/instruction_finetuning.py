@@ -315,6 +315,13 @@ def extract_response(generated: str, style: str | PromptStyle = "alpaca") -> str
 # --------------------------------------------------------------------------------------
 
 
+def _shared_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
 class InstructionDataset(Dataset):
     """Pre-tokenized prompt+response texts of a list of entries.
 
@@ -323,9 +330,9 @@ class InstructionDataset(Dataset):
     needs to leave the prompt out of the loss. ``prompt_lengths[i]`` is always available.
 
     The prompt is ``format_input(entry)`` (instruction + input); the response separator
-    ("### Response:") stays in the loss, as in the course's exercise 7.2. Its length is
-    ``len(encode(prompt))``, a prefix of the full text's tokens because every style's
-    response part starts with a newline (tests check this on the whole dataset).
+    ("### Response:") stays in the loss, as in the course's exercise 7.2. Its length is the
+    number of leading tokens that ``encode(prompt)`` shares with ``encode(full_text)``: all of
+    them, unless a trailing newline of the prompt merges with the response's "\\n\\n".
     """
 
     def __init__(
@@ -343,9 +350,9 @@ class InstructionDataset(Dataset):
         self.prompt_lengths: list[int] = []
         for entry in data:
             prompt = self.style.format_input(entry)
-            full_text = prompt + self.style.format_response(entry)
-            self.encoded_texts.append(tokenizer.encode(full_text))
-            self.prompt_lengths.append(len(tokenizer.encode(prompt)))
+            full_ids = tokenizer.encode(prompt + self.style.format_response(entry))
+            self.encoded_texts.append(full_ids)
+            self.prompt_lengths.append(_shared_prefix_length(tokenizer.encode(prompt), full_ids))
 
     def __getitem__(self, index: int) -> list[int] | tuple[list[int], int]:
         if self.return_prompt_length:

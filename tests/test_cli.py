@@ -56,6 +56,15 @@ def test_prompt_tokens_are_a_prefix_of_the_full_text(tokenizer, shared_dir):
             assert ds[i][: ds.prompt_lengths[i]] == prompt_ids, (style, i)
 
 
+def test_prompt_ending_in_whitespace_masks_only_shared_tokens(tokenizer):
+    entry = {"instruction": "Echo.", "input": "trailing newline\n", "output": "ok"}
+    ds = ift.InstructionDataset([entry], tokenizer)
+    prompt_ids = tokenizer.encode(ift.format_input(entry))
+    n = ds.prompt_lengths[0]
+    assert n == len(prompt_ids) - 1  # the prompt's "\n" and the response's "\n\n" merge
+    assert ds[0][:n] == prompt_ids[:n] and ds[0][n] != prompt_ids[n]
+
+
 def test_masked_batch_covers_exactly_the_response(tokenizer):
     data = ift.load_instruction_data(ift.SAMPLE_DATA_PATH)[:4]
     ds = ift.InstructionDataset(data, tokenizer, return_prompt_length=True)
