@@ -39,6 +39,19 @@ _REPO_ROOT = Path(__file__).resolve().parents[1]
 if (_REPO_ROOT / "previous_chapters.py").is_file() and str(_REPO_ROOT) not in sys.path:
     sys.path.append(str(_REPO_ROOT))
 
+import gpt_download  # noqa: E402
+from previous_chapters import (  # noqa: E402
+    MODEL_CONFIGS,
+    GPTModel,
+    calc_loss_loader,
+    generate_batch,
+    get_tokenizer,
+    gpt2_config,
+    load_weights_into_gpt,
+    plot_losses,
+    train_model_simple,
+)
+
 DATA_URL = (
     "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/"
     "01_main-chapter-code/instruction-data.json"
@@ -536,7 +549,6 @@ class RunConfig:
 
 def _canonical_model_name(model_size: str) -> str:
     """'355M', 'gpt2-medium' or 'gpt2-medium (355M)' -> 'gpt2-medium (355M)'."""
-    from previous_chapters import MODEL_CONFIGS
 
     wanted = model_size.strip().lower()
     for name in MODEL_CONFIGS:
@@ -550,7 +562,6 @@ def _canonical_model_name(model_size: str) -> str:
 
 def model_config(model_size: str = "gpt2-medium (355M)", **overrides: Any) -> dict:
     """The GPT config of a GPT-2 size (context 1024, qkv bias, no dropout), with overrides."""
-    from previous_chapters import gpt2_config
 
     return gpt2_config(_canonical_model_name(model_size), **overrides)
 
@@ -571,7 +582,6 @@ def build_model(
     the config (and ``overrides``) from ``model_config``. Otherwise the weights are random
     (seeded). ``model_size`` may also be a full config dict (random weights only).
     """
-    from previous_chapters import GPTModel, load_weights_into_gpt
 
     if isinstance(model_size, dict):
         cfg = {**model_size, **(overrides or {})}
@@ -601,7 +611,6 @@ def build_model(
 
 def _download_gpt2_params(tag: str, models_dir: str | os.PathLike) -> tuple[dict, dict]:
     """(hparams settings, params) of GPT-2 ``tag``; a failure carries the smoke hint."""
-    import gpt_download
 
     try:
         settings, params = gpt_download.download_and_load_gpt2(
@@ -639,7 +648,6 @@ def initial_losses(
     model: torch.nn.Module, train_loader, val_loader, device, num_batches: int = 5
 ) -> tuple[float, float]:
     """Train and val loss before fine-tuning, over the first ``num_batches`` batches."""
-    from previous_chapters import calc_loss_loader
 
     model.eval()
     with torch.no_grad():
@@ -669,7 +677,6 @@ def finetune(
     ``start_context`` (the text the model continues after each epoch) defaults to the prompt
     of the first validation entry, as in the course.
     """
-    from previous_chapters import train_model_simple
 
     if start_context is None:
         val_set = val_loader.dataset
@@ -711,7 +718,6 @@ def finetune(
 
 def plot_training(result: TrainingResult, save_path: str | os.PathLike | None = None):
     """The loss plot of the chapter (train and val loss over epochs and tokens seen)."""
-    from previous_chapters import plot_losses
 
     epochs_seen = torch.linspace(0, result.num_epochs, len(result.train_losses))
     return plot_losses(
@@ -750,7 +756,6 @@ def generate_responses(
     ``generate_batch`` returns only the new tokens (cut before end-of-text); the response
     marker and surrounding whitespace are stripped as in the course.
     """
-    from previous_chapters import generate_batch
 
     style = get_prompt_style(style)
     prompts = [tokenizer.encode(style.format_input(entry)) for entry in test_data]
@@ -1222,7 +1227,6 @@ def run(cfg: RunConfig, *, show_plot: bool = False, progress: bool = True) -> di
     Writes into ``cfg.output_dir``: the loss plot, the model state dict, the test responses
     JSON and ``run-summary.json`` (also returned).
     """
-    from previous_chapters import get_tokenizer
 
     # settings errors surface before any download
     get_prompt_style(cfg.prompt_style)
