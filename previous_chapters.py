@@ -14,6 +14,7 @@ keys and values instead of re-running the whole context at every step.
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import logging
@@ -109,8 +110,10 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
     ) -> None:
         shape = (n_layers, batch_size, n_heads, max_len, head_dim)
-        self.keys = torch.empty(shape, device=device, dtype=dtype)
-        self.values = torch.empty(shape, device=device, dtype=dtype)
+        # zeros, not empty: slots of left padding are never written but still pass through
+        # the (masked) attention, where garbage such as NaN would leak into the result
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
         self.pos = 0
 
     @property
@@ -119,6 +122,19 @@ class KVCache:
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.keys[i], self.values[i]
+
+    def view(self, rows: slice, offset: int) -> KVCache:
+        """An empty cache writing into ``rows`` of this one, from position ``offset`` on."""
+        part = copy.copy(self)
+        part.keys = self.keys[:, rows, :, offset:]
+        part.values = self.values[:, rows, :, offset:]
+        part.pos = 0
+        return part
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Keep only the rows given by ``index`` (a bool mask or row numbers)."""
+        self.keys = self.keys[:, index]
+        self.values = self.values[:, index]
 
 
 class MultiHeadAttention(nn.Module):
@@ -292,11 +308,12 @@ def _attention_mask(
     The plain paths need no mask tensor: a fresh sequence is ``is_causal`` and a single
     new token may see every cached one.
     """
-    if attention_mask is None:
-        if start == 0:
-            return None, True
-        if t == 1:
+    if t == 1:  # one new token may see every cached real token
+        if attention_mask is None:
             return None, False
+        return attention_mask[:, None, None, : start + 1].bool(), False
+    if attention_mask is None and start == 0:
+        return None, True
     total = start + t
     q_pos = torch.arange(start, total, device=device)[:, None]
     k_pos = torch.arange(total, device=device)[None, :]
@@ -340,20 +357,42 @@ def _check_generation_args(max_new_tokens: int, context_size: int, top_k: int | 
 
 
 def _window_logits(
-    model: nn.Module, buf: torch.Tensor, valid: torch.Tensor, context_size: int
+    model: GPTModel, buf: torch.Tensor, keep: torch.Tensor, context_size: int
 ) -> torch.Tensor:
     """Last-position logits from re-running each row's last ``context_size`` tokens (no cache).
 
-    ``buf`` [b, n] holds left-padded rows; ``valid`` marks their real tokens.
+    ``buf`` [b, n] holds left-padded rows; ``keep`` marks their real tokens.
     """
-    window = buf[:, -context_size:]
-    keep = valid[:, -context_size:]
+    window, keep = buf[:, -context_size:], keep[:, -context_size:]
     if bool(keep.all()):
         hidden = model.forward_hidden(window)
     else:
         positions = (keep.long().cumsum(dim=1) - 1).clamp(min=0)
         hidden = model.forward_hidden(window, position_ids=positions, attention_mask=keep)
     return model.out_head(hidden[:, -1])
+
+
+def _prefill(
+    model: GPTModel, prompts: torch.Tensor, lengths: list[int], cache: KVCache
+) -> torch.Tensor:
+    """Fill the cache from left-padded ``prompts``; returns the last-position logits [b, vocab].
+
+    Rows of equal length run together and without their padding (no compute is spent on
+    it), exactly as each prompt would run alone.
+    """
+    b, p = prompts.shape
+    last_hidden = []
+    first = 0
+    while first < b:
+        end = first + 1
+        while end < b and lengths[end] == lengths[first]:
+            end += 1
+        n = lengths[first]
+        rows = cache.view(slice(first, end), offset=p - n)
+        last_hidden.append(model.forward_hidden(prompts[first:end, p - n :], kv_cache=rows)[:, -1])
+        first = end
+    cache.pos = p
+    return model.out_head(torch.cat(last_hidden))
 
 
 def _decode(
@@ -372,9 +411,9 @@ def _decode(
 ) -> torch.Tensor:
     """Generate up to ``max_new_tokens`` for left-padded ``prompts`` [b, p] (``valid`` marks real tokens).
 
-    Returns the new tokens [b, n]. A row that emitted ``eos_id`` gets ``fill_id`` from then on;
-    the loop ends when every row has emitted it, and that last step is not kept (so a single
-    row ends just before its EOS, like the course's generate).
+    Returns the new tokens [b, n]. A row that emitted ``eos_id`` gets ``fill_id`` from then on
+    and soon leaves the batch; the loop ends when every row has emitted it, and that last
+    step is not kept (so a single row ends just before its EOS, like the course's generate).
     """
     b, p = prompts.shape
     device = prompts.device
@@ -382,40 +421,48 @@ def _decode(
     buf[:, :p] = prompts
     keep = torch.ones((b, p + max_new_tokens), dtype=torch.bool, device=device)
     keep[:, :p] = valid
+    lengths = valid.sum(dim=1)
+    padded = bool((lengths < p).any())
+    rows = torch.arange(b, device=device)  # rows still generating
     done = torch.zeros((b, 1), dtype=torch.bool, device=device)
-    padded = not bool(valid.all())
-    # positions count from each row's first real token (padding gets 0, it is masked anyway)
-    positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0) if padded else None
-    next_pos = positions[:, -1:] + 1 if padded else None
 
     # Cached steps while the longest row fits the window; then re-run the cropped window.
     n_cached = min(max_new_tokens, context_size - p + 1) if use_cache else 0
-    cache = model.new_kv_cache(b, p + n_cached - 1) if n_cached > 0 else None
+    if n_cached > 0:
+        cache = model.new_kv_cache(b, p + n_cached - 1)
+        next_pos = lengths[:, None] if padded else None  # per-row position of the next token
 
     n = 0
     for step in range(max_new_tokens):
         length = p + step  # tokens so far, padding included
-        if step < n_cached:
-            if step == 0:
-                tokens, pos = prompts, positions
-            else:
-                tokens, pos = buf[:, length - 1 : length], next_pos
-                next_pos = next_pos + 1 if padded else None
-            mask = keep[:, :length] if padded else None
+        if step == 0 and n_cached > 0:
+            logits = _prefill(model, prompts, lengths.tolist(), cache)
+        elif step < n_cached:
             hidden = model.forward_hidden(
-                tokens, kv_cache=cache, position_ids=pos, attention_mask=mask
+                buf[rows, length - 1 : length],
+                kv_cache=cache,
+                position_ids=next_pos,
+                attention_mask=keep[rows, :length] if padded else None,
             )
             logits = model.out_head(hidden[:, -1])
+            next_pos = next_pos + 1 if padded else None
         else:
-            logits = _window_logits(model, buf[:, :length], keep[:, :length], context_size)
+            logits = _window_logits(model, buf[rows, :length], keep[rows, :length], context_size)
         next_token = _next_token(logits, temperature, top_k, generator)
         if eos_id is not None:
             next_token = next_token.masked_fill(done, fill_id)
             done = done | (next_token == eos_id)
-            if bool(done.all()):
+            n_done = int(done.sum())
+            if n_done == len(rows):
                 break
-        buf[:, length : length + 1] = next_token
+        buf[rows, length] = next_token[:, 0]
         n = step + 1
+        if eos_id is not None and 4 * n_done >= len(rows) > 1:  # drop finished rows
+            alive = ~done[:, 0]
+            rows, done = rows[alive], done[alive]
+            if n_cached > step + 1:
+                cache.select_rows(alive)
+                next_pos = next_pos[alive] if padded else None
     return buf[:, p : p + n]
 
 
