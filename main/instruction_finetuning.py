@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 
 import requests
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 # `python main/instruction_finetuning.py` in a fresh clone: find previous_chapters.py and
@@ -425,6 +425,48 @@ def custom_collate_fn(
     return torch.stack(inputs_lst).to(device), torch.stack(targets_lst).to(device)
 
 
+class LengthGroupedBatchSampler(Sampler[list[int]]):
+    """Shuffled training batches whose entries have similar lengths, so little padding.
+
+    Every epoch: shuffle all indices and drop the last ``len % batch_size`` of them (as the
+    course's ``drop_last`` does), sort each window of ``window_batches * batch_size`` indices
+    by length, cut it into batches, and shuffle the order of all batches. Each epoch sees the
+    same number of entries as the course's loader; only which entries share a batch changes.
+    """
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        batch_size: int,
+        *,
+        window_batches: int = 50,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        if batch_size < 1 or window_batches < 1:
+            raise ValueError(
+                f"batch_size and window_batches must be >= 1, got {batch_size}, {window_batches}"
+            )
+        self.lengths = list(lengths)
+        self.batch_size = batch_size
+        self.window = window_batches * batch_size
+        self.generator = generator
+
+    def __len__(self) -> int:
+        return len(self.lengths) // self.batch_size
+
+    def __iter__(self):
+        order = torch.randperm(len(self.lengths), generator=self.generator).tolist()
+        order = order[: len(self) * self.batch_size]
+        batches = []
+        for start in range(0, len(order), self.window):
+            window = sorted(order[start : start + self.window], key=self.lengths.__getitem__)
+            batches += [
+                window[i : i + self.batch_size] for i in range(0, len(window), self.batch_size)
+            ]
+        for i in torch.randperm(len(batches), generator=self.generator).tolist():
+            yield batches[i]
+
+
 def create_dataloaders(
     train_data: Sequence[dict],
     val_data: Sequence[dict],
@@ -438,11 +480,14 @@ def create_dataloaders(
     style: str | PromptStyle = "alpaca",
     mask_prompt: bool = False,
     seed: int = 123,
+    group_by_length: bool = False,
 ) -> tuple[DataLoader, DataLoader, DataLoader]:
     """The three loaders of section 7.4: (train, val, test).
 
     Training shuffles (with its own generator seeded by ``seed``) and drops the last partial
-    batch; validation and test keep their order and every entry.
+    batch; validation and test keep their order and every entry. ``group_by_length=True``
+    batches training entries of similar length together (``LengthGroupedBatchSampler``):
+    less padding, so a faster epoch; off by default, as in the course.
     """
     collate = functools.partial(
         custom_collate_fn,
@@ -453,6 +498,15 @@ def create_dataloaders(
 
     def loader(data: Sequence[dict], train: bool) -> DataLoader:
         dataset = InstructionDataset(data, tokenizer, style=style, return_prompt_length=mask_prompt)
+        if train and group_by_length:
+            lengths = [len(ids) for ids in dataset.encoded_texts]
+            generator = torch.Generator().manual_seed(seed)
+            return DataLoader(
+                dataset,
+                batch_sampler=LengthGroupedBatchSampler(lengths, batch_size, generator=generator),
+                collate_fn=collate,
+                num_workers=num_workers,
+            )
         return DataLoader(
             dataset,
             batch_size=batch_size,
@@ -491,6 +545,7 @@ class RunConfig:
     split_seed: int | None = None  # None: split in file order, as the course does
     prompt_style: str = "alpaca"
     mask_prompt: bool = False
+    group_by_length: bool = False  # batch entries of similar length together (less padding)
     # training
     batch_size: int = 8
     num_workers: int = 0
@@ -1276,6 +1331,7 @@ def run(cfg: RunConfig, *, show_plot: bool = False, progress: bool = True) -> di
         style=cfg.prompt_style,
         mask_prompt=cfg.mask_prompt,
         seed=cfg.seed,
+        group_by_length=cfg.group_by_length,
     )
     if len(train_loader) == 0:
         raise DatasetError(
@@ -1392,6 +1448,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--mask-prompt", action="store_true", help="leave the instruction and input out of the loss"
     )
+    p.add_argument(
+        "--group-by-length",
+        action="store_true",
+        help="batch training entries of similar length together (less padding, faster)",
+    )
     p.add_argument("--max-new-tokens", type=int, help="response length limit (default: 256)")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="default: cuda when available, else cpu")
@@ -1427,6 +1488,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         changes["use_judge"] = False
     if args.mask_prompt:
         changes["mask_prompt"] = True
+    if args.group_by_length:
+        changes["group_by_length"] = True
     return replace(cfg, **changes)
 
 
