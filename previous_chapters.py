@@ -161,10 +161,26 @@ class MultiHeadAttention(nn.Module):
         start: int = 0,
         attn_mask: torch.Tensor | None = None,
         is_causal: bool = True,
+        seq_lens: list[int] | None = None,
     ) -> torch.Tensor:
-        b, t, _ = x.shape
-        # [b, t, 3*d_out] -> three [b, heads, t, head_dim] views
-        q, k, v = self.qkv(x).view(b, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(x)  # [b, t, 3*d_out]: queries | keys | values
+        if seq_lens is None:
+            y = self._attend(qkv, kv, start, attn_mask, is_causal)
+        else:  # several sequences packed in one row, each attending only within itself
+            y = torch.cat([self._attend(part) for part in qkv.split(seq_lens, dim=1)], dim=1)
+        return self.out_proj(y)
+
+    def _attend(
+        self,
+        qkv: torch.Tensor,
+        kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+        start: int = 0,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = True,
+    ) -> torch.Tensor:
+        b, t, _ = qkv.shape
+        # three [b, heads, t, head_dim] views
+        q, k, v = qkv.view(b, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if kv is not None:  # decoding: store the new keys/values, attend over all so far
             k_cache, v_cache = kv
             k_cache[:, :, start : start + t] = k
@@ -178,7 +194,7 @@ class MultiHeadAttention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0,
             is_causal=is_causal,
         )  # softmax(q k^T / sqrt(head_dim)) v, causally masked
-        return self.out_proj(y.transpose(1, 2).reshape(b, t, self.d_out))
+        return y.transpose(1, 2).reshape(b, t, self.d_out)
 
 
 class FeedForward(nn.Module):
@@ -272,18 +288,29 @@ class GPTModel(nn.Module):
         kv_cache: KVCache | None = None,
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        seq_lens: list[int] | None = None,
     ) -> torch.Tensor:
-        """Final hidden states [batch, seq, emb] (after final_norm, before out_head)."""
+        """Final hidden states [batch, seq, emb] (after final_norm, before out_head).
+
+        ``seq_lens`` marks ``idx`` [1, n] as several sequences packed end to end (training
+        without padding): each gets positions from 0 and attends only within itself.
+        """
         b, t = idx.shape
         start = 0 if kv_cache is None else kv_cache.pos
         if kv_cache is not None and start + t > kv_cache.max_len:
             raise ValueError(f"KV cache full: {start} + {t} positions > max_len {kv_cache.max_len}")
-        if position_ids is None:
-            if start + t > self.context_length:
+        if seq_lens is not None:
+            if b != 1 or sum(seq_lens) != t or kv_cache is not None or position_ids is not None:
+                raise ValueError("seq_lens needs idx [1, sum(seq_lens)] and no cache or positions")
+            position_ids = torch.cat([torch.arange(n, device=idx.device) for n in seq_lens])[None]
+        length = start + t if seq_lens is None else max(seq_lens)
+        if position_ids is None or seq_lens is not None:
+            if length > self.context_length:
                 raise ValueError(
-                    f"sequence of {start + t} tokens exceeds context_length {self.context_length}; "
+                    f"sequence of {length} tokens exceeds context_length {self.context_length}; "
                     "crop the input to the last context_length tokens"
                 )
+        if position_ids is None:
             x = self.tok_emb(idx) + self.pos_emb.weight[start : start + t]
         else:
             x = self.tok_emb(idx) + self.pos_emb(position_ids)
@@ -291,7 +318,9 @@ class GPTModel(nn.Module):
         attn_mask, is_causal = _attention_mask(t, start, attention_mask, idx.device)
         for i, block in enumerate(self.trf_blocks):
             kv = None if kv_cache is None else kv_cache.layer(i)
-            x = block(x, kv=kv, start=start, attn_mask=attn_mask, is_causal=is_causal)
+            x = block(
+                x, kv=kv, start=start, attn_mask=attn_mask, is_causal=is_causal, seq_lens=seq_lens
+            )
         if kv_cache is not None:
             kv_cache.pos = start + t
         return self.final_norm(x)
@@ -640,7 +669,24 @@ def calc_loss_batch(
     if not isinstance(model, GPTModel):
         logits = model(input_batch)
         return F.cross_entropy(logits.flatten(0, 1), target_batch.flatten())
-    hidden = model.forward_hidden(input_batch)
+    # Attention is causal, so positions after a row's last target feed no loss: leave them
+    # out (padding, mostly), packing the rows end to end when their lengths differ.
+    t = target_batch.shape[1]
+    steps = torch.arange(1, t + 1, device=target_batch.device)
+    needed = ((target_batch != -100) * steps).amax(dim=1).tolist()  # up to each row's last target
+    rows = [i for i, n in enumerate(needed) if n > 0]
+    lengths = {needed[i] for i in rows}
+    if len(lengths) == 1:  # rows with targets all end at the same place: crop
+        n = lengths.pop()
+        input_batch, target_batch = input_batch[rows, :n], target_batch[rows, :n]
+        hidden = model.forward_hidden(input_batch)
+    elif lengths:
+        input_batch = torch.cat([input_batch[i, : needed[i]] for i in rows])[None]
+        target_batch = torch.cat([target_batch[i, : needed[i]] for i in rows])[None]
+        hidden = model.forward_hidden(input_batch, seq_lens=[needed[i] for i in rows])
+    else:  # no targets at all: nan, like the course
+        hidden = model.forward_hidden(input_batch)
+    # the output head (the biggest matmul) only where there is a target
     has_target = target_batch != -100
     logits = model.out_head(hidden[has_target])
     return F.cross_entropy(logits, target_batch[has_target])

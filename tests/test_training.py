@@ -45,19 +45,27 @@ def course_loss(input_batch, target_batch, model):
     return F.cross_entropy(logits.flatten(0, 1), target_batch.flatten())
 
 
-def batch_with_ignored_targets(seed: int = 0):
+def batch_with_ignored_targets(seed: int = 0, pattern: str = "ragged"):
     g = torch.Generator().manual_seed(seed)
     inputs = torch.randint(0, 1000, (3, 10), generator=g)
     targets = torch.randint(0, 1000, (3, 10), generator=g)
-    targets[0, 6:] = -100  # padding after the response
-    targets[1, :4] = -100  # a masked instruction
-    targets[2, 9] = -100
+    if pattern == "ragged":  # rows end at different places: packed without padding
+        targets[0, 6:] = -100  # padding after the response
+        targets[1, :4] = -100  # a masked instruction
+        targets[2, 9] = -100
+    elif pattern == "same-end":  # every row ends at 7: cropped
+        targets[:, 7:] = -100
+        targets[0, :3] = -100
+    elif pattern == "row-without-targets":
+        targets[1] = -100
+        targets[2, 5:] = -100
     return inputs, targets
 
 
-def test_calc_loss_batch_equals_course_formula():
+@pytest.mark.parametrize("pattern", ["ragged", "same-end", "row-without-targets", "none-ignored"])
+def test_calc_loss_batch_equals_course_formula(pattern):
     model = tiny_model()
-    inputs, targets = batch_with_ignored_targets()
+    inputs, targets = batch_with_ignored_targets(pattern=pattern)
     ours = pc.calc_loss_batch(inputs, targets, model, "cpu")
     ref = course_loss(inputs, targets, model)
     torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-6)
@@ -68,6 +76,18 @@ def test_calc_loss_batch_equals_course_formula():
     ref.backward()
     for name, param in model.named_parameters():
         torch.testing.assert_close(grads[name], param.grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_packed_sequences_equal_separate_forwards():
+    model = tiny_model()
+    rows = [
+        torch.randint(0, 1000, (n,), generator=torch.Generator().manual_seed(n)) for n in (5, 9, 2)
+    ]
+    packed = model.forward_hidden(torch.cat(rows)[None], seq_lens=[5, 9, 2])
+    separate = torch.cat([model.forward_hidden(row[None]) for row in rows], dim=1)
+    torch.testing.assert_close(packed, separate, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="seq_lens"):
+        model.forward_hidden(torch.cat(rows)[None], seq_lens=[5, 9])
 
 
 def test_calc_loss_batch_all_targets_ignored_is_nan_like_the_course():
