@@ -661,8 +661,10 @@ def calc_loss_batch(
 ) -> torch.Tensor:
     """Mean cross-entropy over the targets that are not -100 (the course's loss).
 
-    For a GPTModel the output head runs only at positions with a target, which gives
-    the same value as ``F.cross_entropy(model(x).flatten(0, 1), y.flatten())``.
+    Same value and gradients as ``F.cross_entropy(model(x).flatten(0, 1), y.flatten())``,
+    but for a GPTModel without the wasted work: positions after a row's last target are
+    left out (rows of different lengths are packed end to end) and the output head runs
+    only where there is a target.
     """
     input_batch = input_batch.to(device, non_blocking=True)
     target_batch = target_batch.to(device, non_blocking=True)

@@ -200,3 +200,11 @@ def test_generation_runs_under_inference_mode_and_keeps_train_mode(model):
         assert out.is_inference()
     finally:
         model.eval()
+
+
+def test_generate_batch_progress_bar(model, capsys):
+    prompts = random_prompts([4, 6], seed=10)
+    out = pc.generate_batch(model, prompts, 3, CTX, pad_token_id=0, batch_size=1, progress=True)
+    assert out == [alone(model, p, 3, CTX) for p in prompts]
+    err = capsys.readouterr().err
+    assert "generating" in err and "2/2" in err
