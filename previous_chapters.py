@@ -7,9 +7,13 @@
 - loading OpenAI's GPT-2 weights into the model (chapter 5),
 - the GPT-2 tokenizer, which also works offline.
 
-The maths is exactly the course's; the code is organised for speed: the output
-head and the loss run only where a target exists, and generation reuses cached
-keys and values instead of re-running the whole context at every step.
+The maths is exactly the course's; the code is organised for speed:
+
+- training computes nothing that cannot reach the loss: positions after a row's last
+  target are left out (rows packed end to end) and the output head runs only where a
+  target exists;
+- generation reuses cached keys and values instead of re-running the context at every
+  step, runs prompts without their padding, and drops finished rows from the batch.
 """
 
 from __future__ import annotations
@@ -597,8 +601,9 @@ def generate_batch(
 
     Prompts are sorted by length and split into batches of ``batch_size`` (all at once when
     None), left-padded with ``pad_token_id`` and masked, with positions counted from each
-    row's first real token, so every row gets what ``generate`` gives it alone. A row stops
-    at its own ``eos_id``. Results come back in input order.
+    row's first real token, so every row gets what greedy ``generate`` gives it alone. A row
+    stops at its own ``eos_id``. Results come back in input order. (When sampling, the rows
+    share one random stream, so the draws differ from sampling one prompt at a time.)
     """
     _check_generation_args(max_new_tokens, context_size, top_k)
     for i, prompt in enumerate(prompts):
