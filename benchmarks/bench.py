@@ -536,7 +536,15 @@ def current_rss() -> int:
 
 
 def peak_rss() -> int:
-    """Peak resident memory of this process so far, in bytes."""
+    """Peak resident memory of this process so far, in bytes.
+
+    Linux: VmHWM of /proc/self/status, because ru_maxrss of a freshly started subprocess
+    still counts the parent's memory at fork time (kept across exec).
+    """
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 
@@ -571,7 +579,7 @@ def bench_memory(sizes: Sizes, device: torch.device) -> dict:
         result[kind] = json.loads(out.stdout.strip().splitlines()[-1])
     result["steps"] = sizes.memory_steps
     result["measure"] = (
-        "torch.cuda.max_memory_allocated" if device.type == "cuda" else "peak RSS (ru_maxrss)"
+        "torch.cuda.max_memory_allocated" if device.type == "cuda" else "peak RSS, VmHWM"
     )
     return result
 
