@@ -12,18 +12,10 @@ import torch
 import previous_chapters as pc
 
 pytest.importorskip("transformers", reason="the benchmark compares against transformers")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 BENCH_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
 CFG = pc.gpt2_config("124M", context_length=48, emb_dim=32, n_heads=4, n_layers=2)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from threads, and a busy 2-core machine makes them crawl."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

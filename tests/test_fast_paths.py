@@ -8,6 +8,8 @@ import torch
 import instruction_finetuning as ift
 import previous_chapters as pc
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CFG = {
     "vocab_size": 300,
     "context_length": 32,
