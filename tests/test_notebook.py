@@ -1,41 +1,77 @@
-"""main/main.ipynb, executed headless in smoke mode, and the state it is committed in."""
+"""main/main.ipynb: its committed state, and a headless smoke run of it (papermill).
+
+The smoke run checks what a reader sees: the code listings are the modules' own source, at
+least six figures, no errors and no warnings; and that the notebook computes the same
+losses as the command line for the same settings.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 from pathlib import Path
 
 import nbformat
+import papermill
 import pytest
+
+import collate_drafts
+import figures
+import finetuning
+import instruction_data
+import instruction_finetuning as ift
+import ollama_evaluate
+import previous_chapters as pc
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO_ROOT / "main" / "main.ipynb"
 
+# What the notebook must show, each as its module's own source, in the chapter's order.
+LISTED = [
+    instruction_data.format_input,
+    instruction_data.InstructionDataset,
+    collate_drafts.collate_draft_1,
+    collate_drafts.collate_draft_2,
+    collate_drafts.collate_draft_3,
+    instruction_data.custom_collate_fn,
+    instruction_data.create_dataloaders,
+    finetuning.build_model,
+    pc.load_weights_into_gpt,
+    pc.generate,
+    pc.train_model_simple,
+    finetuning.finetune,
+    finetuning.extract_response,
+    ollama_evaluate.judge_prompt,
+    ollama_evaluate.query_model,
+]
 
-def _closed_loopback_port() -> int:
-    """A loopback port nothing listens on (bound, then released)."""
+
+def _closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
+def _code_cells(nb) -> list:
+    return [c for c in nb.cells if c.cell_type == "code"]
+
+
 def test_notebook_is_committed_without_outputs() -> None:
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    code_cells = [c for c in nb.cells if c.cell_type == "code"]
-    assert code_cells, "the notebook has no code cells"
-    with_outputs = [i for i, c in enumerate(code_cells) if c.outputs or c.execution_count]
-    assert not with_outputs, (
-        f"code cells {with_outputs} carry outputs; clear them before committing"
-    )
+    with_outputs = [i for i, c in enumerate(_code_cells(nb)) if c.outputs or c.execution_count]
+    assert _code_cells(nb) and not with_outputs, f"code cells {with_outputs} carry outputs"
 
 
-def test_notebook_has_a_papermill_parameters_cell_with_smoke() -> None:
+def test_notebook_has_a_papermill_parameters_cell() -> None:
     nb = nbformat.read(NOTEBOOK, as_version=4)
     tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
     assert len(tagged) == 1, "exactly one cell must be tagged 'parameters'"
     assert "SMOKE = False" in tagged[0].source, "the committed default is the chapter's real run"
+    # every parameter is a setting of make_config, so the notebook and the CLI share defaults
+    names = re.findall(r"^([A-Z_]+) = ", tagged[0].source, flags=re.M)
+    assert {"SMOKE", "MODEL_SIZE", "NUM_EPOCHS", "LEARNING_RATE", "MASK_PROMPT"} <= set(names)
 
 
 def test_notebook_sections_follow_the_chapter() -> None:
@@ -45,56 +81,90 @@ def test_notebook_sections_follow_the_chapter() -> None:
         assert any(h.startswith(f"## {section} ") for h in headings), f"section {section} missing"
 
 
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory: pytest.TempPathFactory) -> tuple[nbformat.NotebookNode, Path]:
+    """The notebook run headless in smoke mode, offline, with no judge listening."""
+    tmp = tmp_path_factory.mktemp("notebook")
+    out_dir = tmp / "outputs"
+    env = {
+        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "main")]),
+        "GPT2_TOKENIZER_OFFLINE": "1",
+        "OLLAMA_HOST": f"127.0.0.1:{_closed_port()}",
+    }
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)  # the kernel is another process: it inherits these
+    try:
+        papermill.execute_notebook(
+            str(NOTEBOOK),
+            str(tmp / "executed.ipynb"),
+            parameters={"SMOKE": True, "OUTPUT_DIR": str(out_dir)},
+            cwd=str(NOTEBOOK.parent),
+            kernel_name="python3",
+            progress_bar=False,
+        )
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return nbformat.read(tmp / "executed.ipynb", as_version=4), out_dir
+
+
+def _outputs(nb) -> list:
+    return [o for c in _code_cells(nb) for o in c.outputs]
+
+
 @pytest.mark.slow
-def test_notebook_runs_in_smoke_mode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    papermill = pytest.importorskip("papermill", reason="papermill runs the notebook headless")
-    out_dir = tmp_path / "outputs"
-    # The kernel is another process: give it the modules, keep it off the network, and
-    # point the judge at a closed loopback port so the run takes its no-judge path.
-    pythonpath = os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "main")])
-    monkeypatch.setenv("PYTHONPATH", pythonpath + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    monkeypatch.setenv("GPT2_TOKENIZER_OFFLINE", "1")
-    monkeypatch.setenv("OLLAMA_HOST", f"127.0.0.1:{_closed_loopback_port()}")
+def test_smoke_run_shows_the_code_it_runs(executed) -> None:
+    nb, _ = executed
+    listings = [
+        o["data"]["text/plain"]
+        for o in _outputs(nb)
+        if o.output_type in ("display_data", "execute_result") and "text/html" in o.get("data", {})
+    ]
+    text = "\n".join(listings)
+    positions = []
+    for obj in LISTED:
+        source = figures.source_of(obj).rstrip("\n")
+        assert source in text, f"the notebook does not show the source of {obj.__name__}"
+        positions.append(text.index(source))
+    assert positions == sorted(positions), "the listings are not in the chapter's order"
 
-    executed = tmp_path / "executed.ipynb"
-    papermill.execute_notebook(
-        str(NOTEBOOK),
-        str(executed),
-        parameters={"SMOKE": True, "OUTPUT_DIR": str(out_dir)},
-        cwd=str(NOTEBOOK.parent),
-        kernel_name="python3",
-        progress_bar=False,
-    )
 
-    sample = json.loads((NOTEBOOK.parent / "data" / "sample-instruction-data.json").read_text())
-    n_test = int(len(sample) * 0.10)
+@pytest.mark.slow
+def test_smoke_run_is_clean_and_has_figures(executed) -> None:
+    nb, _ = executed
+    outputs = _outputs(nb)
+    assert not [o for o in outputs if o.output_type == "error"]
+    stderr = "".join(o.text for o in outputs if o.output_type == "stream" and o.name == "stderr")
+    assert not re.search(r"warn|error|traceback", stderr, flags=re.I), stderr[:2000]
+    images = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert len(images) >= 6
+    stdout = "".join(o.text for o in outputs if o.output_type == "stream" and o.name == "stdout")
+    assert "identical to draft 3: True" in stdout
+    assert "ollama serve" in stdout and "NOT the judge's score" in stdout  # says there is no judge
+
+
+@pytest.mark.slow
+def test_smoke_run_writes_the_outputs_and_matches_the_command_line(
+    executed, tmp_path, monkeypatch
+) -> None:
+    _, out_dir = executed
+    sample = instruction_data.read_instruction_file(instruction_data.SAMPLE_DATA_PATH)
+    _, test_data, _ = instruction_data.split_data(sample)
     responses = json.loads((out_dir / "instruction-data-with-response.json").read_text())
-    assert len(responses) == n_test
-    assert all(isinstance(e.get("model_response"), str) for e in responses)
-    assert [e["instruction"] for e in responses] == [
-        e["instruction"] for e in sample[int(len(sample) * 0.85) :][:n_test]
-    ]
-    plot = out_dir / "loss-plot.png"
-    assert plot.stat().st_size > 1000 and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert list(out_dir.glob("*.pth")), "the fine-tuned model was not saved"
+    assert [e["instruction"] for e in responses] == [e["instruction"] for e in test_data]
+    assert all(isinstance(e["model_response"], str) for e in responses)
+    assert (out_dir / "loss-plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out_dir / "gpt-random-init-sft.pth").is_file()
+    notebook = json.loads((out_dir / "run-summary.json").read_text())
+    assert notebook["judge"] is None and "NOT the LLM judge" in notebook["local_metrics"]["note"]
 
-    summary = json.loads((out_dir / "run-summary.json").read_text())
-    assert summary["smoke"] is True and summary["judge"] is None
-    assert summary["final_losses"]["train"] < summary["initial_losses"]["train"]
-    assert "NOT the LLM judge" in summary["local_metrics"]["note"]
-
-    # What a reader sees: the batch with -100 targets, the judge note, the plots.
-    nb = nbformat.read(executed, as_version=4)
-    text = "\n".join(
-        o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs
-    )
-    assert "-100" in text and "Initial training loss" in text
-    assert "ollama serve" in text
-    images = [
-        o
-        for c in nb.cells
-        if c.cell_type == "code"
-        for o in c.outputs
-        if "image/png" in o.get("data", {})
-    ]
-    assert len(images) >= 2, "the loss plot and the metrics histogram should be shown"
+    cli_out = tmp_path / "cli"
+    monkeypatch.setenv("OLLAMA_HOST", f"127.0.0.1:{_closed_port()}")
+    assert ift.main(["--smoke", "--output-dir", str(cli_out)]) == 0
+    cli = json.loads((cli_out / "run-summary.json").read_text())
+    for key in ("initial_losses", "final_losses", "loss_history", "data", "model"):
+        assert notebook[key] == cli[key], key
+    assert notebook["config"] | {"output_dir": None} == cli["config"] | {"output_dir": None}
