@@ -279,6 +279,19 @@ def _rows_to_keep(finished: torch.Tensor) -> torch.Tensor | None:
     return torch.cat([alive, done[: target - n_alive]])
 
 
+def _left_padded(
+    prompts: list[list[int]], p: int, extra: int, pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A [b, p + extra] token buffer with each prompt ending at column p (padding before it),
+    and a mask of the real tokens (the ``extra`` columns for new tokens count as real)."""
+    tokens = torch.full((len(prompts), p + extra), pad_id, dtype=torch.long)
+    real = torch.ones((len(prompts), p + extra), dtype=torch.bool)
+    for r, row in enumerate(prompts):
+        tokens[r, p - len(row) : p] = torch.tensor(row)
+        real[r, : p - len(row)] = False
+    return tokens.to(device), real.to(device)
+
+
 def _generate_rows(
     model: nn.Module,
     prompts: list[list[int]],
@@ -297,12 +310,7 @@ def _generate_rows(
     device = model.out_head.weight.device
     prompts = [p[-context_size:] for p in prompts]
     b, p = len(prompts), max(len(row) for row in prompts)
-    tokens = torch.full((b, p + max_new_tokens), pad_id, dtype=torch.long)
-    real = torch.ones((b, p + max_new_tokens), dtype=torch.bool)
-    for r, row in enumerate(prompts):
-        tokens[r, p - len(row) : p] = torch.tensor(row)
-        real[r, : p - len(row)] = False
-    tokens, real = tokens.to(device), real.to(device)
+    tokens, real = _left_padded(prompts, p, max_new_tokens, pad_id, device)
     lengths = torch.tensor([len(row) for row in prompts], device=device)
     n_cached = min(max_new_tokens, context_size - p + 1)  # steps whose text fits the context
     alive = torch.arange(b, device=device)  # rows still in the batch

@@ -173,6 +173,11 @@ def model_config(cfg: RunConfig) -> dict:
         raise ConfigError(str(exc)) from None
 
 
+def allowed_max_length(cfg: RunConfig) -> int:
+    """How many tokens of an entry the loaders keep: the setting, at most the model's context."""
+    return min(cfg.allowed_max_length, model_config(cfg)["context_length"])
+
+
 def check_settings(cfg: RunConfig) -> torch.device:
     """Check every setting before any work is done; returns the device to run on."""
     if cfg.model_size is None and cfg.pretrained:
@@ -248,7 +253,7 @@ def prepare_loaders(cfg: RunConfig, splits: Splits, tokenizer: Any, device: torc
         batch_size=cfg.batch_size,
         num_workers=cfg.num_workers,
         device=device,
-        allowed_max_length=min(cfg.allowed_max_length, model_config(cfg)["context_length"]),
+        allowed_max_length=allowed_max_length(cfg),
         style=cfg.prompt_style,
         mask_prompt=cfg.mask_prompt,
         seed=cfg.seed,
