@@ -69,9 +69,17 @@ def _block_non_loopback_network(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def shared_dir() -> Path:
-    """The workplace's ../shared folder; skips the test when it is absent."""
+    """The ../shared folder beside the checkout; skips the test when it is absent.
+
+    It holds the real 1,100-entry instruction dataset and part of the real GPT-2 124M
+    checkpoint, which are too large (or not ours) to commit.
+    """
     if not SHARED_DIR.is_dir():
-        pytest.skip(f"{SHARED_DIR} is absent (it exists only on the project's own machines)")
+        pytest.skip(
+            f"../shared is absent ({SHARED_DIR}): this test reads the real 1,100-entry "
+            "dataset or the real GPT-2 124M checkpoint files, kept beside the project's "
+            "checkout on its development machines"
+        )
     return SHARED_DIR
 
 
@@ -88,3 +96,33 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def download_sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The retry back-off sleeps that gpt_download asks for: recorded, not slept.
+
+    What makes a failing download fast is how often it retries and how long it waits; a
+    test asserts those instead of timing itself.
+    """
+    import gpt_download
+
+    asked: list[float] = []
+    monkeypatch.setattr(gpt_download.time, "sleep", asked.append)
+    return asked
+
+
+@pytest.fixture
+def request_timeouts(monkeypatch: pytest.MonkeyPatch) -> list:
+    """The ``timeout`` of every GET sent through a ``requests.Session`` (the requests go on)."""
+    import requests
+
+    timeouts: list = []
+    real_get = requests.Session.get
+
+    def recording_get(self, url, **kwargs):
+        timeouts.append(kwargs.get("timeout"))
+        return real_get(self, url, **kwargs)
+
+    monkeypatch.setattr(requests.Session, "get", recording_get)
+    return timeouts

@@ -1,35 +1,52 @@
-"""Smoke tests of the benchmark's own checks (benchmarks/bench.py), on tiny models."""
+"""Smoke tests of the benchmark's own checks (benchmarks/), on tiny models.
+
+Tests that compare against transformers skip one by one when it is not installed.
+"""
 
 from __future__ import annotations
 
 import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import previous_chapters as pc
+from benchmarks import contenders, measure, workload
+from engine import generate_batch
+from gpt2_tokenizer import get_tokenizer
+from instruction_data import SAMPLE_DATA_PATH, load_instruction_data, split_data
 
-pytest.importorskip("transformers", reason="the benchmark compares against transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")
+needs_transformers = pytest.mark.skipif(
+    importlib.util.find_spec("transformers") is None,
+    reason="compares against transformers, which is not installed",
+)
 
-BENCH_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
-CFG = pc.gpt2_config("124M", context_length=48, emb_dim=32, n_heads=4, n_layers=2)
+CPU = torch.device("cpu")
+# context 256: the sample data's prompts fit, so nothing is cropped
+CFG = pc.gpt2_config("124M", context_length=256, emb_dim=32, n_heads=4, n_layers=2)
+TINY = workload.Sizes(
+    train_rounds=2,
+    epoch_entries=8,
+    epoch_rounds=1,
+    gen_prompts=3,
+    gen_tokens=4,
+    gen_rounds=1,
+    memory_steps=1,
+    warmup=1,
+)
 
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench", BENCH_PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+def models():
+    return contenders.build_models(CFG, CPU)
 
 
 @pytest.fixture(scope="module")
-def models(bench):
-    return bench.build_models(CFG, torch.device("cpu"))
+def sample_data() -> workload.Data:
+    """The bundled sample data, in the benchmark's Data (the real dataset may be absent)."""
+    train, test, val = split_data(load_instruction_data(SAMPLE_DATA_PATH))
+    return workload.Data(str(SAMPLE_DATA_PATH), train, val, test, get_tokenizer(offline=True))
 
 
 def random_batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,6 +59,7 @@ def random_batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return inputs, targets
 
 
+@needs_transformers
 def test_transformers_model_gets_our_weights(models):
     ours, hf = models
     inputs, _ = random_batch()
@@ -49,34 +67,57 @@ def test_transformers_model_gets_our_weights(models):
         torch.testing.assert_close(ours(inputs), hf(inputs).logits, rtol=1e-4, atol=1e-5)
 
 
-def test_same_loss_check_passes_for_shared_weights_and_fails_otherwise(bench, models):
+@needs_transformers
+def test_same_loss_check_passes_for_shared_weights_and_fails_otherwise(models):
     ours, hf = models
     batch = random_batch()
-    a, b = bench.check_same_loss(ours, hf, batch, torch.device("cpu"))
+    a, b = contenders.check_same_loss(ours, hf, batch, CPU)
     assert a == pytest.approx(b, rel=1e-5)
+    torch.manual_seed(1)
     other = pc.GPTModel(CFG)  # different random weights
     with pytest.raises(AssertionError, match="losses differ"):
-        bench.check_same_loss(other, hf, batch, torch.device("cpu"))
+        contenders.check_same_loss(other, hf, batch, CPU)
 
 
-def test_greedy_generation_matches_transformers_token_for_token(bench, models):
+@needs_transformers
+def test_greedy_generation_matches_transformers_token_for_token(models):
     ours, hf = models
     prompts = [[5, 17, 3, 99, 42], [7], [250, 11, 11]]
-    mine = pc.generate_batch(ours, prompts, 6, CFG["context_length"], eos_id=None)
-    theirs = bench.hf_generate(hf, prompts, 6, cache=None)
-    assert bench.compare_outputs(mine, theirs) == {
+    mine = generate_batch(ours, prompts, 6, CFG["context_length"], eos_id=None)
+    theirs = contenders.hf_generate(hf, prompts, 6, cache=None)
+    assert measure.compare_outputs(mine, theirs) == {
         "prompts": 3,
         "identical": 3,
         "first_divergence": {},
     }
 
 
-def test_compare_outputs_reports_first_divergence(bench):
-    report = bench.compare_outputs([[1, 2, 3], [4, 5, 6]], [[1, 2, 3], [4, 9, 6]])
+@needs_transformers
+def test_generation_measurement_checks_tokens_against_transformers_and_naive_loop(
+    models, sample_data
+):
+    ours, hf = models
+    result = measure.bench_generation(ours, hf, sample_data, TINY, CPU)
+    assert result["vs_hf"] == {"prompts": 3, "identical": 3, "first_divergence": {}}
+    assert result["vs_naive"] == {"prompts": 1, "identical": 1, "first_divergence": {}}
+    assert result["hf"]["cache"] in ("dynamic", "static")
+    assert all(result[name]["tokens_per_s"] > 0 for name in ("ours", "hf", "naive"))
+
+
+def test_naive_loop_gives_the_same_tokens_as_generate_batch(sample_data):
+    torch.manual_seed(workload.SEED)
+    ours = pc.GPTModel(CFG).eval()
+    prompts = sample_data.prompts(2)
+    naive = contenders.naive_generate(ours, prompts, 5, CPU)
+    assert naive == generate_batch(ours, prompts, 5, CFG["context_length"], eos_id=None)
+
+
+def test_compare_outputs_reports_first_divergence():
+    report = measure.compare_outputs([[1, 2, 3], [4, 5, 6]], [[1, 2, 3], [4, 9, 6]])
     assert report == {"prompts": 2, "identical": 1, "first_divergence": {1: 1}}
 
 
-def test_train_step_flops_counts_real_tokens_only(bench):
+def test_train_step_flops_counts_real_tokens_only():
     _, targets = random_batch()
     d, layers, vocab = CFG["emb_dim"], CFG["n_layers"], CFG["vocab_size"]
     tokens = 12 + 7 + 4
@@ -85,10 +126,11 @@ def test_train_step_flops_counts_real_tokens_only(bench):
         + 6 * d * vocab * tokens
         + 6 * layers * d * (12 * 13 + 7 * 8 + 4 * 5)
     )
-    assert bench.train_step_flops(CFG, (None, targets)) == expected
+    assert workload.train_step_flops(CFG, (None, targets)) == expected
+    assert workload.n_tokens((None, targets)) == tokens
 
 
-def test_alternate_takes_turns_and_drops_warmup(bench):
+def test_alternate_takes_turns_and_drops_warmup():
     calls = []
 
     def contender(name):
@@ -97,21 +139,32 @@ def test_alternate_takes_turns_and_drops_warmup(bench):
 
         return prepare
 
-    times = bench.alternate(
-        {"a": contender("a"), "b": contender("b")}, rounds=3, warmup=1, device=torch.device("cpu")
+    times = measure.alternate(
+        {"a": contender("a"), "b": contender("b")}, rounds=3, warmup=1, device=CPU
     )
     assert [name for name, _ in calls] == ["a", "b", "b", "a", "a", "b", "b", "a"]
     assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
 
 
-def test_train_steps_of_both_contenders_lower_the_loss(bench):
-    ours, hf = bench.build_models(CFG, torch.device("cpu"))  # fresh: training changes them
+@pytest.mark.parametrize("kind", ["ours", pytest.param("hf", marks=needs_transformers)])
+def test_train_steps_of_both_contenders_lower_the_loss(kind):
+    torch.manual_seed(workload.SEED)  # fresh models: training changes them
+    model = pc.GPTModel(CFG) if kind == "ours" else contenders.hf_model(CFG)
     batch = random_batch(1)
-    for model, kind in ((ours, "ours"), (hf, "hf")):
-        model.train()
-        step = bench.make_train_step(model, kind, torch.device("cpu"))
-        first = step(batch)
-        for _ in range(2):
-            last = step(batch)
-        model.eval()
-        assert last < first, kind
+    model.train()
+    step = contenders.make_train_step(model, kind, CPU)
+    first = step(batch)
+    for _ in range(2):
+        last = step(batch)
+    assert last < first
+
+
+def test_both_epochs_train_the_same_model_on_the_same_entries(sample_data):
+    torch.manual_seed(workload.SEED)
+    initial = pc.GPTModel(CFG).state_dict()
+    result = measure.bench_epoch(initial, CFG, sample_data, TINY, CPU)
+    assert (result["entries"], result["steps"]) == (8, 1)
+    assert set(result["seconds"]) == {"course", "ours"}
+    for losses in result["final_losses"].values():
+        assert set(losses) == {"train", "val"}
+        assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())

@@ -1,154 +1,382 @@
-"""The pipeline with the real tokenizer and a tiny GPT, and the command line end to end:
-``--smoke`` writes every output; the default run without internet fails fast and clearly."""
+"""instruction_finetuning.py: the run configuration, the steps of a run, and the command line.
+
+``--smoke`` writes every output; bad settings are refused before any download; without
+internet the default run stops with one clear error line."""
 
 from __future__ import annotations
 
 import json
-import shutil
-import socket
-import time
-from pathlib import Path
+import math
+import re
 
 import pytest
 import torch
 
+import gpt2_tokenizer
 import instruction_finetuning as ift
+from helpers import DataServer, FakeJudge, closed_port_url, numbered_entries
+from instruction_data import (
+    DATA_URL,
+    REQUIRED_KEYS,
+    SAMPLE_DATA_PATH,
+    SMOKE_HINT,
+    ConfigError,
+    DatasetError,
+    load_instruction_data,
+    split_data,
+)
+from previous_chapters import gpt2_config
 
-previous_chapters = pytest.importorskip("previous_chapters")
-from test_judge import FakeJudge  # noqa: E402  (the loopback Ollama server)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only add hand-offs
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY = {"emb_dim": 32, "n_layers": 1, "n_heads": 2, "context_length": 128}
+
+SUMMARY_KEYS = {
+    "config",
+    "device",
+    "data",
+    "model",
+    "initial_losses",
+    "final_losses",
+    "loss_history",
+    "training_minutes",
+    "outputs",
+    "judge",
+    "judge_error",
+    "local_metrics",
+}
+
+
+def parse(*argv: str) -> ift.RunConfig:
+    return ift.config_from_args(ift.build_arg_parser().parse_args(list(argv)))
+
+
+# --- the run configuration -------------------------------------------------------------------
+
+
+def test_defaults_are_the_chapters():
+    cfg = ift.RunConfig()
+    assert (cfg.model_size, cfg.pretrained, cfg.data) == ("gpt2-medium (355M)", True, DATA_URL)
+    assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.weight_decay) == (2, 8, 5e-5, 0.1)
+    assert (cfg.eval_freq, cfg.eval_iter, cfg.seed, cfg.max_new_tokens) == (5, 5, 123, 256)
+    assert (cfg.train_frac, cfg.test_frac, cfg.prompt_style) == (0.85, 0.10, "alpaca")
+    assert (cfg.output_dir, cfg.models_dir, cfg.judge_model) == ("outputs", "gpt2", "llama3")
+
+
+def test_smoke_preset_is_a_tiny_random_gpt_on_the_sample_data():
+    cfg = ift.RunConfig.smoke_preset()
+    assert cfg.smoke and cfg.model_size is None and not cfg.pretrained
+    assert cfg.data == str(SAMPLE_DATA_PATH)
+    assert ift.model_config(cfg) == gpt2_config("124M", **ift.SMOKE_MODEL_OVERRIDES)
+    assert ift.RunConfig.smoke_preset(epochs=1).epochs == 1
+
+
+def test_model_file_names_follow_the_course():
+    assert ift.RunConfig().model_file_name() == "gpt2-medium355M-sft.pth"
+    assert ift.RunConfig(model_size="124M").model_file_name() == "gpt2-small124M-sft.pth"
+    assert ift.RunConfig.smoke_preset().model_file_name() == "gpt-random-init-sft.pth"
+
+
+def test_model_config_takes_a_run_config():
+    assert ift.model_config(ift.RunConfig(model_size="gpt2-medium"))["emb_dim"] == 1024
+    cfg = ift.RunConfig(model_size="124M", model_overrides={"context_length": 256})
+    assert ift.model_config(cfg) == gpt2_config("124M", context_length=256)
+    with pytest.raises(ConfigError, match="unknown GPT-2 model 'gpt5'.*gpt2-small"):
+        ift.model_config(ift.RunConfig(model_size="gpt5"))
+    with pytest.raises(ConfigError, match="emb_dims"):
+        ift.model_config(ift.RunConfig(model_overrides={"emb_dims": 8}))
+
+
+def test_make_config_ignores_none_and_refuses_unknown_settings():
+    assert ift.make_config(epochs=None, lr=None) == ift.RunConfig()
+    assert ift.make_config(smoke=True, epochs=None) == ift.RunConfig.smoke_preset()
+    assert ift.make_config(epochs=3).epochs == 3
+    with pytest.raises(ConfigError, match="epoch"):
+        ift.make_config(epoch=3)
+
+
+def test_make_config_refuses_a_model_size_for_the_smoke_run():
+    with pytest.raises(ConfigError, match="cannot take a model size.*--model-size"):
+        ift.make_config(smoke=True, model_size="124M")
+
+
+@pytest.mark.parametrize("smoke", [True, False])
+def test_notebook_settings_and_command_line_flags_make_the_same_config(smoke):
+    notebook = ift.make_config(
+        smoke=smoke,
+        model_size=None,
+        epochs=1,
+        batch_size=None,
+        lr=None,
+        weight_decay=0.05,
+        prompt_style="phi3",
+        mask_prompt=True,
+        data=None,
+        output_dir="somewhere",
+        use_judge=False,
+        judge_model=None,
+        judge_url="127.0.0.1:1234",
+        judge_api="openai",
+    )
+    flags = ["--epochs", "1", "--weight-decay", "0.05", "--prompt-style", "phi3"]
+    flags += ["--mask-prompt", "--output-dir", "somewhere", "--no-judge"]
+    flags += ["--judge-url", "127.0.0.1:1234", "--judge-api", "openai"]
+    assert parse(*(["--smoke"] if smoke else []), *flags) == notebook
+    assert notebook.smoke is smoke and notebook.lr == (1e-3 if smoke else 5e-5)
+
+
+def test_cli_flags_override_the_preset():
+    cfg = parse(
+        "--smoke",
+        "--epochs",
+        "1",
+        "--lr",
+        "0.01",
+        "--no-judge",
+        "--mask-prompt",
+        "--group-by-length",
+        "--prompt-style",
+        "phi3",
+        "--judge-api",
+        "openai",
+        "--max-new-tokens",
+        "3",
+    )
+    assert (cfg.smoke, cfg.epochs, cfg.lr, cfg.use_judge, cfg.mask_prompt) == (
+        True,
+        1,
+        0.01,
+        False,
+        True,
+    )
+    assert (cfg.prompt_style, cfg.judge_api, cfg.max_new_tokens) == ("phi3", "openai", 3)
+    assert cfg.group_by_length
+    assert cfg.batch_size == ift.RunConfig.smoke_preset().batch_size
+    assert parse() == ift.RunConfig()
+    assert parse("--smoke") == ift.RunConfig.smoke_preset()
+
+
+def test_describe_names_the_settings_that_shape_a_run():
+    smoke = ift.describe(ift.RunConfig.smoke_preset(use_judge=False))
+    assert "tiny random GPT (smoke), random weights" in smoke
+    assert "sample-instruction-data.json (alpaca prompts" in smoke
+    assert "none (local metrics)" in smoke
+    chapter = ift.describe(ift.RunConfig())
+    assert "gpt2-medium (355M)" in chapter and DATA_URL in chapter
+    assert "2 epochs, batch 8, AdamW lr 5e-05, weight decay 0.1" in chapter
+    assert "llama3 via ollama" in chapter and "outputs/" in chapter
+
+
+# --- check_settings --------------------------------------------------------------------------
+
+
+def test_check_settings_returns_the_device():
+    assert ift.check_settings(ift.RunConfig.smoke_preset(device="cpu")) == torch.device("cpu")
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert ift.check_settings(ift.RunConfig.smoke_preset()).type == expected
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"epochs": 0}, "epochs 0 is out of range"),
+        ({"batch_size": 0}, "batch size 0 is out of range"),
+        ({"lr": -1.0}, "learning rate -1.0 is out of range"),
+        ({"lr": float("nan")}, "learning rate nan is out of range"),
+        ({"weight_decay": float("inf")}, "weight decay inf is out of range"),
+        ({"max_new_tokens": 0}, "max new tokens 0 is out of range"),
+        ({"device": "foo"}, "unknown device 'foo'"),
+        ({"prompt_style": "chatml"}, "unknown prompt style 'chatml'"),
+        ({"judge_api": "anthropic"}, "unknown judge api 'anthropic'"),
+        ({"judge_url": "http://127.0.0.1:bad"}, "invalid port"),
+        ({"model_size": None, "pretrained": True}, "needs a model size"),
+    ],
+)
+def test_check_settings_refuses(changes, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        ift.check_settings(ift.RunConfig.smoke_preset(**changes))
+
+
+@pytest.fixture
+def data_server():
+    """Counts requests for the data; answers 404, so a download that happens fails loudly."""
+    with DataServer(b"not found", status=404) as server:
+        yield server
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--epochs", "0"], "epochs 0 is out of range"),
+        (["--batch-size", "0"], "batch size 0 is out of range"),
+        (["--lr", "-1"], "learning rate -1.0 is out of range"),
+        (["--lr", "nan"], "learning rate nan is out of range"),
+        (["--max-new-tokens", "0"], "max new tokens 0 is out of range"),
+        (["--device", "foo"], "unknown device 'foo'; use cpu, cuda or cuda:N"),
+        (["--model-size", "gpt5"], "unknown GPT-2 model 'gpt5'"),
+        (["--judge-url", "http://127.0.0.1:bad"], "invalid port"),
+        (["--smoke", "--model-size", "124M"], "the smoke run uses its own tiny random GPT"),
+    ],
+)
+def test_cli_bad_settings_exit_2_before_any_download(
+    argv, message, data_server, tmp_path, monkeypatch, capsys, download_sleeps
+):
+    monkeypatch.chdir(tmp_path)
+    data = ["--data", data_server.url, "--data-cache", str(tmp_path / "d.json")]
+    assert ift.main([*argv, *data]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and err.startswith("error: ") and "Traceback" not in err
+    assert message in err
+    assert data_server.requests == 0 and "could not download" not in err and download_sleeps == []
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cli_missing_cuda_is_a_clear_error(capsys):
+    assert ift.main(["--smoke", "--device", "cuda"]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
+
+
+# --- failures while loading the data ----------------------------------------------------------
+
+
+def test_cli_default_run_without_internet_fails_fast_and_clearly(
+    tmp_path, monkeypatch, capsys, download_sleeps
+):
+    monkeypatch.chdir(tmp_path)  # no cached instruction-data.json here
+    assert ift.main(["--output-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "Traceback" not in err
+    assert DATA_URL in err and "test network guard" in err
+    assert err.count(SMOKE_HINT) == 1  # the hint once, not twice
+    # what keeps it fast: two attempts at the data with one short back-off, then it stops
+    assert "2 attempt(s)" in err and len(download_sleeps) == 1 and download_sleeps[0] <= 1.0
+    assert list(tmp_path.iterdir()) == []  # no output folder, no partial download
+
+
+def test_cli_unreachable_data_url_fails_with_the_smoke_hint(
+    tmp_path, monkeypatch, capsys, download_sleeps
+):
+    monkeypatch.chdir(tmp_path)
+    url = closed_port_url()
+    assert ift.main(["--data", url, "--data-cache", str(tmp_path / "d.json")]) == 2
+    err = capsys.readouterr().err
+    assert url in err and "Connection refused" in err and "--smoke" in err
+    assert err.count("error:") == 1 and "Traceback" not in err
+
+
+def test_cli_gpt2_download_failure_points_to_smoke(tmp_path, monkeypatch, capsys, download_sleeps):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("GPT2_BASE_URL", raising=False)
+    monkeypatch.setenv(gpt2_tokenizer.OFFLINE_ENV_VAR, "1")  # only GPT-2's weights are fetched
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(numbered_entries(20)))
+    argv = ["--data", str(path), "--model-size", "124M", "--models-dir", str(tmp_path / "gpt2")]
+    assert ift.main([*argv, "--batch-size", "2", "--output-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "Traceback" not in err
+    assert "could not download checkpoint" in err and "GPT2_BASE_URL" in err
+    assert err.count(SMOKE_HINT) == 1  # added by the command line, once
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_bad_data_file_is_a_clear_error(tmp_path, capsys):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps([{"instruction": "x", "input": 1, "output": "y"}]))
+    assert ift.main(["--smoke", "--data", str(path), "--output-dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "entry 0: key 'input' must be a string, got int" in err and "Traceback" not in err
+
+
+def test_cli_too_little_data(tmp_path, capsys):
+    path = tmp_path / "few.json"
+    path.write_text(json.dumps(numbered_entries(5)))  # 4 train, 0 test, 1 val
+    assert ift.main(["--smoke", "--data", str(path), "--output-dir", str(tmp_path)]) == 2
+    assert "0 for testing" in capsys.readouterr().err
+
+
+# --- the steps of a run ----------------------------------------------------------------------
+
+
+def test_prepare_data_splits_and_reports(tmp_path, capsys):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(numbered_entries(20)))
+    splits = ift.prepare_data(ift.RunConfig.smoke_preset(data=str(path)))
+    assert (len(splits.train), len(splits.test), len(splits.val)) == (17, 2, 1)
+    assert splits.train + splits.test + splits.val == splits.data == numbered_entries(20)
+    out = capsys.readouterr().out
+    assert "Training set length: 17" in out and "Test set length: 2" in out
+
+
+def test_prepare_tokenizer_of_the_smoke_run_never_tries_the_network(monkeypatch):
+    def no_download():
+        raise AssertionError("the smoke run must not try to download")
+
+    monkeypatch.setattr(gpt2_tokenizer, "_fill_tiktoken_cache", no_download)
+    gpt2_tokenizer.get_tokenizer.cache_clear()
+    try:
+        tok = ift.prepare_tokenizer(ift.RunConfig.smoke_preset())
+    finally:
+        gpt2_tokenizer.get_tokenizer.cache_clear()
+    assert tok.encode("Hello, world") == [15496, 11, 995]
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return previous_chapters.get_tokenizer(offline=True)
+    return gpt2_tokenizer.get_tokenizer(offline=True)
 
 
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def test_prepare_loaders_cut_texts_to_the_model_context(tokenizer):
+    entries = [{**e, "output": "word " * 300} for e in numbered_entries(12)]
+    cfg = ift.RunConfig.smoke_preset(model_overrides=TINY, batch_size=4)
+    splits = ift.Splits(entries, entries[:8], entries[8:10], entries[10:])
+    train, val, test = ift.prepare_loaders(cfg, splits, tokenizer, torch.device("cpu"))
+    assert (len(train), len(val), len(test)) == (2, 1, 1)
+    assert all(x.shape[1] == TINY["context_length"] for x, _ in train)
 
 
-def tiny_entries(n: int) -> list[dict]:
-    return [
-        {
-            "instruction": f"Repeat the number {i}.",
-            "input": "" if i % 2 else f"{i}",
-            "output": f"{i}",
-        }
-        for i in range(n)
-    ]
+def test_prepare_loaders_needs_a_full_training_batch(tokenizer):
+    entries = numbered_entries(6)
+    cfg = ift.RunConfig.smoke_preset(batch_size=8)
+    splits = ift.Splits(entries, entries[:4], entries[4:5], entries[5:])
+    with pytest.raises(DatasetError, match="4 training entries make no full batch of 8"):
+        ift.prepare_loaders(cfg, splits, tokenizer, torch.device("cpu"))
 
 
-# --- pieces with the real GPT-2 tokenizer ------------------------------------------------------
-
-
-def test_prompt_tokens_are_a_prefix_of_the_full_text(tokenizer, shared_dir):
-    """The masking design assumes encode(prompt) is a prefix of encode(prompt + response)."""
-    data = ift.load_instruction_data(shared_dir / "data" / "instruction-data.json")
-    for style in ift.PROMPT_STYLES:
-        ds = ift.InstructionDataset(data, tokenizer, style=style)
-        for i, entry in enumerate(data):
-            prompt_ids = tokenizer.encode(ift.format_input(entry, style))
-            assert ds[i][: ds.prompt_lengths[i]] == prompt_ids, (style, i)
-
-
-def test_prompt_ending_in_whitespace_masks_only_shared_tokens(tokenizer):
-    entry = {"instruction": "Echo.", "input": "trailing newline\n", "output": "ok"}
-    ds = ift.InstructionDataset([entry], tokenizer)
-    prompt_ids = tokenizer.encode(ift.format_input(entry))
-    n = ds.prompt_lengths[0]
-    assert n == len(prompt_ids) - 1  # the prompt's "\n" and the response's "\n\n" merge
-    assert ds[0][:n] == prompt_ids[:n] and ds[0][n] != prompt_ids[n]
-
-
-def test_masked_batch_covers_exactly_the_response(tokenizer):
-    data = ift.load_instruction_data(ift.SAMPLE_DATA_PATH)[:4]
-    ds = ift.InstructionDataset(data, tokenizer, return_prompt_length=True)
-    _, targets = ift.custom_collate_fn([ds[i] for i in range(4)], mask_prompt=True)
-    for row, entry in zip(targets.tolist(), data, strict=True):
-        kept = [t for t in row if t != ift.IGNORE_INDEX]
-        assert kept[-1] == ift.EOS_TOKEN_ID
-        assert tokenizer.decode(kept[:-1]) == ift.format_response(entry)
-
-
-def test_generate_responses_batched_equals_one_by_one(tokenizer):
-    model, cfg = ift.build_model("124M", pretrained=False, overrides=TINY, seed=1)
-    data = tiny_entries(5)
-    before = json.dumps(data)
-    kwargs = dict(context_size=cfg["context_length"], max_new_tokens=6, progress=False)
-    batched = ift.generate_responses(model, data, tokenizer, batch_size=4, **kwargs)
-    single = ift.generate_responses(model, data, tokenizer, batch_size=1, **kwargs)
-    assert json.dumps(data) == before  # copies; the input is untouched
-    assert [e["model_response"] for e in batched] == [e["model_response"] for e in single]
-    assert [{k: e[k] for k in ift.REQUIRED_KEYS} for e in batched] == data
-    assert all(isinstance(e["model_response"], str) for e in batched)
-
-
-def test_finetune_lowers_the_loss_and_saves_a_loadable_state_dict(tokenizer, tmp_path):
-    data = tiny_entries(16)
-    train, val, test = data[:12], data[12:14], data[14:]
-    tl, vl, _ = ift.create_dataloaders(
-        train, val, test, tokenizer, batch_size=4, allowed_max_length=128
+def test_write_summary_is_strict_json_with_the_documented_keys(tmp_path):
+    cfg = ift.RunConfig.smoke_preset(output_dir=str(tmp_path))
+    entries = numbered_entries(10)
+    splits = ift.Splits(entries, entries[:8], entries[8:9], entries[9:])
+    result = ift.TrainingResult(float("nan"), 3.0, [2.0], [float("inf")], [64], 1, 0.25)
+    scores = {"judge": None, "judge_error": "judge disabled", "local_metrics": {"n": 1}}
+    outputs = {"model": tmp_path / "m.pth"}
+    summary = ift.write_summary(
+        cfg, torch.device("cpu"), splits, {"emb_dim": 8}, result, outputs, scores
     )
-    model, cfg = ift.build_model("124M", pretrained=False, overrides=TINY)
-    result = ift.finetune(
-        model, tl, vl, tokenizer, num_epochs=2, lr=3e-3, eval_freq=1, eval_iter=1, progress=False
-    )
-    assert len(result.train_losses) == len(result.val_losses) == len(result.tokens_seen) == 6
-    assert result.final_train_loss < result.initial_train_loss
-    assert result.minutes > 0
-    path = ift.save_model(model, tmp_path / "m.pth")
-    state = torch.load(path, weights_only=True)
-    fresh, _ = ift.build_model(cfg, pretrained=False, seed=99)
-    fresh.load_state_dict(state)
-    x = torch.tensor([[1, 2, 3]])
-    assert torch.equal(fresh(x), model(x))
+
+    def refuse(constant):
+        raise ValueError(constant)
+
+    saved = json.loads((tmp_path / "run-summary.json").read_text(), parse_constant=refuse)
+    assert set(saved) == set(summary) == SUMMARY_KEYS
+    assert saved["initial_losses"] == {"train": None, "val": 3.0}  # NaN -> null
+    assert saved["loss_history"] == {"train": [2.0], "val": [None], "tokens_seen": [64]}
+    assert saved["final_losses"] == {"train": 2.0, "val": None}
+    assert saved["model"] == {"size": None, "pretrained": False, "config": {"emb_dim": 8}}
+    assert saved["data"]["n_entries"] == 10 and saved["data"]["n_train"] == 8
+    assert saved["config"]["smoke"] is True and saved["device"] == "cpu"
+    assert saved["outputs"] == {"model": str(tmp_path / "m.pth")}
+    assert saved["judge_error"] == "judge disabled" and saved["training_minutes"] == 0.25
+    assert math.isnan(summary["initial_losses"]["train"])  # the returned dict is untouched
 
 
-def test_pretrained_path_loads_the_checkpoint_offline(tmp_path):
-    """build_model(pretrained=True) through gpt_download, on the repo's tiny real TF checkpoint
-    placed where a finished download would be (so nothing is fetched)."""
-    gpt_download = pytest.importorskip("gpt_download")
-    fixture = REPO_ROOT / "tests" / "fixtures" / "gpt2-tiny"
-    if not fixture.is_dir():
-        pytest.skip(f"{fixture} is absent")
-    shutil.copytree(fixture, tmp_path / "gpt2" / "124M")
-    model, cfg = ift.build_model("gpt2-small (124M)", models_dir=tmp_path / "gpt2")
-    settings = json.loads((fixture / "hparams.json").read_text())
-    assert (cfg["vocab_size"], cfg["emb_dim"], cfg["n_layers"]) == (
-        settings["n_vocab"],
-        settings["n_embd"],
-        settings["n_layer"],
-    )
-    ckpt = str(tmp_path / "gpt2" / "124M" / "model.ckpt")
-    wpe = torch.from_numpy(gpt_download.load_variable(ckpt, "model/wpe"))
-    assert torch.equal(model.pos_emb.weight.detach(), wpe)
-    assert not model.training
+# --- end to end --------------------------------------------------------------------------------
 
 
-def test_pretrained_download_failure_points_to_smoke(tmp_path, monkeypatch):
-    gpt_download = pytest.importorskip("gpt_download")
-    monkeypatch.setattr(gpt_download.time, "sleep", lambda s: None)  # skip retry back-off
-    with pytest.raises(ift.DownloadError, match="--smoke") as err:
-        ift.build_model("124M", models_dir=tmp_path / "gpt2")
-    assert "124M" in str(err.value)
-
-
-def test_model_names():
-    assert ift.RunConfig().model_file_name() == "gpt2-medium355M-sft.pth"
-    assert ift.RunConfig(model_size="124M").model_file_name() == "gpt2-small124M-sft.pth"
-    assert ift.model_config("gpt2-medium")["emb_dim"] == 1024
-    with pytest.raises(ift.ConfigError, match="gpt2-small"):
-        ift.model_config("gpt5")
-
-
+@pytest.mark.slow
 def test_run_phi3_with_prompt_masking(tmp_path, capsys):
     path = tmp_path / "tiny.json"
-    path.write_text(json.dumps(tiny_entries(24)))
+    path.write_text(json.dumps(numbered_entries(24)))
     cfg = ift.RunConfig.smoke_preset(
         data=str(path),
         output_dir=str(tmp_path / "out"),
@@ -171,31 +399,27 @@ def test_run_phi3_with_prompt_masking(tmp_path, capsys):
     assert summary["config"]["prompt_style"] == "phi3" and summary["config"]["mask_prompt"]
     assert summary["judge"] is None and summary["local_metrics"]["n"] == 2
     assert "<|user|>" in capsys.readouterr().out  # the training sample prints the phi3 prompt
+    responses = json.loads((tmp_path / "out" / "instruction-data-with-response.json").read_text())
+    assert [e["instruction"] for e in responses] == [
+        e["instruction"] for e in numbered_entries(24)[20:22]
+    ]
 
 
-# --- the command line ----------------------------------------------------------------------
-
-
+@pytest.mark.slow
 def test_cli_smoke_end_to_end(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    judge = FakeJudge(lambda prompt: "Score: 42")
     out = tmp_path / "out"
-    try:
-        start = time.monotonic()
+    with FakeJudge(lambda prompt: "Score: 42") as judge:
         rc = ift.main(["--smoke", "--output-dir", str(out), "--judge-url", judge.base])
-        seconds = time.monotonic() - start
-    finally:
-        judge.close()
     assert rc == 0
-    assert seconds < 60
 
-    sample = ift.load_instruction_data(ift.SAMPLE_DATA_PATH)
-    _, test_data, _ = ift.split_data(sample)
+    sample = load_instruction_data(SAMPLE_DATA_PATH)
+    _, test_data, _ = split_data(sample)
     responses = json.loads((out / "instruction-data-with-response.json").read_text())
     assert len(responses) == len(test_data) > 0
     for entry, original in zip(responses, test_data, strict=True):
         assert isinstance(entry["model_response"], str)
-        assert {k: entry[k] for k in ift.REQUIRED_KEYS} == original
+        assert {k: entry[k] for k in REQUIRED_KEYS} == original
 
     assert (out / "loss-plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -204,117 +428,21 @@ def test_cli_smoke_end_to_end(tmp_path, monkeypatch):
     model.load_state_dict(state)
 
     summary = json.loads((out / "run-summary.json").read_text())
-    assert summary["config"]["smoke"] is True
+    assert set(summary) == SUMMARY_KEYS
+    assert summary["config"]["smoke"] is True and summary["model"]["size"] is None
     assert summary["data"]["n_test"] == len(test_data)
     assert summary["final_losses"]["train"] < summary["initial_losses"]["train"]
-    assert summary["training_minutes"] > 0
     assert summary["judge"]["mean_score"] == 42 and summary["judge"]["n_failed"] == 0
+    assert summary["judge_error"] is None
     assert len(judge.bodies) == len(test_data)
     assert summary["local_metrics"]["n"] == len(test_data)
+    assert summary["outputs"] == {
+        "loss_plot": str(out / "loss-plot.png"),
+        "model": str(out / "gpt-random-init-sft.pth"),
+        "responses": str(out / "instruction-data-with-response.json"),
+    }
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["loss-plot.png", "gpt-random-init-sft.pth", "instruction-data-with-response.json"]
+        + ["run-summary.json"]
+    )
     assert not (tmp_path / "outputs").exists()  # everything went to --output-dir
-
-
-def test_cli_default_run_without_internet_fails_fast(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)  # no cached instruction-data.json here
-    start = time.monotonic()
-    rc = ift.main(["--output-dir", str(tmp_path / "out")])
-    assert time.monotonic() - start < 10
-    assert rc != 0
-    err = capsys.readouterr().err
-    assert err.count("error:") == 1 and "Traceback" not in err
-    assert ift.DATA_URL in err and "--smoke" in err
-    assert not (tmp_path / "out").exists()
-
-
-def test_cli_unreachable_data_url_fails_fast(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    url = f"http://127.0.0.1:{closed_port()}/instruction-data.json"
-    start = time.monotonic()
-    rc = ift.main(["--data", url, "--data-cache", str(tmp_path / "d.json")])
-    assert time.monotonic() - start < 10
-    assert rc != 0
-    err = capsys.readouterr().err
-    assert url in err and "Connection refused" in err and "--smoke" in err
-
-
-def test_cli_bad_data_file_is_a_clear_error(tmp_path, capsys):
-    path = tmp_path / "bad.json"
-    path.write_text(json.dumps([{"instruction": "x", "input": 1, "output": "y"}]))
-    assert ift.main(["--smoke", "--data", str(path), "--output-dir", str(tmp_path)]) != 0
-    assert "entry 0: key 'input' must be a string, got int" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize(
-    ("argv", "message"),
-    [
-        (["--model-size", "gpt5"], "unknown model size 'gpt5'"),
-        (["--judge-url", "http://127.0.0.1:bad"], "invalid port"),
-    ],
-)
-def test_cli_bad_settings_fail_before_any_download(argv, message, tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    assert ift.main(argv) == 2
-    err = capsys.readouterr().err
-    assert message in err and "could not download" not in err
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_cli_missing_cuda_is_a_clear_error(capsys):
-    assert ift.main(["--smoke", "--device", "cuda"]) == 2
-    assert "no CUDA GPU" in capsys.readouterr().err
-
-
-def test_cli_too_little_data(tmp_path, capsys):
-    path = tmp_path / "few.json"
-    path.write_text(json.dumps(tiny_entries(5)))  # 4 train, 0 test, 1 val
-    assert ift.main(["--smoke", "--data", str(path), "--output-dir", str(tmp_path)]) == 2
-    assert "0 for testing" in capsys.readouterr().err
-
-
-def test_cli_flags_override_the_preset():
-    args = ift.build_arg_parser().parse_args(
-        [
-            "--smoke",
-            "--epochs",
-            "1",
-            "--lr",
-            "0.01",
-            "--no-judge",
-            "--mask-prompt",
-            "--prompt-style",
-            "phi3",
-            "--judge-api",
-            "openai",
-            "--max-new-tokens",
-            "3",
-        ]
-    )
-    cfg = ift.config_from_args(args)
-    assert (cfg.smoke, cfg.epochs, cfg.lr, cfg.use_judge, cfg.mask_prompt) == (
-        True,
-        1,
-        0.01,
-        False,
-        True,
-    )
-    assert (cfg.prompt_style, cfg.judge_api, cfg.max_new_tokens) == ("phi3", "openai", 3)
-    assert cfg.batch_size == ift.RunConfig.smoke_preset().batch_size
-    default = ift.config_from_args(ift.build_arg_parser().parse_args([]))
-    assert default == ift.RunConfig()
-    assert (default.model_size, default.lr, default.weight_decay, default.epochs) == (
-        "gpt2-medium (355M)",
-        5e-5,
-        0.1,
-        2,
-    )
-    assert (default.batch_size, default.eval_freq, default.eval_iter, default.seed) == (
-        8,
-        5,
-        5,
-        123,
-    )
-    assert (default.max_new_tokens, default.output_dir, default.models_dir) == (
-        256,
-        "outputs",
-        "gpt2",
-    )

@@ -1,52 +1,42 @@
-"""generate / generate_batch: cache == course loop, batching == one prompt at a time, EOS."""
+"""Generation: the course's ``generate`` (with and without its cache) and the engine's
+``generate_batch``, which must give every prompt what ``generate`` gives it alone."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+import engine
 import previous_chapters as pc
+from helpers import random_prompts, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-
 VOCAB, CTX = 97, 48
-CFG = {
-    "vocab_size": VOCAB,
-    "context_length": CTX,
-    "emb_dim": 32,
-    "n_heads": 4,
-    "n_layers": 2,
-    "drop_rate": 0.0,
-    "qkv_bias": True,
-}
 
 
 @pytest.fixture(scope="module")
 def model() -> pc.GPTModel:
-    torch.manual_seed(0)
-    model = pc.GPTModel(CFG).eval()
-    with torch.no_grad():  # sharper distributions than the 0.02 init, so greedy choices are clear
-        for param in model.parameters():
-            if param.dim() > 1:
-                param.normal_(0.0, 0.3)
-    return model
+    # sharper distributions than the 0.02 init, so greedy choices are clear-cut
+    return tiny_model(vocab_size=VOCAB, context_length=CTX, sharpen=0.3).eval()
 
 
-def random_prompts(lengths, seed=0) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in lengths]
+def prompts_of(lengths, seed=0) -> list[list[int]]:
+    return random_prompts(lengths, VOCAB, seed)
 
 
 def alone(model, prompt, max_new, context_size, **kw) -> list[int]:
-    """What generate gives one prompt on its own (the reference for batching)."""
-    out = pc.generate(model, torch.tensor([prompt]), max_new, context_size, **kw)
+    """The new tokens the course's generate (no cache: the course's own loop) gives one prompt."""
+    out = pc.generate(model, torch.tensor([prompt]), max_new, context_size, use_cache=False, **kw)
     return out[0, len(prompt) :].tolist()
 
 
+# --- the course's generate: the cache changes nothing --------------------------------------
+
+
 def test_cache_equals_course_loop(model):
-    idx = torch.tensor(random_prompts([9, 9, 9], seed=1))
-    cached = pc.generate(model, idx, 25, CTX)
+    idx = torch.tensor(prompts_of([9, 9, 9], seed=1))
+    cached = pc.generate(model, idx, 25, CTX, use_cache=True)
     naive = pc.generate(model, idx, 25, CTX, use_cache=False)
     assert cached.shape == (3, 9 + 25)
     assert torch.equal(cached[:, :9], idx)
@@ -56,26 +46,31 @@ def test_cache_equals_course_loop(model):
 @pytest.mark.parametrize("prompt_len", [20, 30, 40])
 def test_context_overflow_with_cache_equals_course_loop(model, prompt_len):
     # The window (context_size=30) fills up during generation, or is already full.
-    idx = torch.tensor(random_prompts([prompt_len, prompt_len], seed=prompt_len))
+    idx = torch.tensor(prompts_of([prompt_len, prompt_len], seed=prompt_len))
     cached = pc.generate(model, idx, 35, context_size=30)
     naive = pc.generate(model, idx, 35, context_size=30, use_cache=False)
     assert cached.shape == (2, prompt_len + 35)
     assert torch.equal(cached, naive)
 
 
+def test_generate_empties_the_cache_afterwards(model):
+    pc.generate(model, torch.tensor(prompts_of([5])), 4, CTX, use_cache=True)
+    assert model.current_pos == 0
+    assert all(block.att.cache_k is None for block in model.trf_blocks)
+
+
 def test_generate_stops_before_eos_like_the_course(model):
-    prompt = random_prompts([6], seed=2)[0]
+    prompt = prompts_of([6], seed=2)[0]
     free = alone(model, prompt, 20, CTX)
     eos = free[5]
     cut = free.index(eos)
-    out = pc.generate(model, torch.tensor([prompt]), 20, CTX, eos_id=eos)
-    assert out[0, len(prompt) :].tolist() == free[:cut]
-    naive = pc.generate(model, torch.tensor([prompt]), 20, CTX, eos_id=eos, use_cache=False)
-    assert torch.equal(out, naive)
+    for use_cache in (True, False):
+        out = pc.generate(model, torch.tensor([prompt]), 20, CTX, eos_id=eos, use_cache=use_cache)
+        assert out[0, len(prompt) :].tolist() == free[:cut]
 
 
-def test_generate_batch_rows_pad_with_eos_until_all_finish(model):
-    idx = torch.tensor(random_prompts([5, 5], seed=3))
+def test_generate_rows_pad_with_eos_until_all_finish(model):
+    idx = torch.tensor(prompts_of([5, 5], seed=3))
     free = pc.generate(model, idx, 20, CTX)[:, 5:]
     eos = int(free[0, 3])  # row 0 stops at its first `eos`; row 1 wherever it meets it
     out = pc.generate(model, idx, 20, CTX, eos_id=eos)
@@ -87,23 +82,117 @@ def test_generate_batch_rows_pad_with_eos_until_all_finish(model):
     assert (new[0, first:] == eos).all()
 
 
+def test_top_k_1_sampling_equals_greedy(model):
+    idx = torch.tensor([prompts_of([5], seed=8)[0]])
+    g = torch.Generator().manual_seed(0)
+    sampled = pc.generate(model, idx, 15, CTX, temperature=0.7, top_k=1, generator=g)
+    assert torch.equal(sampled, pc.generate(model, idx, 15, CTX))
+
+
+def test_top_k_sampling_only_picks_among_the_k_best(model):
+    prompt = torch.tensor([prompts_of([6], seed=9)[0]])
+    k = 3
+
+    def sample(seed):
+        g = torch.Generator().manual_seed(seed)
+        return pc.generate(model, prompt, 30, CTX, temperature=2.0, top_k=k, generator=g)
+
+    out = sample(1)
+    with torch.no_grad():
+        logits = model(out)[0]  # teacher forcing: the logits each new token was drawn from
+    for pos in range(prompt.shape[1], out.shape[1]):
+        allowed = torch.topk(logits[pos - 1], k).indices.tolist()
+        assert int(out[0, pos]) in allowed
+    # with a seeded generator sampling is reproducible, and it is not just greedy
+    assert torch.equal(out, sample(1))
+    assert not torch.equal(out, pc.generate(model, prompt, 30, CTX))
+
+
+def test_sample_next_token_follows_the_course():
+    logits = torch.tensor([[1.0, 3.0, 2.0, -1.0], [0.0, 0.0, 5.0, 4.0]])
+    assert pc.sample_next_token(logits).tolist() == [[1], [2]]  # greedy: argmax
+    g = torch.Generator().manual_seed(0)
+    draws = torch.cat([pc.sample_next_token(logits, 1.0, 2, g) for _ in range(200)], dim=1)
+    assert set(draws[0].tolist()) == {1, 2} and set(draws[1].tolist()) == {2, 3}  # top 2 only
+
+
+def test_generate_validates_its_arguments(model):
+    idx = torch.tensor([[1, 2]])
+    with pytest.raises(ValueError, match="max_new_tokens >= 0"):
+        pc.generate(model, idx, -1, CTX)
+    with pytest.raises(ValueError, match="top_k"):
+        pc.generate(model, idx, 3, CTX, temperature=1.0, top_k=0)
+    assert torch.equal(pc.generate(model, idx, 0, CTX), idx)
+
+
+def test_generation_keeps_the_mode_and_tracks_no_gradients(model):
+    model.train()
+    try:
+        out = pc.generate(model, torch.tensor([[1, 2, 3]]), 2, CTX)
+        assert model.training
+        assert not out.requires_grad
+    finally:
+        model.eval()
+
+
+def test_cache_needs_a_gpt_model():
+    class Plain(torch.nn.Module):  # any module mapping ids to logits, without the course's cache
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(VOCAB, VOCAB)
+
+        def forward(self, idx):
+            return self.emb(idx)
+
+    plain, idx = Plain(), torch.tensor([[1, 2, 3]])
+    with pytest.raises(TypeError, match="pass use_cache=False for a Plain"):
+        pc.generate(plain, idx, 4, CTX, use_cache=True)
+    out = pc.generate(plain, idx, 4, CTX, use_cache=False)
+    expected = idx
+    for _ in range(4):  # the course's loop, by hand
+        expected = torch.cat([expected, plain(expected)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, expected)
+
+
+# --- the engine's generate_batch equals generate, one prompt at a time ----------------------
+
+
 def test_generate_batch_equals_one_prompt_at_a_time(model):
-    prompts = random_prompts([3, 17, 8, 1, 12], seed=4)
+    prompts = prompts_of([3, 17, 8, 1, 12], seed=4)
     expected = [alone(model, p, 20, CTX) for p in prompts]
-    assert pc.generate_batch(model, prompts, 20, CTX, pad_token_id=0) == expected
+    assert engine.generate_batch(model, prompts, 20, CTX, pad_token_id=0) == expected
     # split into batches (sorted by length inside), results still in input order
-    assert pc.generate_batch(model, prompts, 20, CTX, pad_token_id=0, batch_size=2) == expected
-    assert pc.generate_batch(model, prompts, 20, CTX, pad_token_id=0, use_cache=False) == expected
+    for batch_size in (1, 2, 4):
+        got = engine.generate_batch(model, prompts, 20, CTX, pad_token_id=0, batch_size=batch_size)
+        assert got == expected, batch_size
 
 
-def test_generate_batch_context_overflow(model):
-    prompts = random_prompts([5, 26, 40], seed=5)  # the longest is cropped to its last 30 tokens
-    expected = [alone(model, p, 25, 30) for p in prompts]
-    assert pc.generate_batch(model, prompts, 25, 30, pad_token_id=0) == expected
+def test_generate_batch_left_padding_changes_nothing(model):
+    # a short prompt next to a long one is left-padded by 19 tokens: masked, positions shifted
+    short, long = prompts_of([2, 21], seed=11)
+    assert engine.generate_batch(model, [short, long], 15, CTX, pad_token_id=5) == [
+        alone(model, short, 15, CTX),
+        alone(model, long, 15, CTX),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("lengths", "context_size", "max_new"),
+    [
+        ([5, 26, 29], 30, 25),  # the window fills up during generation
+        ([5, 26, 40], 30, 25),  # and a prompt longer than the context is cropped
+        ([31, 45, 60], 30, 6),  # every prompt is longer than the context
+    ],
+)
+def test_generate_batch_context_overflow(model, lengths, context_size, max_new):
+    prompts = prompts_of(lengths, seed=sum(lengths))
+    expected = [alone(model, p, max_new, context_size) for p in prompts]
+    got = engine.generate_batch(model, prompts, max_new, context_size, pad_token_id=0)
+    assert got == expected
 
 
 def test_generate_batch_each_row_stops_at_its_own_eos(model):
-    prompts = random_prompts([4, 9, 6, 13, 2, 7], seed=6)
+    prompts = prompts_of([4, 9, 6, 13, 2, 7], seed=6)
     free = [alone(model, p, 16, CTX) for p in prompts]
 
     def stops(eos):
@@ -111,97 +200,64 @@ def test_generate_batch_each_row_stops_at_its_own_eos(model):
 
     # an EOS token at which rows stop at different steps while some row never meets it
     candidates = sorted({t for row in free for t in row})
-    eos = max(candidates, key=lambda t: (None in stops(t), len(set(stops(t)))))
+    eos = max(candidates, key=lambda t: (None in stops(t), len({s for s in stops(t)})))
     positions = stops(eos)
     assert None in positions and len({s for s in positions if s is not None}) >= 2
 
-    expected = [row if s is None else row[:s] for row, s in zip(free, positions, strict=True)]
+    expected = [alone(model, p, 16, CTX, eos_id=eos) for p in prompts]
+    for row, cut, got in zip(free, positions, expected, strict=True):
+        assert got == (row if cut is None else row[:cut])
     for batch_size in (None, 4, 1):  # finished rows leave the batch at different times
-        got = pc.generate_batch(
+        got = engine.generate_batch(
             model, prompts, 16, CTX, eos_id=eos, pad_token_id=0, batch_size=batch_size
         )
-        assert got == expected
-    for p, row in zip(prompts, got, strict=True):
-        assert row == alone(model, p, 16, CTX, eos_id=eos)
+        assert got == expected, batch_size
+
+
+def test_generate_batch_with_eos_and_context_overflow(model):
+    prompts = prompts_of([10, 28, 35], seed=12)
+    free = [alone(model, p, 20, 30) for p in prompts]
+    eos = free[1][12]
+    assert len(prompts[1]) + free[1].index(eos) > 30  # row 1 stops after the window slid
+    expected = [alone(model, p, 20, 30, eos_id=eos) for p in prompts]
+    assert engine.generate_batch(model, prompts, 20, 30, eos_id=eos, pad_token_id=0) == expected
 
 
 def test_generate_batch_when_every_row_hits_eos(model):
-    prompts = random_prompts([3, 8], seed=7)
+    prompts = prompts_of([3, 8], seed=7)
     free = [alone(model, p, 12, CTX) for p in prompts]
     eos = free[0][2]
-    got = pc.generate_batch(model, prompts, 12, CTX, eos_id=eos, pad_token_id=0)
+    got = engine.generate_batch(model, prompts, 12, CTX, eos_id=eos, pad_token_id=0)
+    assert got == [alone(model, p, 12, CTX, eos_id=eos) for p in prompts]
     assert got[0] == free[0][: free[0].index(eos)]
-    assert got[1] == (free[1][: free[1].index(eos)] if eos in free[1] else free[1])
 
 
-def test_top_k_1_sampling_equals_greedy(model):
-    prompts = random_prompts([5, 11], seed=8)
-    greedy = pc.generate_batch(model, prompts, 15, CTX, pad_token_id=0)
+def test_generate_batch_top_k_1_sampling_equals_greedy(model):
+    prompts = prompts_of([5, 11], seed=8)
+    greedy = engine.generate_batch(model, prompts, 15, CTX, pad_token_id=0)
     g = torch.Generator().manual_seed(0)
-    sampled = pc.generate_batch(
+    sampled = engine.generate_batch(
         model, prompts, 15, CTX, temperature=1.5, top_k=1, pad_token_id=0, generator=g
     )
     assert sampled == greedy
-    idx = torch.tensor([prompts[0]])
-    assert torch.equal(
-        pc.generate(model, idx, 15, CTX, temperature=0.7, top_k=1), pc.generate(model, idx, 15, CTX)
-    )
-
-
-def test_top_k_sampling_only_picks_among_the_k_best(model):
-    prompt = random_prompts([6], seed=9)[0]
-    k = 3
-    out = pc.generate(
-        model,
-        torch.tensor([prompt]),
-        30,
-        CTX,
-        temperature=2.0,
-        top_k=k,
-        generator=torch.Generator().manual_seed(1),
-    )
-    with torch.no_grad():
-        logits = model(out)[0]  # teacher forcing: the logits each new token was drawn from
-    for pos in range(len(prompt), out.shape[1]):
-        allowed = torch.topk(logits[pos - 1], k).indices.tolist()
-        assert int(out[0, pos]) in allowed
-    # with a seeded generator sampling is reproducible, and it is not just greedy
-    again = pc.generate(
-        model,
-        torch.tensor([prompt]),
-        30,
-        CTX,
-        temperature=2.0,
-        top_k=k,
-        generator=torch.Generator().manual_seed(1),
-    )
-    assert torch.equal(out, again)
-    assert not torch.equal(out, pc.generate(model, torch.tensor([prompt]), 30, CTX))
 
 
 def test_generate_batch_validates_its_input(model):
     with pytest.raises(ValueError, match="pad_token_id 50256 is outside"):
-        pc.generate_batch(model, [[1, 2]], 3, CTX)
+        engine.generate_batch(model, [[1, 2]], 3, CTX)
     with pytest.raises(ValueError, match="prompt 1 is empty"):
-        pc.generate_batch(model, [[1], []], 3, CTX, pad_token_id=0)
+        engine.generate_batch(model, [[1], []], 3, CTX, pad_token_id=0)
     with pytest.raises(ValueError, match="top_k"):
-        pc.generate_batch(model, [[1]], 3, CTX, pad_token_id=0, temperature=1.0, top_k=0)
-    assert pc.generate_batch(model, [[1, 2]], 0, CTX, pad_token_id=0) == [[]]
-
-
-def test_generation_runs_under_inference_mode_and_keeps_train_mode(model):
-    model.train()
-    try:
-        out = pc.generate(model, torch.tensor([[1, 2, 3]]), 2, CTX)
-        assert model.training
-        assert out.is_inference()
-    finally:
-        model.eval()
+        engine.generate_batch(model, [[1]], 3, CTX, pad_token_id=0, temperature=1.0, top_k=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        engine.generate_batch(model, [[1]], 3, CTX, pad_token_id=0, batch_size=0)
+    assert engine.generate_batch(model, [[1, 2]], 0, CTX, pad_token_id=0) == [[]]
+    assert engine.generate_batch(model, [], 3, CTX, pad_token_id=0) == []
 
 
 def test_generate_batch_progress_bar(model, capsys):
-    prompts = random_prompts([4, 6], seed=10)
-    out = pc.generate_batch(model, prompts, 3, CTX, pad_token_id=0, batch_size=1, progress=True)
+    prompts = prompts_of([4, 6], seed=10)
+    out = engine.generate_batch(model, prompts, 3, CTX, pad_token_id=0, batch_size=1, progress=True)
     assert out == [alone(model, p, 3, CTX) for p in prompts]
     err = capsys.readouterr().err
     assert "generating" in err and "2/2" in err

@@ -11,18 +11,17 @@ from __future__ import annotations
 import importlib.util
 import re
 import shutil
-import socket
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import gpt_download as gd
+from helpers import FIXTURES, TINY_CHECKPOINT, Mirror, closed_port
+from previous_chapters import GPTModel, gpt2_config, load_weights_into_gpt
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
-TINY = FIXTURES / "gpt2-tiny"
+TINY = TINY_CHECKPOINT
 DATA_FILE = "model.ckpt.data-00000-of-00001"
 FAST = {"retries": 2, "backoff": 0.0, "timeout": 10.0, "progress": False}
 
@@ -41,81 +40,18 @@ WEIGHTS = fixture_script.make_weights()  # the arrays TensorFlow wrote, rebuilt 
 HPARAMS = fixture_script.HPARAMS
 
 
-# ---------------------------------------------------------------------------
-# A loopback mirror laid out as {base}/{size}/{file}
-# ---------------------------------------------------------------------------
-
-
-class Mirror:
-    """Serves files under ``root``; ``plan[path]`` lists how to answer each request.
-
-    A plan step is a set of words: ``cut`` sends half the body and hangs up,
-    ``ignore_range`` answers 200 with the whole file even to a Range request,
-    ``500`` is a server error. Unplanned requests are answered normally.
-    """
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.plan: dict[str, list[str]] = {}
-        self.requests: list[tuple[str, str | None]] = []  # (path, Range header)
-        mirror = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):
-                mirror.requests.append((self.path, self.headers.get("Range")))
-                steps = mirror.plan.get(self.path, [])
-                step = set(steps.pop(0).split()) if steps else set()
-                file = mirror.root / self.path.lstrip("/")
-                if "500" in step:
-                    return self.send_error(500)
-                if not file.is_file():
-                    return self.send_error(404)
-                data = file.read_bytes()
-                match = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
-                start = int(match[1]) if match and "ignore_range" not in step else 0
-                if start >= len(data) > 0:
-                    self.send_response(416)
-                    self.send_header("Content-Range", f"bytes */{len(data)}")
-                    self.send_header("Content-Length", "0")
-                    return self.end_headers()
-                if match and "ignore_range" not in step:
-                    self.send_response(206)
-                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-                else:
-                    self.send_response(200)
-                body = data[start:]
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body[: len(body) // 2] if "cut" in step else body)
-
-            def log_message(self, *args):  # keep the test output clean
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.01,), daemon=True)
-        self.thread.start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.fixture
 def mirror(tmp_path):
+    """A loopback mirror laid out as {base}/{size}/{file}, serving the tiny checkpoint."""
     shutil.copytree(TINY, tmp_path / "mirror" / "124M")
-    server = Mirror(tmp_path / "mirror")
-    yield server
-    server.close()
+    with Mirror(tmp_path / "mirror") as server:
+        yield server
 
 
 @pytest.fixture
 def dead_url():
     """A loopback URL where nothing listens: every connection is refused."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
+    return f"http://127.0.0.1:{closed_port()}"
 
 
 # ---------------------------------------------------------------------------
@@ -133,31 +69,15 @@ CRC_VECTORS = [
 ]
 
 
-@pytest.mark.parametrize("crc", [gd.crc32c, gd._crc32c_numpy], ids=["crc32c", "numpy_fallback"])
-def test_crc32c_known_vectors(crc):
+def test_crc32c_known_vectors():
     for data, expected in CRC_VECTORS:
-        assert crc(data) == expected, data
+        assert gd.crc32c(data) == expected, data
 
 
-def test_crc32c_fallback_continues_and_handles_every_size():
-    rng = np.random.default_rng(0)
-    # sizes below, at and above both lane widths of the numpy fallback
-    for size in (1, 1000, 1024 * 16, 1024 * 16 + 5, 300_001, (1 << 22) + 12_345):
-        data = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
-        whole = gd._crc32c_numpy(data)
-        cut = size // 3
-        assert gd._crc32c_numpy(data[cut:], gd._crc32c_numpy(data[:cut])) == whole
-        if size <= 300_001:  # the plain byte-at-a-time loop agrees
-            assert whole == gd._feed(0xFFFFFFFF, data) ^ 0xFFFFFFFF
-
-
-def test_crc32c_fallback_matches_the_c_extension():
-    google_crc32c = pytest.importorskip("google_crc32c", reason="google-crc32c not installed")
-    rng = np.random.default_rng(1)
-    for size in (0, 7, 4099, 100_000, (1 << 22) + 3):
-        data = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
-        start = int(rng.integers(0, 1 << 32))
-        assert gd._crc32c_numpy(data, start) == google_crc32c.extend(start, data)
+def test_crc32c_continues_a_running_crc():
+    data = bytes(range(256)) * 40
+    for cut in (0, 1, 1000, len(data)):
+        assert gd.crc32c(data[cut:], gd.crc32c(data[:cut])) == gd.crc32c(data)
 
 
 def test_mask_crc_rotates_right_15_and_adds_the_constant():
@@ -193,12 +113,6 @@ def test_load_variable_returns_the_exact_arrays():
         array = gd.load_variable(TINY / "model.ckpt", name)
         assert array.dtype == np.float32 and array.flags.writeable
         np.testing.assert_array_equal(array, weight)
-
-
-def test_reader_works_without_the_crc32c_extension(monkeypatch):
-    monkeypatch.setattr(gd, "google_crc32c", None)  # use the numpy fallback
-    params = gd.load_gpt2_params_from_tf_ckpt(TINY / "model.ckpt", HPARAMS)
-    _assert_same_tree(params, _course_params(WEIGHTS, HPARAMS["n_layer"]))
 
 
 def test_unknown_variable_is_a_key_error_with_close_names():
@@ -347,7 +261,8 @@ def test_real_index_reads_the_complete_tensor_and_refuses_the_rest(shared_dir):
 
     bias = reader.read("model/h0/attn/c_attn/b")
     assert bias.shape == (2304,) and bias.dtype == np.float32
-    np.testing.assert_allclose(bias[:3], [0.48033914, -0.52543259, -0.42926455], rtol=1e-7)
+    # the bytes whose CRC32C matched above, read as little-endian float32
+    np.testing.assert_array_equal(bias, np.frombuffer(raw, dtype="<f4"))
 
     for name in reader.entries:
         if name != "model/h0/attn/c_attn/b":
@@ -460,10 +375,50 @@ def test_when_both_urls_fail_the_error_says_what_and_what_to_do(mirror, tmp_path
     assert not (tmp_path / "124M" / "hparams.json").exists()
 
 
-def test_a_missing_file_is_not_retried(mirror, tmp_path):
-    with pytest.raises(gd.DownloadError, match="404"):
+def test_a_missing_file_is_not_retried(mirror, tmp_path, download_sleeps):
+    with pytest.raises(gd.DownloadError, match="404") as caught:
         gd.download_file(f"{mirror.url}/124M/model.ckpt.meta", tmp_path / "meta", **FAST)
-    assert len(mirror.requests) == 1
+    assert len(mirror.requests) == 1 and download_sleeps == []
+    assert "1 attempt(s)" in str(caught.value)
+
+
+def test_server_errors_are_retried_with_doubling_back_off(mirror, tmp_path, download_sleeps):
+    mirror.plan["/124M/hparams.json"] = ["500", "500"]
+    target = gd.download_file(
+        f"{mirror.url}/124M/hparams.json",
+        tmp_path / "hparams.json",
+        retries=3,
+        backoff=0.5,
+        progress=False,
+    )
+    assert target.read_bytes() == (TINY / "hparams.json").read_bytes()
+    assert len(mirror.requests) == 3
+    assert download_sleeps == [0.5, 1.0]  # backoff * 2**attempt between the attempts
+
+
+def test_download_error_message_and_hint(tmp_path, dead_url, download_sleeps):
+    url = f"{dead_url}/124M/vocab.bpe"
+    with pytest.raises(gd.DownloadError) as caught:
+        gd.download_file(url, tmp_path / "vocab.bpe", retries=2, progress=False, hint="Try X.")
+    message = str(caught.value)
+    assert message.startswith("could not download vocab.bpe to ")
+    assert url in message and "2 attempt(s)" in message and "ConnectionError" in message
+    assert message.endswith(" Try X.")
+    assert len(download_sleeps) == 1  # between the two attempts, none after the last
+
+
+def test_download_uses_the_default_timeout(mirror, tmp_path, request_timeouts):
+    gd.download_file(f"{mirror.url}/124M/hparams.json", tmp_path / "h.json", progress=False)
+    assert request_timeouts == [gd.DOWNLOAD_TIMEOUT]
+    connect, read = gd.DOWNLOAD_TIMEOUT
+    assert 0 < connect <= 10 and 0 < read <= 60  # a dead network fails in seconds, not hours
+
+
+def test_an_existing_file_is_returned_without_a_request(mirror, tmp_path):
+    target = tmp_path / "hparams.json"
+    target.write_text("already here")
+    assert gd.download_file(f"{mirror.url}/124M/hparams.json", target, **FAST) == target
+    assert target.read_text() == "already here" and mirror.requests == []
 
 
 # ---------------------------------------------------------------------------
@@ -502,11 +457,6 @@ def _numpy_gpt2_logits(weights: dict, hp: dict, ids: list[int]) -> np.ndarray:
 
 
 def test_downloaded_weights_give_gpt_model_the_logits_of_gpt2(mirror, tmp_path):
-    # needs helper B's previous_chapters.py (GPTModel, load_weights_into_gpt, gpt2_config)
-    import torch
-
-    from previous_chapters import GPTModel, gpt2_config, load_weights_into_gpt
-
     settings, params = gd.download_and_load_gpt2(
         "124M", tmp_path, mirror.url, backup_base_url=None, **FAST
     )

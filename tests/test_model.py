@@ -1,61 +1,32 @@
-"""GPTModel: parity with Hugging Face's GPT-2, cache paths, configs, weight loading."""
+"""GPTModel: parity with Hugging Face's GPT-2, the course's cache, configs, weight loading."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
 import torch
 
+import gpt_download as gd
 import previous_chapters as pc
-
-transformers = pytest.importorskip("transformers", reason="parity tests need transformers")
-
+from helpers import TINY_CHECKPOINT, hf_to_course_params, needs_transformers, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-
 VOCAB, CTX, EMB, HEADS, LAYERS = 257, 64, 32, 2, 2
-TINY_CFG = {
-    "vocab_size": VOCAB,
-    "context_length": CTX,
-    "emb_dim": EMB,
-    "n_heads": HEADS,
-    "n_layers": LAYERS,
-    "drop_rate": 0.0,
-    "qkv_bias": True,
-}
+HF_CFG = tiny_config(
+    vocab_size=VOCAB, context_length=CTX, emb_dim=EMB, n_heads=HEADS, n_layers=LAYERS
+)
 
 
-def hf_to_course_params(hf_model) -> dict:
-    """A GPT2LMHeadModel's weights in the course's params layout (numpy, Conv1D = [in, out])."""
-    sd = {k: v.detach().numpy().copy() for k, v in hf_model.state_dict().items()}
-    n_layer = hf_model.config.n_layer
-
-    def wb(prefix: str, w: str = "w", b: str = "b", suffix=("weight", "bias")) -> dict:
-        return {w: sd[f"{prefix}.{suffix[0]}"], b: sd[f"{prefix}.{suffix[1]}"]}
-
-    blocks = []
-    for i in range(n_layer):
-        h = f"transformer.h.{i}"
-        blocks.append(
-            {
-                "attn": {"c_attn": wb(f"{h}.attn.c_attn"), "c_proj": wb(f"{h}.attn.c_proj")},
-                "mlp": {"c_fc": wb(f"{h}.mlp.c_fc"), "c_proj": wb(f"{h}.mlp.c_proj")},
-                "ln_1": wb(f"{h}.ln_1", "g"),
-                "ln_2": wb(f"{h}.ln_2", "g"),
-            }
-        )
-    return {
-        "wte": sd["transformer.wte.weight"],
-        "wpe": sd["transformer.wpe.weight"],
-        "blocks": blocks,
-        "g": sd["transformer.ln_f.weight"],
-        "b": sd["transformer.ln_f.bias"],
-    }
+# --- parity with transformers' GPT2LMHeadModel --------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def hf_model():
+    import transformers
+
     torch.manual_seed(0)
     config = transformers.GPT2Config(
         vocab_size=VOCAB,
@@ -78,17 +49,13 @@ def hf_model():
 
 
 @pytest.fixture(scope="module")
-def params(hf_model) -> dict:
-    return hf_to_course_params(hf_model)
-
-
-@pytest.fixture(scope="module")
-def ours(params) -> pc.GPTModel:
-    model = pc.GPTModel(TINY_CFG).eval()
-    pc.load_weights_into_gpt(model, params)
+def ours(hf_model) -> pc.GPTModel:
+    model = pc.GPTModel(HF_CFG).eval()
+    pc.load_weights_into_gpt(model, hf_to_course_params(hf_model))
     return model
 
 
+@needs_transformers
 def test_logits_match_transformers(hf_model, ours):
     idx = torch.randint(0, VOCAB, (3, CTX), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -98,11 +65,12 @@ def test_logits_match_transformers(hf_model, ours):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_greedy_generation_matches_transformers(hf_model, ours):
+@needs_transformers
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_greedy_generation_matches_transformers(hf_model, ours, use_cache):
     prompt = torch.randint(0, VOCAB, (1, 7), generator=torch.Generator().manual_seed(2))
     new = 40
-    cached = pc.generate(ours, prompt, new, CTX)
-    naive = pc.generate(ours, prompt, new, CTX, use_cache=False)
+    got = pc.generate(ours, prompt, new, CTX, use_cache=use_cache)
     with torch.inference_mode():
         hf = hf_model.generate(
             prompt,
@@ -113,43 +81,91 @@ def test_greedy_generation_matches_transformers(hf_model, ours):
             eos_token_id=None,
             pad_token_id=0,
         )
-    assert cached.shape == (1, 7 + new)
-    assert torch.equal(cached, naive)
-    assert torch.equal(cached, hf)
+    assert got.shape == (1, 7 + new)
+    assert torch.equal(got, hf)
 
 
-def test_cached_forward_in_chunks_equals_full_forward(ours):
-    idx = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
-    with torch.inference_mode():
-        full = ours(idx)
-        cache = ours.new_kv_cache(2, 12)
-        parts = [ours(idx[:, a:b], kv_cache=cache) for a, b in ((0, 5), (5, 8), (8, 9), (9, 12))]
-    assert cache.pos == 12
+@needs_transformers
+def test_hidden_states_match_transformers(hf_model, ours):
+    """The engine's forward (``hidden_states``) is GPT-2's too."""
+    import engine
+
+    idx = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = hf_model.transformer(idx).last_hidden_state
+        got = engine.hidden_states(ours, idx, torch.arange(20), engine.causal_attention())
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+# --- the course's key/value cache ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model() -> pc.GPTModel:
+    torch.manual_seed(0)
+    return pc.GPTModel(tiny_config(context_length=CTX)).eval()
+
+
+def test_cached_forward_in_chunks_equals_full_forward(model):
+    idx = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = model(idx)
+        model.reset_kv_cache()
+        parts = [model(idx[:, a:b], use_cache=True) for a, b in ((0, 5), (5, 8), (8, 9), (9, 12))]
+        assert model.current_pos == 12
+        assert model.trf_blocks[0].att.cache_k.shape == (2, 4, 12, 8)  # [b, heads, seq, head_dim]
+        model.reset_kv_cache()
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
-def test_left_padding_with_positions_and_mask_equals_unpadded(ours):
-    row = torch.randint(1, VOCAB, (1, 6), generator=torch.Generator().manual_seed(4))
-    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), row], dim=1)
-    mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1, 1]], dtype=torch.bool)
-    positions = torch.tensor([[0, 0, 0, 0, 1, 2, 3, 4, 5]])
-    with torch.inference_mode():
-        expected = ours(row)
-        got = ours(padded, position_ids=positions, attention_mask=mask)
-    assert torch.isfinite(got).all()
-    torch.testing.assert_close(got[:, 3:], expected, atol=1e-5, rtol=1e-5)
+def test_reset_kv_cache_starts_over(model):
+    idx = torch.randint(0, 97, (1, 6), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        model(idx[:, :3], use_cache=True)
+        model.reset_kv_cache()
+        assert model.current_pos == 0
+        assert all(b.att.cache_k is None and b.att.cache_v is None for b in model.trf_blocks)
+        again = model(idx, use_cache=True)  # positions from 0 again
+        model.reset_kv_cache()
+        torch.testing.assert_close(again, model(idx), atol=1e-5, rtol=1e-5)
 
 
-def test_too_long_input_is_refused_clearly(ours):
-    with pytest.raises(ValueError, match="exceeds context_length 64"):
-        ours(torch.zeros(1, CTX + 1, dtype=torch.long))
-    cache = ours.new_kv_cache(1, 4)
-    with pytest.raises(ValueError, match="KV cache full"):
-        ours(torch.zeros(1, 5, dtype=torch.long), kv_cache=cache)
+def test_forward_without_cache_leaves_the_cache_alone(model):
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3]]))
+    assert model.current_pos == 0 and model.trf_blocks[0].att.cache_k is None
 
 
-def test_module_names_follow_the_course(ours):
-    names = dict(ours.named_modules())
+def test_too_long_input_is_refused_clearly(model):
+    with pytest.raises(ValueError, match="65 tokens exceed context_length 64"):
+        model(torch.zeros(1, CTX + 1, dtype=torch.long))
+    with torch.no_grad():
+        model(torch.zeros(1, CTX - 3, dtype=torch.long), use_cache=True)
+        with pytest.raises(ValueError, match="66 tokens exceed context_length 64"):
+            model(torch.zeros(1, 5, dtype=torch.long), use_cache=True)
+    model.reset_kv_cache()
+
+
+def test_split_heads_are_the_fused_projection_in_query_key_value_order(model):
+    att = model.trf_blocks[0].att
+    x = torch.randn(2, 5, EMB, generator=torch.Generator().manual_seed(6))
+    q, k, v = att.split_heads(x)
+    assert q.shape == k.shape == v.shape == (2, att.num_heads, 5, att.head_dim)
+    with torch.no_grad():
+        w_query, w_key, w_value = att.qkv.weight.split(EMB)
+        b_query, b_key, b_value = att.qkv.bias.split(EMB)
+        for got, w, b in ((q, w_query, b_query), (k, w_key, b_key), (v, w_value, b_value)):
+            expected = (x @ w.T + b).view(2, 5, att.num_heads, att.head_dim).transpose(1, 2)
+            torch.testing.assert_close(got, expected)
+
+
+def test_attention_refuses_indivisible_heads():
+    with pytest.raises(ValueError, match="emb_dim 30 must be divisible by n_heads 4"):
+        pc.MultiHeadAttention(30, 30, 0.0, num_heads=4)
+
+
+def test_module_names_follow_the_course(model):
+    names = dict(model.named_modules())
     for name in (
         "tok_emb",
         "pos_emb",
@@ -159,12 +175,16 @@ def test_module_names_follow_the_course(ours):
         "trf_blocks.0.ff.layers.0",
         "trf_blocks.0.norm1",
         "trf_blocks.0.norm2",
+        "trf_blocks.0.drop_shortcut",
         "final_norm",
         "out_head",
     ):
         assert name in names, name
-    assert ours.out_head.bias is None
-    assert ours.final_norm.eps == 1e-5
+    assert model.out_head.bias is None
+    assert model.final_norm.eps == 1e-5
+
+
+# --- configurations -----------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -184,28 +204,102 @@ def test_presets_have_gpt2_sizes(name, gpt2_params):
     assert total - model.out_head.weight.numel() == gpt2_params
 
 
+@pytest.mark.parametrize(
+    ("given", "name"),
+    [
+        ("gpt2-medium (355M)", "gpt2-medium (355M)"),
+        ("gpt2-medium", "gpt2-medium (355M)"),
+        ("355M", "gpt2-medium (355M)"),
+        ("  GPT2-Small ", "gpt2-small (124M)"),
+        ("1558m", "gpt2-xl (1558M)"),
+    ],
+)
+def test_resolve_model_name(given, name):
+    assert pc.resolve_model_name(given) == name
+
+
+@pytest.mark.parametrize("given", ["gpt2-huge", "125M", "", "gpt2"])
+def test_resolve_model_name_lists_the_sizes(given):
+    with pytest.raises(ValueError, match="unknown GPT-2 model .* gpt2-small \\(124M\\)"):
+        pc.resolve_model_name(given)
+
+
 def test_gpt2_config_names_and_overrides():
-    assert (
-        pc.gpt2_config("gpt2-medium (355M)")
-        == pc.gpt2_config("355M")
-        == pc.gpt2_config("GPT2-Medium")
-    )
+    assert pc.gpt2_config("gpt2-medium (355M)") == pc.gpt2_config("355M")
+    assert pc.gpt2_config("355M") == {
+        **pc.GPT_CONFIG_124M,
+        **pc.MODEL_CONFIGS["gpt2-medium (355M)"],
+    }
     cfg = pc.gpt2_config("124M", context_length=256, drop_rate=0.1)
     assert cfg == {**pc.GPT_CONFIG_124M, "context_length": 256, "drop_rate": 0.1}
+    assert tuple(cfg) == pc.CONFIG_KEYS
     with pytest.raises(ValueError, match="unknown GPT-2 model"):
         pc.gpt2_config("gpt2-huge")
     with pytest.raises(ValueError, match="emb_dims"):
         pc.gpt2_config("124M", emb_dims=10)
     with pytest.raises(ValueError, match="n_heads"):
-        pc.GPTModel({k: v for k, v in TINY_CFG.items() if k != "n_heads"})
+        pc.GPTModel({k: v for k, v in HF_CFG.items() if k != "n_heads"})
+
+
+def test_gpt2_small_config_is_the_course_one():
+    assert pc.GPT_CONFIG_124M == {
+        "vocab_size": 50257,
+        "context_length": 1024,
+        "emb_dim": 768,
+        "n_heads": 12,
+        "n_layers": 12,
+        "drop_rate": 0.0,
+        "qkv_bias": True,
+    }
+
+
+# --- loading OpenAI's weights ---------------------------------------------------------------
+
+HPARAMS = json.loads((TINY_CHECKPOINT / "hparams.json").read_text())
+CKPT_CFG = pc.gpt2_config(
+    "124M",
+    vocab_size=HPARAMS["n_vocab"],
+    context_length=HPARAMS["n_ctx"],
+    emb_dim=HPARAMS["n_embd"],
+    n_heads=HPARAMS["n_head"],
+    n_layers=HPARAMS["n_layer"],
+)
+
+
+@pytest.fixture(scope="module")
+def params() -> dict:
+    """The tiny TensorFlow checkpoint's weights, in the course's params layout."""
+    return gd.load_gpt2_params_from_tf_ckpt(TINY_CHECKPOINT / "model.ckpt", HPARAMS)
 
 
 def _state(model: torch.nn.Module) -> dict:
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
+def test_load_weights_maps_every_tensor(params):
+    model = pc.GPTModel(CKPT_CFG)
+    pc.load_weights_into_gpt(model, params)
+    block, p = model.trf_blocks[1], params["blocks"][1]
+
+    def same(param, array):
+        torch.testing.assert_close(param.detach(), torch.from_numpy(array), rtol=0, atol=0)
+
+    same(model.tok_emb.weight, params["wte"])
+    same(model.pos_emb.weight, params["wpe"])
+    same(model.out_head.weight, params["wte"])  # the head is tied to the token embedding
+    same(block.att.qkv.weight, p["attn"]["c_attn"]["w"].T)
+    same(block.att.qkv.bias, p["attn"]["c_attn"]["b"])
+    same(block.att.out_proj.weight, p["attn"]["c_proj"]["w"].T)
+    same(block.ff.layers[0].weight, p["mlp"]["c_fc"]["w"].T)
+    same(block.ff.layers[2].bias, p["mlp"]["c_proj"]["b"])
+    same(block.norm1.weight, p["ln_1"]["g"])
+    same(block.norm2.bias, p["ln_2"]["b"])
+    same(model.final_norm.weight, params["g"])
+    same(model.final_norm.bias, params["b"])
+
+
 def test_load_weights_rejects_bad_shape_and_changes_nothing(params):
-    model = pc.GPTModel(TINY_CFG)
+    model = pc.GPTModel(CKPT_CFG)
     before = _state(model)
     bad = {**params, "blocks": [dict(b) for b in params["blocks"]]}
     bad["blocks"][1] = {**bad["blocks"][1], "attn": {**bad["blocks"][1]["attn"]}}
@@ -222,24 +316,16 @@ def test_load_weights_rejects_bad_shape_and_changes_nothing(params):
 
 
 def test_load_weights_names_missing_keys_and_layer_mismatch(params):
-    model = pc.GPTModel(TINY_CFG)
+    model = pc.GPTModel(CKPT_CFG)
     with pytest.raises(ValueError, match="lack 'g'"):
         pc.load_weights_into_gpt(model, {k: v for k, v in params.items() if k != "g"})
     no_ln = {**params, "blocks": [dict(b) for b in params["blocks"]]}
     del no_ln["blocks"][0]["ln_2"]
     with pytest.raises(ValueError, match=r"blocks\[0\]\.ln_2\.g"):
         pc.load_weights_into_gpt(model, no_ln)
-    deeper = pc.GPTModel({**TINY_CFG, "n_layers": 3})
+    deeper = pc.GPTModel({**CKPT_CFG, "n_layers": 3})
     with pytest.raises(ValueError, match="2 blocks but the model has n_layers=3"):
         pc.load_weights_into_gpt(deeper, params)
-    no_bias = pc.GPTModel({**TINY_CFG, "qkv_bias": False})
+    no_bias = pc.GPTModel({**CKPT_CFG, "qkv_bias": False})
     with pytest.raises(ValueError, match="qkv_bias=True"):
         pc.load_weights_into_gpt(no_bias, params)
-
-
-def test_load_weights_copies_head_from_wte(params, ours):
-    torch.testing.assert_close(ours.out_head.weight, torch.from_numpy(params["wte"]))
-    torch.testing.assert_close(
-        ours.trf_blocks[0].att.qkv.weight,
-        torch.from_numpy(params["blocks"][0]["attn"]["c_attn"]["w"]).T,
-    )

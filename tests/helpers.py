@@ -1,0 +1,334 @@
+"""What several test files share: loopback servers, tiny models, toy tokenizers, converters.
+
+Fixtures live in ``conftest.py``; this module holds plain classes and functions, imported
+by name (``from helpers import FakeJudge``): pytest's ``pythonpath`` puts ``tests/`` on
+``sys.path``.
+
+Loopback servers (each runs in a daemon thread on 127.0.0.1, on a free port; use them as
+context managers or call ``close()``):
+
+* ``DataServer``: serves one body (the instruction data) and counts GET requests.
+* ``Mirror``: a GPT-2 download mirror laid out as ``{base}/{size}/{file}``, with a plan of
+  misbehaviours per path (cut connections, ignored ranges, server errors).
+* ``FakeJudge``: Ollama's chat API (streamed NDJSON) and the OpenAI-compatible chat API.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import socket
+import threading
+from collections.abc import Callable, Iterable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import previous_chapters as pc
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = REPO_ROOT / "tests" / "fixtures"
+TINY_CHECKPOINT = FIXTURES / "gpt2-tiny"  # a GPT-2-shaped checkpoint written by TensorFlow
+
+PAD = 50256  # GPT-2's <|endoftext|>, the course's padding
+IGN = -100  # the course's ignore_index
+
+# --------------------------------------------------------------------------------------
+# Optional dependencies
+# --------------------------------------------------------------------------------------
+
+HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
+needs_transformers = pytest.mark.skipif(
+    not HAS_TRANSFORMERS,
+    reason="transformers is not installed: this test compares GPTModel with Hugging Face's "
+    "GPT2LMHeadModel (pip install -r requirements-dev.txt)",
+)
+
+
+# --------------------------------------------------------------------------------------
+# Ports and servers
+# --------------------------------------------------------------------------------------
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released): connections are refused."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def closed_port_url(path: str = "/instruction-data.json") -> str:
+    return f"http://127.0.0.1:{closed_port()}{path}"
+
+
+class _QuietHandler(BaseHTTPRequestHandler):
+    def log_message(self, *args):  # keep the test output clean
+        pass
+
+    def send_body(self, status: int, body: bytes, ctype: str = "application/json") -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+class LoopbackServer:
+    """A threaded HTTP server on 127.0.0.1 answering with ``handler``; ``base`` is its URL."""
+
+    def __init__(self, handler: type[BaseHTTPRequestHandler]):
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.port = self.httpd.server_address[1]
+        self.base = f"http://127.0.0.1:{self.port}"
+        self._thread = threading.Thread(target=self.httpd.serve_forever, args=(0.01,), daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class DataServer(LoopbackServer):
+    """Serves ``body`` with ``status`` at every path and counts the GET requests.
+
+    ``url`` is ``{base}/instruction-data.json``, like the course's data URL.
+    """
+
+    def __init__(self, body: bytes, status: int = 200):
+        self.requests = 0
+        server = self
+
+        class Handler(_QuietHandler):
+            def do_GET(self):
+                server.requests += 1
+                self.send_body(status, body)
+
+        super().__init__(Handler)
+        self.url = f"{self.base}/instruction-data.json"
+
+
+class Mirror(LoopbackServer):
+    """Serves the files under ``root``; ``plan[path]`` lists how to answer each request.
+
+    A plan step is a set of words: ``cut`` sends half the body and hangs up,
+    ``ignore_range`` answers 200 with the whole file even to a Range request,
+    ``500`` is a server error. Unplanned requests are answered normally (with 206 to a
+    Range request, 416 when the range starts past the end, 404 for a missing file).
+    ``requests`` records (path, Range header) of every GET.
+    """
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.plan: dict[str, list[str]] = {}
+        self.requests: list[tuple[str, str | None]] = []
+        mirror = self
+
+        class Handler(_QuietHandler):
+            def do_GET(self):
+                mirror.requests.append((self.path, self.headers.get("Range")))
+                steps = mirror.plan.get(self.path, [])
+                step = set(steps.pop(0).split()) if steps else set()
+                file = mirror.root / self.path.lstrip("/")
+                if "500" in step:
+                    return self.send_error(500)
+                if not file.is_file():
+                    return self.send_error(404)
+                data = file.read_bytes()
+                match = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
+                ranged = match is not None and "ignore_range" not in step
+                start = int(match[1]) if ranged else 0
+                if start >= len(data) > 0:
+                    self.send_response(416)
+                    self.send_header("Content-Range", f"bytes */{len(data)}")
+                    self.send_header("Content-Length", "0")
+                    return self.end_headers()
+                if ranged:
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                else:
+                    self.send_response(200)
+                body = data[start:]
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body[: len(body) // 2] if "cut" in step else body)
+
+        super().__init__(Handler)
+        self.url = self.base
+
+
+class FakeJudge(LoopbackServer):
+    """Ollama's API (streaming NDJSON) and the OpenAI-compatible chat API on loopback.
+
+    ``reply(prompt)`` decides each answer; ``models`` are the pulled models. Request
+    bodies (``bodies``) and paths (``paths``) are recorded.
+    """
+
+    def __init__(self, reply: Callable[[str], str], models: Iterable[str] = ("llama3:latest",)):
+        self.reply = reply
+        self.models = list(models)
+        self.bodies: list[dict] = []
+        self.paths: list[str] = []
+        judge = self
+
+        class Handler(_QuietHandler):
+            def do_GET(self):
+                judge.paths.append(self.path)
+                if self.path == "/api/tags":
+                    models = [{"name": m, "model": m} for m in judge.models]
+                    self.send_body(200, json.dumps({"models": models}).encode())
+                elif self.path == "/v1/models":
+                    data = [{"id": m} for m in judge.models]
+                    self.send_body(200, json.dumps({"data": data}).encode())
+                else:
+                    self.send_body(404, b"404 page not found", "text/plain")
+
+            def do_POST(self):
+                judge.paths.append(self.path)
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                judge.bodies.append(body)
+                text = judge.reply(body["messages"][0]["content"])
+                if self.path == "/api/chat":
+                    model = body["model"]
+                    if model not in judge.models and f"{model}:latest" not in judge.models:
+                        error = {"error": f"model '{model}' not found"}
+                        return self.send_body(404, json.dumps(error).encode())
+                    # the reply in 3-character pieces, one JSON object per line, then "done"
+                    pieces = [text[i : i + 3] for i in range(0, len(text), 3)] or [""]
+                    lines = [
+                        {"model": model, "message": {"role": "assistant", "content": p}, "done": d}
+                        for p, d in [*((p, False) for p in pieces), ("", True)]
+                    ]
+                    payload = "".join(json.dumps(line) + "\n" for line in lines).encode()
+                    self.send_body(200, payload, "application/x-ndjson")
+                elif self.path == "/v1/chat/completions":
+                    message = {"role": "assistant", "content": text}
+                    answer = {"choices": [{"index": 0, "message": message}]}
+                    self.send_body(200, json.dumps(answer).encode())
+                else:
+                    self.send_body(404, b"{}")
+
+        super().__init__(Handler)
+
+
+# --------------------------------------------------------------------------------------
+# Tiny models and toy data
+# --------------------------------------------------------------------------------------
+
+
+def tiny_config(**overrides: Any) -> dict[str, Any]:
+    """A complete GPTModel config, small enough to run in milliseconds on a CPU."""
+    cfg = {
+        "vocab_size": 97,
+        "context_length": 48,
+        "emb_dim": 32,
+        "n_heads": 4,
+        "n_layers": 2,
+        "drop_rate": 0.0,
+        "qkv_bias": True,
+    }
+    return {**cfg, **overrides}
+
+
+def tiny_model(seed: int = 0, *, sharpen: float | None = None, **overrides: Any) -> pc.GPTModel:
+    """A seeded random GPTModel of ``tiny_config(**overrides)``.
+
+    ``sharpen``: redraw every weight matrix from N(0, sharpen), so that the logits are
+    far apart and greedy choices do not hinge on rounding (0.3 works well).
+    """
+    torch.manual_seed(seed)
+    model = pc.GPTModel(tiny_config(**overrides))
+    if sharpen is not None:
+        with torch.no_grad():
+            for param in model.parameters():
+                if param.dim() > 1:
+                    param.normal_(0.0, sharpen)
+    return model
+
+
+def random_prompts(lengths: Iterable[int], vocab_size: int, seed: int = 0) -> list[list[int]]:
+    """Random token-id prompts of the given lengths."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab_size, (n,), generator=g).tolist() for n in lengths]
+
+
+class CharTokenizer:
+    """One token per character (its code point): lengths and texts are easy to check by hand.
+
+    Takes ``allowed_special`` like tiktoken, so the course's ``text_to_token_ids`` and
+    ``generate_and_print_sample`` accept it.
+    """
+
+    def encode(self, text: str, allowed_special: Any = ()) -> list[int]:
+        return [ord(c) for c in text]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return "".join(chr(i) for i in ids)
+
+
+def make_entries(n: int) -> list[dict]:
+    """``n`` valid instruction entries, some with an input."""
+    return [
+        {"instruction": f"task {i}", "input": "x" * (i % 3), "output": f"answer {i}"}
+        for i in range(n)
+    ]
+
+
+def varied_entries(n: int) -> list[dict]:
+    """``n`` entries whose lengths vary widely (0-6 and 0-22 characters), as padding needs."""
+    return [
+        {"instruction": "i" * (i % 7), "input": "", "output": "o" * (3 * i % 23)} for i in range(n)
+    ]
+
+
+def numbered_entries(n: int) -> list[dict]:
+    """``n`` short entries in plain English, for runs with GPT-2's tokenizer."""
+    return [
+        {
+            "instruction": f"Repeat the number {i}.",
+            "input": "" if i % 2 else f"{i}",
+            "output": f"{i}",
+        }
+        for i in range(n)
+    ]
+
+
+# --------------------------------------------------------------------------------------
+# Hugging Face transformers
+# --------------------------------------------------------------------------------------
+
+
+def hf_to_course_params(hf_model) -> dict:
+    """A GPT2LMHeadModel's weights in the course's params layout (numpy, Conv1D = [in, out])."""
+    sd = {k: v.detach().numpy().copy() for k, v in hf_model.state_dict().items()}
+
+    def pair(prefix: str, w: str = "w") -> dict:
+        return {w: sd[f"{prefix}.weight"], "b": sd[f"{prefix}.bias"]}
+
+    blocks = []
+    for i in range(hf_model.config.n_layer):
+        h = f"transformer.h.{i}"
+        blocks.append(
+            {
+                "attn": {"c_attn": pair(f"{h}.attn.c_attn"), "c_proj": pair(f"{h}.attn.c_proj")},
+                "mlp": {"c_fc": pair(f"{h}.mlp.c_fc"), "c_proj": pair(f"{h}.mlp.c_proj")},
+                "ln_1": pair(f"{h}.ln_1", "g"),
+                "ln_2": pair(f"{h}.ln_2", "g"),
+            }
+        )
+    return {
+        "wte": sd["transformer.wte.weight"],
+        "wpe": sd["transformer.wpe.weight"],
+        "blocks": blocks,
+        "g": sd["transformer.ln_f.weight"],
+        "b": sd["transformer.ln_f.bias"],
+    }
