@@ -44,15 +44,17 @@ Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def hidden_states(
-    model: nn.Module, idx: torch.Tensor, positions: torch.Tensor, attend: Attend
+    model: nn.Module, idx: torch.Tensor, positions: torch.Tensor | None, attend: Attend
 ) -> torch.Tensor:
     """``GPTModel.forward`` up to the final norm, with given positions and attention step.
 
-    ``positions`` are the position ids ([seq] or [batch, seq]); ``attend`` replaces the
-    causal attention of each block (see the ``*_attention`` functions below).
+    ``positions`` are the position ids ([seq] or [batch, seq]; None: 0, 1, ..., seq - 1);
+    ``attend`` replaces the causal attention of each block (the ``*_attention`` functions).
     """
     b, t = idx.shape
-    x = model.drop_emb(model.tok_emb(idx) + model.pos_emb(positions))
+    # (a slice of the position table is cheaper to backpropagate through than a lookup)
+    pos = model.pos_emb.weight[:t] if positions is None else model.pos_emb(positions)
+    x = model.drop_emb(model.tok_emb(idx) + pos)
     for layer, block in enumerate(model.trf_blocks):
         att = block.att
         context = attend(layer, *att.split_heads(block.norm1(x)))
@@ -115,8 +117,7 @@ def packed_loss_batch(
     if len(set(lengths)) == 1:  # every row ends at the same place: just crop the batch
         n = lengths[0]
         idx, targets = input_batch[rows, :n], target_batch[rows, :n]
-        positions = torch.arange(n, device=idx.device)
-        attend = causal_attention(dropout_p)
+        positions, attend = None, causal_attention(dropout_p)
     else:
         idx = torch.cat([input_batch[i, :n] for i, n in zip(rows, lengths, strict=True)])[None]
         targets = torch.cat([target_batch[i, :n] for i, n in zip(rows, lengths, strict=True)])[None]
