@@ -1,41 +1,71 @@
-"""Download OpenAI's GPT-2 checkpoints and read them without TensorFlow.
+"""Download OpenAI's GPT-2 checkpoints, check every file, and load them without TensorFlow.
 
 ``download_and_load_gpt2("124M", "gpt2")`` fetches the release files into
-``gpt2/124M/`` and returns ``(settings, params)`` in the course's layout.
+``gpt2/124M/`` and returns ``(settings, params)`` in the course's layout; the
+checkpoint is read by ``tf_checkpoint.py`` (re-exported here: ``list_variables``,
+``load_variable``, ``load_gpt2_params_from_tf_ckpt``). The release's
+``model.ckpt.meta`` file (the TensorFlow graph) is not needed and not downloaded.
 
-The TensorFlow checkpoint is a *tensor bundle*:
-
-* ``model.ckpt.index`` is an SSTable (LevelDB's table format) mapping each
-  tensor name to a ``BundleEntryProto`` protobuf record: dtype, shape, shard,
-  byte offset, byte size and a masked CRC32C of the tensor's bytes. The empty
-  key holds the ``BundleHeaderProto`` (number of shards, byte order).
-* ``model.ckpt.data-00000-of-00001`` holds the raw little-endian tensor bytes.
-
-Both are parsed here with a few dozen lines of Python and numpy, and every
-tensor's checksum is verified before its data is returned. The release's
-``model.ckpt.meta`` file (the TensorFlow graph) is not needed for that and is
-not downloaded.
-
-Downloads are resumable (HTTP Range), retried with backoff, fall back to a
-backup mirror, and land in place only when complete (``file.part`` is renamed
-atomically), so a folder that already holds the files is used offline.
+Downloads are resumable (HTTP Range), retried with backoff, fall back to a backup
+mirror, and land in place only when complete and checked for their kind
+(``check_gpt2_file``: JSON parses, the index is an index, the shard has the size the
+index expects, the BPE files have their SHA-256); ``file.part`` is then renamed
+atomically, so a folder that already holds the files is used offline. A server that
+goes silent fails after ``DOWNLOAD_TIMEOUT``; one that trickles fails at the attempt's
+deadline. Local disk problems are ``DiskError``s, never retried as network failures.
 """
 
 from __future__ import annotations
 
-import difflib
+import contextlib
+import functools
+import hashlib
 import json
 import os
 import re
-import struct
+import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
-import google_crc32c  # C speed (GB/s): verifying the 1.4 GB shard of GPT-2 medium takes a second
-import numpy as np
 import requests
+import urllib3
 from tqdm import tqdm
+
+from tf_checkpoint import (
+    CHECKPOINT_PATH_PATTERN,
+    CheckpointError,
+    CheckpointReader,
+    latest_checkpoint,
+    list_variables,
+    load_gpt2_params_from_tf_ckpt,
+    load_variable,
+    read_index,
+)
+
+# the public names; the checkpoint reader's are importable from here, as in the course
+__all__ = [
+    "ALLOWED_SIZES",
+    "BACKUP_BASE_URL",
+    "DOWNLOAD_TIMEOUT",
+    "FILENAMES",
+    "GPT2_BPE_SHA256",
+    "HPARAMS_KEYS",
+    "OPENAI_BASE_URL",
+    "CheckpointError",
+    "CheckpointReader",
+    "DiskError",
+    "DownloadError",
+    "FileCheckError",
+    "check_gpt2_file",
+    "check_sha256",
+    "download_and_load_gpt2",
+    "download_file",
+    "latest_checkpoint",
+    "list_variables",
+    "load_gpt2_params_from_tf_ckpt",
+    "load_variable",
+]
 
 OPENAI_BASE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models"
 BACKUP_BASE_URL = "https://f001.backblazeb2.com/file/LLMs-from-scratch/gpt2"
@@ -51,381 +81,89 @@ FILENAMES = (
 )
 
 
-def _redownload(path: Path) -> str:
-    return f"Delete {path} and run again to download it anew."
-
-
 class DownloadError(RuntimeError):
     """A file could not be downloaded from any of its URLs."""
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint file is missing, truncated, corrupt or of an unsupported kind."""
-
-
 # ---------------------------------------------------------------------------
-# CRC32C (Castagnoli), as TensorFlow and LevelDB use it
+# Checking what was downloaded
 # ---------------------------------------------------------------------------
 
-
-def crc32c(data: bytes, crc: int = 0) -> int:
-    """CRC32C of ``data``, continuing a running ``crc`` (0 to start)."""
-    return google_crc32c.extend(crc, bytes(data))
-
-
-def mask_crc(crc: int) -> int:
-    """TensorFlow's and LevelDB's stored form of a CRC: rotate right 15, add a constant."""
-    return ((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-# ---------------------------------------------------------------------------
-# Protobuf wire format (just what the bundle records need)
-# ---------------------------------------------------------------------------
-
-
-def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
-    """Decode a base-128 varint at ``pos``; return (value, position after it)."""
-    value = shift = 0
-    while True:
-        if pos >= len(buf) or shift >= 70:
-            raise ValueError("malformed varint")
-        byte = buf[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, pos
-        shift += 7
-
-
-def _parse_message(buf: bytes) -> dict[int, list]:
-    """Split a protobuf message into {field number: [values]}.
-
-    Varint and fixed-width fields give ints, length-delimited fields give bytes
-    (a nested message is parsed by calling this again).
-    """
-    fields: dict[int, list] = {}
-    pos = 0
-    while pos < len(buf):
-        key, pos = _read_varint(buf, pos)
-        number, wire_type = key >> 3, key & 7
-        if wire_type == 0:
-            value, pos = _read_varint(buf, pos)
-        elif wire_type == 1:
-            value, pos = int.from_bytes(buf[pos : pos + 8], "little"), pos + 8
-        elif wire_type == 2:
-            length, pos = _read_varint(buf, pos)
-            value, pos = bytes(buf[pos : pos + length]), pos + length
-        elif wire_type == 5:
-            value, pos = int.from_bytes(buf[pos : pos + 4], "little"), pos + 4
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wire_type}")
-        if pos > len(buf):
-            raise ValueError("protobuf message is cut short")
-        fields.setdefault(number, []).append(value)
-    return fields
-
-
-def _last(fields: dict[int, list], number: int, default=0):
-    """A singular field's value (protobuf keeps the last one seen)."""
-    return fields[number][-1] if number in fields else default
-
-
-def _int64(value: int) -> int:
-    """Reinterpret a decoded varint as a signed 64-bit integer."""
-    return value - (1 << 64) if value >= 1 << 63 else value
-
-
-# ---------------------------------------------------------------------------
-# SSTable: the .index file
-# ---------------------------------------------------------------------------
-
-_TABLE_MAGIC = 0xDB4775248B80FB57
-_FOOTER_LEN = 48  # two block handles padded to 40 bytes, then the 8-byte magic
-
-
-def _read_block(table: bytes, handle: bytes, path: Path) -> list[tuple[bytes, bytes]]:
-    """Read one block given its encoded handle (offset, size); return its entries.
-
-    A block is its entries, then uint32 restart offsets and their count, then a
-    5-byte trailer: the compression type and the masked CRC32C of block + type.
-    Keys are prefix-compressed: each entry stores how many bytes it shares with
-    the previous key, then the rest of the key and the value.
-    """
-    offset, pos = _read_varint(handle, 0)
-    size, _ = _read_varint(handle, pos)
-    block = table[offset : offset + size]
-    trailer = table[offset + size : offset + size + 5]
-    if len(block) != size or len(trailer) != 5:
-        raise CheckpointError(
-            f"{path} is truncated (a block lies past its end). {_redownload(path)}"
-        )
-    stored_crc = struct.unpack("<I", trailer[1:])[0]
-    if mask_crc(crc32c(block + trailer[:1])) != stored_crc:
-        raise CheckpointError(f"{path} is corrupt (block at byte {offset}). {_redownload(path)}")
-    if trailer[0] != 0:
-        raise CheckpointError(
-            f"{path} uses block compression type {trailer[0]}; only uncompressed "
-            "tables (what TensorFlow writes for checkpoints) are supported."
-        )
-
-    n_restarts = struct.unpack("<I", block[-4:])[0]
-    end = len(block) - 4 * (n_restarts + 1)
-    entries, key, pos = [], b"", 0
-    while pos < end:
-        shared, pos = _read_varint(block, pos)
-        non_shared, pos = _read_varint(block, pos)
-        value_len, pos = _read_varint(block, pos)
-        key = key[:shared] + block[pos : pos + non_shared]
-        pos += non_shared
-        entries.append((key, block[pos : pos + value_len]))
-        pos += value_len
-    return entries
-
-
-def read_sstable(path: str | os.PathLike) -> dict[bytes, bytes]:
-    """All key/value pairs of a (small, uncompressed) LevelDB-format table file."""
-    path = Path(path)
-    table = path.read_bytes()
-    footer = table[-_FOOTER_LEN:]
-    if len(table) < _FOOTER_LEN or struct.unpack("<Q", footer[-8:])[0] != _TABLE_MAGIC:
-        raise CheckpointError(
-            f"{path} is not a TensorFlow checkpoint index (it is too short or lacks the "
-            f"table's magic number). {_redownload(path)}"
-        )
-    _, pos = _read_varint(footer, 0)  # skip the metaindex handle ...
-    _, pos = _read_varint(footer, pos)
-    index_start = pos  # ... the index block handle follows it
-    _, pos = _read_varint(footer, pos)
-    _, pos = _read_varint(footer, pos)
-    index = _read_block(table, footer[index_start:pos], path)
-    # Each index entry points at one data block of key/value pairs.
-    return {key: value for _, handle in index for key, value in _read_block(table, handle, path)}
-
-
-# ---------------------------------------------------------------------------
-# Tensor bundle: names, shapes and data
-# ---------------------------------------------------------------------------
-
-# TensorFlow's DataType enum -> numpy dtype (the plain numeric types)
-_DTYPES = {
-    1: np.float32,
-    2: np.float64,
-    3: np.int32,
-    4: np.uint8,
-    5: np.int16,
-    6: np.int8,
-    8: np.complex64,
-    9: np.int64,
-    10: np.bool_,
-    17: np.uint16,
-    18: np.complex128,
-    19: np.float16,
-    22: np.uint32,
-    23: np.uint64,
+# The SHA-256 digests tiktoken checks for GPT-2's BPE files (tiktoken_ext/openai_public.py)
+GPT2_BPE_SHA256 = {
+    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
 }
+HPARAMS_KEYS = ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer")
 
 
-@dataclass(frozen=True)
-class TensorEntry:
-    """Where one tensor lives: a decoded BundleEntryProto."""
-
-    name: str
-    dtype: int  # TensorFlow DataType enum value
-    shape: tuple[int, ...]
-    shard_id: int
-    offset: int
-    size: int
-    masked_crc32c: int
-    sliced: bool  # stored in slices (a partitioned variable)
+class FileCheckError(ValueError):
+    """A downloaded file is not what it claims to be (raised by a download's ``check``)."""
 
 
-def _parse_entry(name: str, record: bytes) -> TensorEntry:
-    fields = _parse_message(record)
-    shape = _parse_message(_last(fields, 2, b""))  # TensorShapeProto
-    dims = tuple(_int64(_last(_parse_message(dim), 1)) for dim in shape.get(2, []))
-    return TensorEntry(
-        name=name,
-        dtype=_last(fields, 1),
-        shape=dims,
-        shard_id=_last(fields, 3),
-        offset=_last(fields, 4),
-        size=_last(fields, 5),
-        masked_crc32c=_last(fields, 6),
-        sliced=7 in fields,
-    )
+def check_sha256(path: str | os.PathLike, expected: str, what: str) -> None:
+    """Raise ``FileCheckError`` unless the file's SHA-256 is ``expected`` (``what`` names it)."""
+    actual = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    if actual != expected:
+        raise FileCheckError(f"it is not {what}: SHA-256 {actual}, expected {expected}")
 
 
-class CheckpointReader:
-    """Reads a TensorFlow V2 checkpoint (tensor bundle) given its prefix.
+def _check_hparams(path: Path) -> None:
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:  # not UTF-8, or not JSON
+        raise FileCheckError(f"it is not JSON ({exc})") from None
+    if not isinstance(settings, dict):
+        raise FileCheckError(f"it holds a JSON {type(settings).__name__}, not an object")
+    bad = [k for k in HPARAMS_KEYS if type(settings.get(k)) is not int or settings[k] <= 0]
+    if bad:
+        raise FileCheckError(f"it lacks positive integers for {', '.join(bad)}")
 
-    ``CheckpointReader("gpt2/124M/model.ckpt")`` reads ``model.ckpt.index`` once;
-    ``read(name)`` then fetches and verifies one tensor from its data shard.
+
+def _check_checkpoint_state(path: Path) -> None:
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if CHECKPOINT_PATH_PATTERN.search(text) is None:
+        raise FileCheckError("it names no model_checkpoint_path")
+
+
+def _check_index(path: Path) -> None:
+    try:
+        read_index(path)
+    except ValueError as exc:
+        raise FileCheckError(f"it is not a TensorFlow checkpoint index: {exc}") from None
+
+
+def _check_shard(path: Path, index_path: Path, shard_id: int) -> None:
+    """A data shard must have the size that its index (downloaded before it) expects."""
+    try:
+        _, entries = read_index(index_path)
+    except (OSError, ValueError):
+        return  # no usable index beside it: nothing to compare with
+    ends = [e.offset + e.size for e in entries.values() if e.shard_id == shard_id]
+    expected, size = max(ends, default=0), path.stat().st_size
+    if size != expected:
+        raise FileCheckError(f"it has {size:,} bytes, but {index_path.name} expects {expected:,}")
+
+
+def check_gpt2_file(path: str | os.PathLike, name: str) -> None:
+    """Raise ``FileCheckError`` unless ``path`` holds what GPT-2's release file ``name`` should.
+
+    hparams.json parses and gives the model's sizes; ``checkpoint`` names the checkpoint;
+    encoder.json and vocab.bpe have tiktoken's SHA-256; the index parses; a data shard has
+    the size that the index beside it expects (each tensor's CRC32C is checked when read).
     """
-
-    _CHUNK = 64 << 20  # bytes read (and checksummed) at a time
-
-    def __init__(self, ckpt_path: str | os.PathLike):
-        self.prefix = str(ckpt_path)
-        self.index_path = Path(self.prefix + ".index")
-        if not self.index_path.is_file():
-            raise CheckpointError(
-                f"checkpoint index {self.index_path} not found: pass the checkpoint prefix "
-                "(e.g. gpt2/124M/model.ckpt) of a complete download."
-            )
-        try:
-            table = read_sstable(self.index_path)
-            header = _parse_message(table.pop(b"", b""))  # BundleHeaderProto
-            self.num_shards = _last(header, 1, 1)
-            self.big_endian = _last(header, 2) == 1
-            self.entries = {
-                key.decode(): _parse_entry(key.decode(), value) for key, value in table.items()
-            }
-        except (ValueError, IndexError, struct.error) as exc:
-            raise CheckpointError(
-                f"{self.index_path} is corrupt ({exc}). {_redownload(self.index_path)}"
-            ) from exc
-
-    def shard_path(self, shard_id: int) -> Path:
-        return Path(f"{self.prefix}.data-{shard_id:05d}-of-{self.num_shards:05d}")
-
-    def variables(self) -> list[tuple[str, list[int]]]:
-        return [(name, list(self.entries[name].shape)) for name in sorted(self.entries)]
-
-    def entry(self, name: str) -> TensorEntry:
-        if name not in self.entries:
-            close = difflib.get_close_matches(name, list(self.entries), n=5, cutoff=0.6)
-            hint = f"; close names: {', '.join(close)}" if close else ""
-            raise KeyError(f"tensor {name!r} is not in checkpoint {self.prefix}{hint}")
-        return self.entries[name]
-
-    def read(self, name: str) -> np.ndarray:
-        """The tensor's data, after checking its size and CRC32C."""
-        entry = self.entry(name)
-        if entry.sliced:
-            raise CheckpointError(
-                f"tensor {name!r} in {self.prefix} is stored in slices (a partitioned "
-                "variable), which this reader does not support."
-            )
-        if entry.dtype not in _DTYPES:
-            raise CheckpointError(
-                f"tensor {name!r} in {self.prefix} has TensorFlow dtype {entry.dtype}; "
-                "only plain numeric types are supported."
-            )
-        dtype = np.dtype(_DTYPES[entry.dtype]).newbyteorder(">" if self.big_endian else "<")
-        expected = dtype.itemsize * int(np.prod(entry.shape, dtype=np.int64))
-        path = self.shard_path(entry.shard_id)
-        if entry.size != expected:
-            raise CheckpointError(
-                f"{self.index_path}: tensor {name!r} is listed with {entry.size} bytes but its "
-                f"shape {list(entry.shape)} needs {expected}. {_redownload(self.index_path)}"
-            )
-        if not path.is_file():
-            raise CheckpointError(
-                f"checkpoint data file {path} (holding tensor {name!r}) is missing: "
-                "download the model again."
-            )
-        if entry.offset + entry.size > path.stat().st_size:
-            raise CheckpointError(
-                f"{path} is truncated: tensor {name!r} needs bytes {entry.offset} to "
-                f"{entry.offset + entry.size} but the file has only {path.stat().st_size} "
-                f"bytes (an interrupted download?). {_redownload(path)}"
-            )
-
-        data = np.empty(entry.size, dtype=np.uint8)
-        crc = 0
-        with open(path, "rb") as f:
-            f.seek(entry.offset)
-            for start in range(0, entry.size, self._CHUNK):
-                chunk = f.read(min(self._CHUNK, entry.size - start))
-                crc = crc32c(chunk, crc)
-                data[start : start + len(chunk)] = np.frombuffer(chunk, dtype=np.uint8)
-        if mask_crc(crc) != entry.masked_crc32c:
-            raise CheckpointError(
-                f"{path} is corrupt: tensor {name!r} fails its CRC32C check (stored "
-                f"{entry.masked_crc32c:#010x}, computed {mask_crc(crc):#010x}). {_redownload(path)}"
-            )
-        return data.view(dtype).reshape(entry.shape).astype(dtype.newbyteorder("="), copy=False)
-
-
-def list_variables(ckpt_path: str | os.PathLike) -> list[tuple[str, list[int]]]:
-    """(name, shape) of every tensor in the checkpoint, sorted by name (like TF's)."""
-    return CheckpointReader(ckpt_path).variables()
-
-
-def load_variable(ckpt_path: str | os.PathLike, name: str) -> np.ndarray:
-    """One tensor of the checkpoint as a numpy array (like ``tf.train.load_variable``)."""
-    return CheckpointReader(ckpt_path).read(name)
-
-
-def latest_checkpoint(model_dir: str | os.PathLike) -> str:
-    """The checkpoint prefix named in ``model_dir/checkpoint`` (like TF's)."""
-    state_file = Path(model_dir) / "checkpoint"
-    match = re.search(r'model_checkpoint_path:\s*"([^"]+)"', state_file.read_text())
-    if match is None:
-        raise CheckpointError(
-            f"{state_file} names no model_checkpoint_path. {_redownload(state_file)}"
-        )
-    # The files sit together in model_dir, wherever the checkpoint was written.
-    return str(Path(model_dir) / Path(match[1]).name)
-
-
-# ---------------------------------------------------------------------------
-# GPT-2 parameters in the course's layout
-# ---------------------------------------------------------------------------
-
-
-def load_gpt2_params_from_tf_ckpt(ckpt_path: str | os.PathLike, settings: dict) -> dict:
-    """GPT-2's weights as the course's nested dict of numpy arrays.
-
-    ``params["wte"]``, ``params["wpe"]``, ``params["g"]``/``["b"]`` (final layer
-    norm) and ``params["blocks"][i]`` with ``attn.c_attn``, ``attn.c_proj``,
-    ``mlp.c_fc``, ``mlp.c_proj`` (``w``/``b``) and ``ln_1``/``ln_2`` (``g``/``b``).
-    Arrays are squeezed, so conv1d weights ``[1, in, out]`` become ``[in, out]``.
-    """
-    reader = CheckpointReader(ckpt_path)
-    n_layer = settings["n_layer"]
-    layers = {int(m[1]) for name in reader.entries if (m := re.match(r"model/h(\d+)/", name))}
-    if layers != set(range(n_layer)):
-        raise CheckpointError(
-            f"checkpoint {reader.prefix} has {len(layers)} layers but hparams.json says "
-            f"n_layer={n_layer}: the files belong to different models. Delete the folder "
-            "and download it again."
-        )
-
-    def read(name: str) -> np.ndarray:
-        return np.squeeze(reader.read(name))
-
-    def weight_and_bias(prefix: str) -> dict:
-        return {"w": read(f"{prefix}/w"), "b": read(f"{prefix}/b")}
-
-    def layer_norm(prefix: str) -> dict:
-        return {"g": read(f"{prefix}/g"), "b": read(f"{prefix}/b")}
-
-    blocks = [
-        {
-            "attn": {
-                "c_attn": weight_and_bias(f"model/h{i}/attn/c_attn"),
-                "c_proj": weight_and_bias(f"model/h{i}/attn/c_proj"),
-            },
-            "mlp": {
-                "c_fc": weight_and_bias(f"model/h{i}/mlp/c_fc"),
-                "c_proj": weight_and_bias(f"model/h{i}/mlp/c_proj"),
-            },
-            "ln_1": layer_norm(f"model/h{i}/ln_1"),
-            "ln_2": layer_norm(f"model/h{i}/ln_2"),
-        }
-        for i in range(n_layer)
-    ]
-    params = {"wte": read("model/wte"), "wpe": read("model/wpe"), "blocks": blocks}
-    params |= layer_norm("model/ln_f")  # the final layer norm is params["g"], params["b"]
-
-    expected = (settings["n_vocab"], settings["n_embd"]), (settings["n_ctx"], settings["n_embd"])
-    if (params["wte"].shape, params["wpe"].shape) != expected:
-        raise CheckpointError(
-            f"checkpoint {reader.prefix} has wte {params['wte'].shape} and wpe "
-            f"{params['wpe'].shape}, but hparams.json implies {expected[0]} and {expected[1]}."
-        )
-    return params
+    path = Path(path)
+    shard = re.fullmatch(r"(.+)\.data-(\d+)-of-\d+", name)
+    if name in GPT2_BPE_SHA256:
+        check_sha256(path, GPT2_BPE_SHA256[name], f"GPT-2's {name}")
+    elif name == "hparams.json":
+        _check_hparams(path)
+    elif name == "checkpoint":
+        _check_checkpoint_state(path)
+    elif name.endswith(".index"):
+        _check_index(path)
+    elif shard is not None:
+        _check_shard(path, path.parent / f"{shard[1]}.index", int(shard[2]))
 
 
 # ---------------------------------------------------------------------------
@@ -433,8 +171,56 @@ def load_gpt2_params_from_tf_ckpt(ckpt_path: str | os.PathLike, settings: dict) 
 # ---------------------------------------------------------------------------
 
 
+class DiskError(DownloadError):
+    """A local file problem (no space, no permission, a folder where a file should be).
+
+    Retrying or another server will not help, so nothing is retried.
+    """
+
+    @classmethod
+    def from_os_error(cls, action: str, path: Path, exc: OSError) -> DiskError:
+        return cls(
+            f"could not {action} {path}: {exc.strerror or exc}. This is a problem with the "
+            "local disk, not the network: free some space, or choose a folder you can write to."
+        )
+
+
+@contextlib.contextmanager
+def _on_disk(action: str, path: Path):
+    """Report an ``OSError`` of the local file operation inside as a ``DiskError``."""
+    try:
+        yield
+    except OSError as exc:
+        raise DiskError.from_os_error(action, path, exc) from exc
+
+
+def _remove(path: Path) -> None:
+    with _on_disk("delete", path):
+        path.unlink(missing_ok=True)
+
+
+def _check_paths(destination: Path, part: Path) -> None:
+    """Before any request: refuse a folder where a file goes, or a file where a folder goes."""
+    for path in (destination, part):
+        if path.is_dir():
+            raise DiskError(
+                f"{path} is a folder, but the download needs to write a file there: move the "
+                "folder away or choose another destination."
+            )
+    folder = next((p for p in destination.parents if p.exists()), None)
+    if folder is not None and not folder.is_dir():
+        raise DiskError(
+            f"{folder} is a file, but {destination} needs it to be a folder: move the file "
+            "away or choose another destination."
+        )
+
+
 class _IncompleteDownload(Exception):
     """The server ended the transfer early or sent something unusable."""
+
+
+class _TooSlow(Exception):
+    """The attempt ran past its deadline: the server sends, but far too slowly."""
 
 
 def _content_range(response: requests.Response) -> tuple[int, int | None]:
@@ -445,41 +231,67 @@ def _content_range(response: requests.Response) -> tuple[int, int | None]:
     return int(match[1]), None if match[2] == "*" else int(match[2])
 
 
-def _fetch(session: requests.Session, url: str, part: Path, timeout, progress: bool):
+def _deadline(deadline: float | None, size: int | None) -> float:
+    """Seconds one attempt may take: ``deadline``, else 10 minutes plus 10 s per MB to
+    receive (a 100 kB/s average), or an hour when the server announces no size."""
+    if deadline is not None:
+        return deadline
+    return 3600.0 if size is None else 600.0 + size / 100_000
+
+
+def _receive(response, part: Path, mode: str, have: int, total, deadline, progress) -> None:
+    """Write the response's body to ``part``; give up when the deadline passes."""
+    seconds = _deadline(deadline, None if total is None else total - have)
+    give_up_at = time.monotonic() + seconds
+    # read1 (urllib3 >= 2.3) returns what has arrived, so a trickle cannot outlast the deadline
+    read = getattr(response.raw, "read1", response.raw.read)
+    bar = tqdm(
+        total=total, initial=have, unit="B", unit_scale=True, desc=part.stem, disable=not progress
+    )
+    with _on_disk("write", part):
+        file = open(part, mode)
+    try:
+        # small chunks: a dropped connection loses at most one unwritten chunk
+        while chunk := read(1 << 16, decode_content=True):
+            with _on_disk("write", part):
+                file.write(chunk)
+            bar.update(len(chunk))
+            if time.monotonic() > give_up_at:
+                raise _TooSlow(
+                    f"still receiving after its {seconds:g} s deadline "
+                    f"({bar.n:,} of {total if total is not None else '?'} bytes)"
+                )
+    finally:
+        bar.close()
+        with _on_disk("write", part):
+            file.close()
+
+
+def _fetch(session: requests.Session, url: str, part: Path, timeout, deadline, progress) -> None:
     """One attempt: append the rest of ``url`` to ``part`` (or start it over)."""
-    have = part.stat().st_size if part.exists() else 0
+    with _on_disk("read", part):
+        have = part.stat().st_size if part.exists() else 0
     headers = {"Accept-Encoding": "identity"}  # byte counts must match the file's
     if have:
         headers["Range"] = f"bytes={have}-"
     with session.get(url, headers=headers, stream=True, timeout=timeout) as response:
         if response.status_code == 416:  # our partial file does not fit this file
-            part.unlink()
+            _remove(part)
             raise _IncompleteDownload("server refused to resume; starting over")
         response.raise_for_status()
         if response.status_code == 206:
             start, total = _content_range(response)
             if start != have:
-                part.unlink()
+                _remove(part)
                 raise _IncompleteDownload(f"server resumed at byte {start}, not {have}")
             mode = "ab"
         else:  # a whole file: a fresh start, or a server that ignores Range
             have, mode = 0, "wb"
             length = response.headers.get("Content-Length")
             total = int(length) if length is not None else None
-        bar = tqdm(
-            total=total,
-            initial=have,
-            unit="B",
-            unit_scale=True,
-            desc=part.stem,
-            disable=not progress,
-        )
-        with open(part, mode) as f, bar:
-            # small chunks: a dropped connection loses at most one unwritten chunk
-            for chunk in response.iter_content(chunk_size=1 << 16):
-                f.write(chunk)
-                bar.update(len(chunk))
-    size = part.stat().st_size
+        _receive(response, part, mode, have, total, deadline, progress)
+    with _on_disk("read", part):
+        size = part.stat().st_size
     if total is not None and size != total:
         raise _IncompleteDownload(f"received {size} of {total} bytes")
 
@@ -490,6 +302,43 @@ def _is_permanent(exc: Exception) -> bool:
     return status is not None and 400 <= status < 500 and status not in (408, 429)
 
 
+def _failed_check(check: Callable[[Path], None] | None, path: Path) -> str | None:
+    """Why ``path`` fails ``check``; None when it passes (or there is no check)."""
+    if check is None:
+        return None
+    try:
+        with _on_disk("read", path):
+            check(path)
+    except FileCheckError as exc:
+        return str(exc)
+    return None
+
+
+def _attempts(session, url, part, check, retries, backoff, timeout, deadline, progress):
+    """Up to ``retries`` attempts at ``url``: None when ``part`` is complete and passes
+    ``check``, else a line saying what went wrong. A file that fails its check or a missed
+    deadline is not retried: the same server would most likely do the same again."""
+    for attempt in range(1, retries + 1):
+        try:
+            _fetch(session, url, part, timeout, deadline, progress)
+            reason = _failed_check(check, part)
+        except _TooSlow as exc:
+            return f"{attempt} attempt(s), last: {exc}"
+        except (
+            requests.RequestException,
+            urllib3.exceptions.HTTPError,
+            _IncompleteDownload,
+        ) as exc:
+            if attempt == retries or _is_permanent(exc):
+                return f"{attempt} attempt(s), last: {type(exc).__name__}: {exc}"
+            time.sleep(backoff * 2 ** (attempt - 1))
+        else:
+            if reason is None:
+                return None
+            _remove(part)
+            return f"{attempt} attempt(s), last: the file it sent fails its check: {reason}"
+
+
 def download_file(
     url: str,
     destination: str | os.PathLike,
@@ -498,45 +347,52 @@ def download_file(
     retries: int = 3,
     backoff: float = 1.0,
     timeout: float | tuple[float, float] = DOWNLOAD_TIMEOUT,
+    deadline: float | None = None,
     progress: bool = True,
     hint: str = "",
+    check: Callable[[Path], None] | None = None,
 ) -> Path:
     """Download ``url`` to ``destination`` unless it is already there; return its path.
 
-    Data goes to ``destination.part`` first and is renamed into place only when
-    the byte count matches the server's; an interrupted ``.part`` is resumed with
-    an HTTP Range request. Each URL gets ``retries`` attempts, waiting
-    ``backoff * 2**k`` seconds between them; then ``backup_url`` is tried (it
-    resumes the same ``.part``; the checkpoint's per-tensor CRC32C would catch a
-    mirror serving different bytes). An existing ``destination`` is returned
-    without any network access.
-    Raises ``DownloadError`` naming the file, the URLs and what to do (plus ``hint``).
+    Data goes to ``destination.part`` first; it is renamed into place only when the byte
+    count matches the server's and ``check(path)`` (if given) passes, i.e. raises no
+    ``FileCheckError``. An interrupted ``.part`` is resumed with an HTTP Range request.
+    ``timeout`` is (seconds to connect, seconds without a byte); ``deadline`` bounds each
+    attempt in seconds (default: 10 minutes plus 10 s per MB). Each URL gets ``retries``
+    attempts, waiting ``backoff * 2**k`` seconds between them; then ``backup_url`` is tried.
+    An existing ``destination`` is returned without any network access if it passes
+    ``check``; otherwise it is deleted and downloaded again.
+    Raises ``DownloadError`` naming the file, each URL and what went wrong (plus ``hint``),
+    or ``DiskError`` at once for a local problem (no space, no permission, wrong kind of path).
     """
+    if retries < 1:
+        raise ValueError(f"retries must be at least 1, got {retries}")
     destination = Path(destination)
-    if destination.exists():
-        return destination
-    destination.parent.mkdir(parents=True, exist_ok=True)
     part = destination.with_name(destination.name + ".part")
+    _check_paths(destination, part)
+    if destination.exists():
+        reason = _failed_check(check, destination)
+        if reason is None:
+            return destination
+        print(f"{destination} fails its check ({reason}); downloading it again.", file=sys.stderr)
+        _remove(destination)
+    with _on_disk("create the folder", destination.parent):
+        destination.parent.mkdir(parents=True, exist_ok=True)
     failures = []
     with requests.Session() as session:
         for source in [u for u in (url, backup_url) if u]:
-            for attempt in range(retries):
-                try:
-                    _fetch(session, source, part, timeout, progress)
-                except (requests.RequestException, OSError, _IncompleteDownload) as exc:
-                    error = f"{type(exc).__name__}: {exc}"
-                    if attempt + 1 == retries or _is_permanent(exc):
-                        failures.append(f"  {source}\n    {attempt + 1} attempt(s), last: {error}")
-                        break
-                    time.sleep(backoff * 2**attempt)
-                else:
+            args = (check, retries, backoff, timeout, deadline, progress)
+            failure = _attempts(session, source, part, *args)
+            if failure is None:
+                with _on_disk(f"move {part.name} to", destination):
                     os.replace(part, destination)  # atomic: never a half file in place
-                    return destination
+                return destination
+            failures.append(f"  {source}\n    {failure}")
     resume = f" The partial download {part} is kept and resumes." if part.exists() else ""
     raise DownloadError(
         f"could not download {destination.name} to {destination}. Tried:\n"
         + "\n".join(failures)
-        + f"\nCheck your internet connection and run again.{resume}"
+        + f"\nCheck your internet connection (or the server) and run again.{resume}"
         + (f" {hint}" if hint else "")
     )
 
@@ -554,10 +410,11 @@ def download_and_load_gpt2(
     Files come from ``base_url``, else the ``GPT2_BASE_URL`` environment variable,
     else OpenAI's public bucket, laid out as ``{base}/{model_size}/{file}``;
     ``backup_base_url`` (the course's mirror; None disables it) is tried for any
-    file the first source cannot deliver. Files already present are not fetched
-    again. ``download_kw`` goes to ``download_file`` (retries, backoff, timeout,
-    progress). Returns ``(settings, params)``: hparams.json and the weights in
-    the course's layout (see ``load_gpt2_params_from_tf_ckpt``).
+    file the first source cannot deliver. Every file, downloaded or already present, must
+    pass ``check_gpt2_file``; files present and passing are not fetched again.
+    ``download_kw`` goes to ``download_file`` (retries, backoff, timeout, deadline,
+    progress). Returns ``(settings, params)``: hparams.json and the weights in the
+    course's layout (see ``load_gpt2_params_from_tf_ckpt``).
     """
     if model_size not in ALLOWED_SIZES:
         raise ValueError(
@@ -565,23 +422,23 @@ def download_and_load_gpt2(
         )
     base = (base_url or os.environ.get("GPT2_BASE_URL") or OPENAI_BASE_URL).rstrip("/")
     model_dir = Path(models_dir) / model_size
-    for filename in FILENAMES:
+    for filename in FILENAMES:  # the index comes before the data shard it checks
         backup = backup_base_url and f"{backup_base_url.rstrip('/')}/{model_size}/{filename}"
         destination = model_dir / filename
         hint = (
             "Or set the GPT2_BASE_URL environment variable to a mirror laid out as "
             f"{{base}}/{{model size}}/{{file}}, or place the file at {destination} by hand."
         )
+        check = functools.partial(check_gpt2_file, name=filename)
         download_file(
-            f"{base}/{model_size}/{filename}", destination, backup, hint=hint, **download_kw
+            f"{base}/{model_size}/{filename}",
+            destination,
+            backup,
+            hint=hint,
+            check=check,
+            **download_kw,
         )
 
-    hparams_path = model_dir / "hparams.json"
-    try:
-        settings = json.loads(hparams_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(
-            f"{hparams_path} is not valid JSON ({exc}). {_redownload(hparams_path)}"
-        ) from exc
+    settings = json.loads((model_dir / "hparams.json").read_text(encoding="utf-8"))
     params = load_gpt2_params_from_tf_ckpt(latest_checkpoint(model_dir), settings)
     return settings, params

@@ -18,19 +18,19 @@ from pathlib import Path
 
 import requests
 
-from gpt_download import DOWNLOAD_TIMEOUT, download_file
+from gpt_download import DOWNLOAD_TIMEOUT, GPT2_BPE_SHA256, check_sha256, download_file
 
 logger = logging.getLogger(__name__)
 
-# The SHA-256 digests tiktoken checks for GPT-2's BPE files, and where it downloads them.
+# Where tiktoken downloads GPT-2's BPE files, and the SHA-256 digests it checks.
 GPT2_BPE_FILES = {
     "vocab.bpe": (
         "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
-        "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+        GPT2_BPE_SHA256["vocab.bpe"],
     ),
     "encoder.json": (
         "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
-        "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+        GPT2_BPE_SHA256["encoder.json"],
     ),
 }
 ENDOFTEXT = "<|endoftext|>"
@@ -50,20 +50,19 @@ def _tiktoken_cache_dir() -> str:
 
 
 def _fill_tiktoken_cache() -> None:
-    """Make sure tiktoken's cache holds GPT-2's verified BPE files; raises on any failure."""
+    """Make sure tiktoken's cache holds GPT-2's verified BPE files; raises on any failure.
+
+    A cached file with the wrong SHA-256 is downloaded again; a download with the wrong
+    one is refused (``gpt_download.DownloadError``) and never left for tiktoken to trust.
+    """
     cache_dir = _tiktoken_cache_dir()
     for name, (url, sha256) in GPT2_BPE_FILES.items():
         if not cache_dir:  # tiktoken will download itself: is the server reachable at all?
             requests.head(url, timeout=DOWNLOAD_TIMEOUT).raise_for_status()
             continue
         cached = Path(cache_dir) / hashlib.sha1(url.encode()).hexdigest()  # tiktoken's cache key
-        if cached.is_file() and _sha256(cached) == sha256:
-            continue
-        cached.unlink(missing_ok=True)
-        download_file(url, cached, retries=1, timeout=DOWNLOAD_TIMEOUT, progress=False)
-        if _sha256(cached) != sha256:
-            cached.unlink()
-            raise ValueError(f"downloaded {name} from {url} has the wrong SHA-256")
+        check = functools.partial(check_sha256, expected=sha256, what=f"GPT-2's {name}")
+        download_file(url, cached, retries=1, timeout=DOWNLOAD_TIMEOUT, progress=False, check=check)
 
 
 def _local_bpe_dirs(models_dir: str | os.PathLike | None) -> list[Path]:

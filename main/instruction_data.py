@@ -10,6 +10,7 @@ The collate function is built up in drafts in the notebook; the drafts live in
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -22,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from engine import LengthGroupedBatchSampler
-from gpt_download import download_file
+from gpt_download import DiskError, download_file
 
 DATA_URL = (
     "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/"
@@ -30,6 +31,7 @@ DATA_URL = (
 )
 SAMPLE_DATA_PATH = Path(__file__).resolve().parent / "data" / "sample-instruction-data.json"
 REQUIRED_KEYS = ("instruction", "input", "output")
+JSON_LINES_SUFFIXES = (".jsonl", ".ndjson")  # read as one entry per line
 EOS_TOKEN_ID = 50256  # <|endoftext|> in GPT-2's vocabulary, also used as padding
 SMOKE_HINT = (
     "To run the chapter offline on the bundled sample data, use "
@@ -54,6 +56,32 @@ class ConfigError(ChapterError, ValueError):
 # --------------------------------------------------------------------------------------
 
 
+def _entry_problems(entry: Any) -> list[str]:
+    """What is wrong with one entry (an empty list when nothing is)."""
+    if not isinstance(entry, dict):
+        return [f"must be an object, got {type(entry).__name__}"]
+    problems = []
+    for key in REQUIRED_KEYS:
+        if key not in entry:
+            problems.append(f"missing key {key!r}")
+        elif not isinstance(entry[key], str):
+            problems.append(f"key {key!r} must be a string, got {type(entry[key]).__name__}")
+    return problems
+
+
+def _raise_problems(source: str, problems: list[str], checked: str, max_listed: int) -> None:
+    """Raise one ``DatasetError`` listing the first ``max_listed`` problems, if there are any."""
+    if not problems:
+        return
+    listed = "\n".join(f"{source}: {p}" for p in problems[:max_listed])
+    more = len(problems) - max_listed
+    tail = f"\n... and {more} more" if more > 0 else ""
+    raise DatasetError(
+        f"{source}: {len(problems)} problem(s) in {checked} "
+        f"(each needs string keys {', '.join(REQUIRED_KEYS)}):\n{listed}{tail}"
+    )
+
+
 def validate_instruction_data(data: Any, source: str = "data", *, max_listed: int = 10) -> None:
     """Check that ``data`` is a non-empty list of objects with string instruction/input/output.
 
@@ -62,42 +90,62 @@ def validate_instruction_data(data: Any, source: str = "data", *, max_listed: in
     """
     if not isinstance(data, list):
         raise DatasetError(
-            f"{source}: the top level must be a JSON list of entries, got {type(data).__name__}"
+            f"{source}: the top level must be a JSON list of entries (or JSON Lines: one "
+            f"entry per line), got {type(data).__name__}"
         )
     if not data:
         raise DatasetError(f"{source}: the list of entries is empty")
-    problems = []
-    for i, entry in enumerate(data):
-        if not isinstance(entry, dict):
-            problems.append(f"entry {i}: must be an object, got {type(entry).__name__}")
+    problems = [f"entry {i}: {p}" for i, entry in enumerate(data) for p in _entry_problems(entry)]
+    _raise_problems(source, problems, f"{len(data)} entries", max_listed)
+
+
+def _read_json_lines(text: str, source: str, *, max_listed: int = 10) -> list[dict]:
+    """The entries of JSON Lines text (one object per line, blank lines skipped), validated
+    like a JSON list; problems are reported by line number."""
+    entries, problems, lines = [], [], 0
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
             continue
-        for key in REQUIRED_KEYS:
-            if key not in entry:
-                problems.append(f"entry {i}: missing key {key!r}")
-            elif not isinstance(entry[key], str):
-                got = type(entry[key]).__name__
-                problems.append(f"entry {i}: key {key!r} must be a string, got {got}")
-    if problems:
-        listed = "\n".join(f"{source}: {p}" for p in problems[:max_listed])
-        more = len(problems) - max_listed
-        tail = f"\n... and {more} more" if more > 0 else ""
-        raise DatasetError(
-            f"{source}: {len(problems)} problem(s) in {len(data)} entries "
-            f"(each needs string keys {', '.join(REQUIRED_KEYS)}):\n{listed}{tail}"
-        )
+        lines += 1
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as exc:
+            problems.append(f"line {number}: invalid JSON at column {exc.colno}: {exc.msg}")
+            continue
+        problems += [f"line {number}: {p}" for p in _entry_problems(entry)]
+        entries.append(entry)
+    if not lines:
+        raise DatasetError(f"{source}: the file holds no entries")
+    _raise_problems(source, problems, f"{lines} lines", max_listed)
+    return entries
 
 
 def read_instruction_file(path: str | os.PathLike, source: str | None = None) -> list[dict]:
-    """Read and validate a local instruction-data JSON file (``source`` names it in errors)."""
+    """Read and validate a local instruction-data file (``source`` names it in errors).
+
+    The file is a JSON list of entries, or JSON Lines: one entry per line (a ``.jsonl`` or
+    ``.ndjson`` file, or any file whose lines are objects).
+    """
     path = Path(path)
     source = source or str(path)
+    if path.is_dir():
+        raise DatasetError(f"{source}: is a folder; pass a JSON or JSON Lines file")
     if not path.is_file():
         raise DatasetError(f"{source}: no such file (pass a local JSON file or an http(s) URL)")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise DatasetError(f"{source}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise DatasetError(f"{source}: could not read it ({exc.strerror or exc})") from None
+    names = (path.name, urlsplit(source).path)
+    if any(name.lower().endswith(JSON_LINES_SUFFIXES) for name in names):
+        return _read_json_lines(text, source)
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data" and text.lstrip().startswith("{"):  # objects, one per line
+            return _read_json_lines(text, source)
         raise DatasetError(
             f"{source}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"
         ) from None
@@ -105,21 +153,30 @@ def read_instruction_file(path: str | os.PathLike, source: str | None = None) ->
     return data
 
 
-def load_instruction_data(
-    source: str | os.PathLike, *, cache_path: str | os.PathLike | None = None
-) -> list[dict]:
-    """The entries of a local JSON file, or of a URL downloaded once and then reused.
+def default_cache_path(url: str) -> Path:
+    """Where a URL's data is kept unless told otherwise: in the current folder, under the
+    URL's file name plus a short hash of the whole URL (``instruction-data-1a2b3c4d.json``),
+    so that two URLs never share a cache."""
+    stem, suffix = os.path.splitext(Path(urlsplit(url).path).name or "instruction-data")
+    digest = hashlib.sha256(url.encode()).hexdigest()[:8]
+    return Path(f"{stem}-{digest}{suffix or '.json'}")
 
-    A URL's file is kept at ``cache_path`` (default: its file name in the current folder,
-    like the course) and read from there on later calls, without the network. A download
-    is checked before it takes that place, so a broken download is never reused.
-    """
-    if not str(source).startswith(("http://", "https://")):
-        return read_instruction_file(source)
-    url = str(source)
-    cache = Path(cache_path) if cache_path is not None else Path(Path(urlsplit(url).path).name)
-    if cache.is_file():
-        return read_instruction_file(cache)
+
+def _check_cache_source(cache: Path, url: str) -> None:
+    """Refuse a cache whose ``.source`` file records another URL (none: used as it is)."""
+    record = cache.with_name(cache.name + ".source")
+    if not record.is_file():
+        return
+    recorded = record.read_text(encoding="utf-8").strip()
+    if recorded != url:
+        raise DatasetError(
+            f"data cache {cache} holds the data of {recorded} (see {record}), not of {url}. "
+            "Pass another cache path for this URL, or delete both files to download it again."
+        )
+
+
+def _download_data(url: str, cache: Path, record_source: bool) -> list[dict]:
+    """Download ``url`` under a temporary name, check it, then move it to ``cache``."""
     download = cache.with_name(cache.name + ".download")
     try:
         download_file(url, download, retries=2, progress=False, hint=SMOKE_HINT)
@@ -127,12 +184,44 @@ def load_instruction_data(
     except DatasetError:
         download.unlink(missing_ok=True)
         raise
-    os.replace(download, cache)
+    try:
+        if record_source:
+            cache.with_name(cache.name + ".source").write_text(url + "\n", encoding="utf-8")
+        os.replace(download, cache)
+    except OSError as exc:
+        raise DiskError.from_os_error("write", cache, exc) from exc
     return data
 
 
+def load_instruction_data(
+    source: str | os.PathLike, *, cache_path: str | os.PathLike | None = None
+) -> list[dict]:
+    """The entries of a local file (JSON or JSON Lines), or of a URL downloaded once and reused.
+
+    A URL's file is kept at ``cache_path`` (default: ``default_cache_path(url)``) and read
+    from there on later calls, without the network. A download is checked before it takes
+    that place, so a broken download is never reused. An explicit ``cache_path`` records
+    its URL in ``<cache_path>.source``, and a cache recorded for another URL is refused.
+    """
+    if not str(source).startswith(("http://", "https://")):
+        return read_instruction_file(source)
+    url = str(source)
+    cache = Path(cache_path) if cache_path is not None else default_cache_path(url)
+    if cache.is_dir():
+        raise DatasetError(f"data cache {cache} is a folder; pass a file path for the data")
+    if cache.is_file():
+        _check_cache_source(cache, url)
+        return read_instruction_file(cache)
+    return _download_data(url, cache, record_source=cache_path is not None)
+
+
 def download_and_load_file(file_path: str | os.PathLike, url: str) -> list[dict]:
-    """The course's loader: download ``url`` to ``file_path`` unless it is there; load it."""
+    """The course's loader: download ``url`` to ``file_path`` unless that file exists; load it.
+
+    As in the course, an existing ``file_path`` is used as it is, whichever URL it came from.
+    """
+    if Path(file_path).is_file():
+        return read_instruction_file(file_path)
     return load_instruction_data(url, cache_path=file_path)
 
 

