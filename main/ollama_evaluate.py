@@ -7,7 +7,12 @@ from 0 to 100. ``judge_prompt`` writes the question, ``query_model`` asks it ove
 ``parse_score`` reads the number out of the reply. Without a judge, ``local_metrics`` gives
 reference-based numbers (exact match and ROUGE-L), which are not the judge's score.
 
-Score an existing responses file, as the course's script does:
+A judge that stops answering cannot stall a run: each reply gets ``timeout`` seconds, and after
+``max_failures`` failed requests in a row the judge counts as down. Each entry's score and the
+judge's raw reply are saved into the responses file as they arrive, so Ctrl-C, a crash or a
+judge that went away loses nothing, and the next run asks only the entries still missing.
+
+Score an existing responses file (again), as the course's script does:
 
     python main/ollama_evaluate.py --file_path instruction-data-with-response.json
 """
@@ -24,14 +29,15 @@ if (_ROOT / "previous_chapters.py").is_file() and str(_ROOT) not in sys.path:
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
+import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 import requests
 from tqdm import tqdm
@@ -43,126 +49,44 @@ from instruction_data import (
     format_input,
     read_instruction_file,
 )
+from judge_host import (  # noqa: F401 (re-exported: ollama_evaluate.judge_endpoint etc.)
+    JUDGE_APIS,
+    OLLAMA_DEFAULT_PORT,
+    JudgeUnavailableError,
+    check_judge,
+    judge_endpoint,
+    judge_hint,
+    ollama_base_url,
+    start_hint,
+)
+from local_metrics import (  # noqa: F401 (re-exported: ollama_evaluate.rouge_l_f1 etc.)
+    LOCAL_METRICS_NOTE,
+    exact_match,
+    lcs_length,
+    local_metrics,
+    rouge_l_f1,
+)
+from outputs import save_json
 
-
-class JudgeUnavailableError(ChapterError, ConnectionError):
-    """The LLM judge cannot be reached, or does not have the requested model."""
-
-
-OLLAMA_DEFAULT_PORT = 11434
-JUDGE_APIS = ("ollama", "openai")
 JUDGE_OPTIONS = {"seed": 123, "temperature": 0, "num_ctx": 2048}
-JUDGE_TIMEOUT = (3.0, 300.0)  # (connect, read) seconds
+JUDGE_TIMEOUT = 120.0  # seconds to wait for one reply
+JUDGE_CONNECT_TIMEOUT = 3.0  # seconds to wait for the connection (at most)
+JUDGE_MAX_FAILURES = 3  # failed requests in a row after which the judge counts as down
 
 
 class JudgeReplyWarning(UserWarning):
     """The judge's reply to one entry could not be turned into a score in 0..100."""
 
 
-def ollama_base_url(host: str | None = None) -> str:
-    """Ollama's base URL from ``host`` or $OLLAMA_HOST (default http://127.0.0.1:11434).
-
-    Accepts the forms Ollama does: "127.0.0.1:11434", "0.0.0.0", ":11434", "example.com",
-    "http://host:port", "https://host" (port 443; "http://host" without a port means 80).
-    A bind-all address (0.0.0.0 / ::) is reached through loopback.
-    """
-    value = (host if host is not None else os.environ.get("OLLAMA_HOST", "")).strip()
-    scheme, sep, rest = value.partition("://")
-    if not sep:
-        scheme, rest, port = "http", value, OLLAMA_DEFAULT_PORT
-    else:
-        port = {"http": 80, "https": 443}.get(scheme.lower(), OLLAMA_DEFAULT_PORT)
-    hostport, _, path = rest.partition("/")
-    parsed = urlsplit(f"//{hostport}")
-    try:
-        port = parsed.port or port
-    except ValueError:
-        raise ConfigError(f"OLLAMA_HOST / judge host {value!r}: invalid port") from None
-    name = parsed.hostname or "127.0.0.1"
-    if name in ("0.0.0.0", "::"):
-        name = "127.0.0.1" if name == "0.0.0.0" else "::1"
-    if ":" in name:
-        name = f"[{name}]"
-    path = f"/{path.strip('/')}" if path.strip("/") else ""
-    return f"{scheme}://{name}:{port}{path}"
-
-
-def judge_endpoint(url: str | None = None, api: str = "ollama") -> str:
-    """The chat URL for ``api``: a full endpoint is kept; a bare host gets the API's path.
-
-    ollama: {base}/api/chat.  openai: {base}/v1/chat/completions (Ollama serves this too).
-    """
-    if api not in JUDGE_APIS:
-        raise ConfigError(f"unknown judge api {api!r}; choose one of: {', '.join(JUDGE_APIS)}")
-    if url is None:
-        base = ollama_base_url()
-    else:
-        base = url if url.startswith(("http://", "https://")) else f"http://{url}"
-    base = base.rstrip("/")
-    parts = urlsplit(base)
-    try:
-        _ = parts.port  # raises ValueError for a non-numeric port
-    except ValueError:
-        raise ConfigError(f"judge URL {base!r}: invalid port") from None
-    if not parts.hostname:
-        raise ConfigError(f"judge URL {base!r}: no host name")
-    path = parts.path
-    if api == "ollama":
-        return base if path else base + "/api/chat"
-    if path.endswith("/chat/completions"):
-        return base
-    return base + ("/chat/completions" if path.endswith("/v1") else "/v1/chat/completions")
-
-
-def _judge_base(endpoint: str, api: str) -> str:
-    if api == "ollama":
-        return endpoint.removesuffix("/api/chat")
-    return endpoint.removesuffix("/chat/completions")
-
-
-def _start_hint(model: str) -> str:
-    return f"Start the judge with `ollama serve`, then `ollama pull {model}` (once)."
-
-
-def check_judge(
-    url: str | None = None,
-    model: str = "llama3",
-    *,
-    api: str = "ollama",
-    timeout: float | tuple[float, float] = (3.0, 10.0),
-) -> str:
-    """Ask the judge over HTTP whether it is up (and for Ollama, has ``model`` pulled).
-
-    Returns the chat endpoint; raises ``JudgeUnavailableError`` saying what to do.
-    """
-    endpoint = judge_endpoint(url, api)
-    base = _judge_base(endpoint, api)
-    probe = base + ("/api/tags" if api == "ollama" else "/models")
-    try:
-        response = requests.get(probe, timeout=timeout)
-    except requests.RequestException as exc:
-        raise JudgeUnavailableError(
-            f"the LLM judge at {base} is not reachable ({exc.__class__.__name__}). "
-            + (_start_hint(model) if api == "ollama" else "Start your OpenAI-compatible server.")
-        ) from None
-    if api == "ollama":
-        if response.status_code != 200:
-            raise JudgeUnavailableError(
-                f"{probe} answered HTTP {response.status_code}; is this an Ollama server? "
-                + _start_hint(model)
-            )
-        try:
-            names = {m.get("name") for m in response.json().get("models", [])}
-            names |= {m.get("model") for m in response.json().get("models", [])}
-        except (ValueError, AttributeError):
-            raise JudgeUnavailableError(f"{probe} did not answer Ollama's JSON") from None
-        wanted = model if ":" in model else f"{model}:latest"
-        if model not in names and wanted not in names:
-            raise JudgeUnavailableError(
-                f"the Ollama server at {base} does not have the model {model!r}; "
-                f"run `ollama pull {model}`"
-            )
-    return endpoint
+def _timeouts(timeout: float | tuple[float, float]) -> tuple[float, float]:
+    """(connect, read) seconds: a number is the wait for the reply, with a short connect wait."""
+    pair = timeout if isinstance(timeout, tuple) else (timeout, timeout)
+    if not all(isinstance(t, (int, float)) and math.isfinite(t) and t > 0 for t in pair):
+        raise ConfigError(f"judge timeout {timeout!r}: give a number of seconds above 0")
+    connect, read = pair
+    if isinstance(timeout, tuple):
+        return connect, read
+    return min(JUDGE_CONNECT_TIMEOUT, read), read
 
 
 def query_model(
@@ -182,8 +106,11 @@ def query_model(
     ``api="ollama"``: POST {host}/api/chat, read the streamed NDJSON lines and join their
     ``message.content`` until ``done``. ``api="openai"``: POST {base}/v1/chat/completions
     (non-streaming) and return ``choices[0].message.content``. ``url=None`` uses $OLLAMA_HOST.
+    ``timeout``: seconds to wait for the whole reply (the connection gets at most 3 s of
+    them), or a (connect, read) pair. A failed request raises ``JudgeUnavailableError``.
     """
     endpoint = judge_endpoint(url, api)
+    timeouts = _timeouts(timeout)  # (connect, read)
     messages = [{"role": "user", "content": prompt}]
     if api == "ollama":
         payload = {
@@ -197,7 +124,7 @@ def query_model(
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
         with requests.post(
-            endpoint, json=payload, headers=headers, stream=(api == "ollama"), timeout=timeout
+            endpoint, json=payload, headers=headers, stream=(api == "ollama"), timeout=timeouts
         ) as response:
             if response.status_code == 404 and api == "ollama":
                 raise JudgeUnavailableError(
@@ -209,11 +136,16 @@ def query_model(
                 )
             if api == "openai":
                 return response.json()["choices"][0]["message"]["content"]
-            return _read_ollama_stream(response.iter_lines(), endpoint)
+            return _read_ollama_stream(response.iter_lines(), endpoint, timeouts[1])
+    except requests.Timeout:
+        raise JudgeUnavailableError(
+            f"the LLM judge at {endpoint} gave no reply within {timeouts[1]:g} s "
+            "(a slow judge needs a longer timeout)"
+        ) from None
     except requests.RequestException as exc:
         raise JudgeUnavailableError(
             f"the LLM judge at {endpoint} failed: {exc.__class__.__name__}. "
-            + (_start_hint(model) if api == "ollama" else "")
+            + (start_hint(model) if api == "ollama" else "")
         ) from None
     except (KeyError, IndexError, TypeError, ValueError) as exc:
         raise JudgeUnavailableError(f"{endpoint}: unexpected reply format ({exc!r})") from None
@@ -222,13 +154,17 @@ def query_model(
 def _error_text(response: requests.Response) -> str:
     try:
         return str(response.json().get("error", response.text))
-    except ValueError:
+    except (ValueError, AttributeError):
         return response.text[:200]
 
 
-def _read_ollama_stream(lines, endpoint: str) -> str:
+def _read_ollama_stream(lines, endpoint: str, seconds: float = math.inf) -> str:
+    """Join the streamed pieces of a reply; a reply still streaming after ``seconds`` fails."""
+    deadline = time.monotonic() + seconds
     parts = []
     for line in lines:
+        if time.monotonic() > deadline:
+            raise JudgeUnavailableError(f"{endpoint}: the reply took longer than {seconds:g} s")
         if not line.strip():
             continue
         chunk = json.loads(line)
@@ -265,9 +201,12 @@ def parse_score(reply: str) -> int | None:
     """
     text = _SCALE_MENTIONS.sub(" ", reply)
     match = _AFTER_SCORE.search(text) or _NUMBER.search(text)
-    if match is None or "." in match.group(match.lastindex or 0):
+    if match is None:
         return None
-    score = int(match.group(match.lastindex or 0))
+    number = match.group(match.lastindex or 0)
+    if "." in number or len(number.lstrip("-0")) > 3:  # 1000 and up (int() fails past 4300 digits)
+        return None
+    score = int(number)
     return score if 0 <= score <= 100 else None
 
 
@@ -278,15 +217,26 @@ class JudgeFailure:
     reason: str
 
 
+NO_SCORE = "no integer score in 0..100"
+
+
 @dataclass
 class JudgeResult:
-    """Scores of every entry the judge scored, and every entry it failed on (never dropped)."""
+    """Scores of every entry the judge scored, and every entry it failed on (never dropped).
+
+    Entries neither scored nor failed were not asked: the judge stopped first.
+    """
 
     scores: list[int]  # in entry order, scored entries only (like the book's list)
     scored_indices: list[int]
     failures: list[JudgeFailure]
     model: str
     url: str
+    n_entries: int | None = None  # all entries given to the judge (None: scored + failed)
+
+    def __post_init__(self) -> None:
+        if self.n_entries is None:
+            self.n_entries = self.n_scored + self.n_failed
 
     @property
     def n_scored(self) -> int:
@@ -297,28 +247,105 @@ class JudgeResult:
         return len(self.failures)
 
     @property
+    def n_not_asked(self) -> int:
+        return self.n_entries - self.n_scored - self.n_failed
+
+    @property
     def mean(self) -> float | None:
         return sum(self.scores) / len(self.scores) if self.scores else None
 
+    def note(self) -> str:
+        """What the mean covers, in one line."""
+        total = self.n_entries
+        if self.n_scored == total:
+            return f"all {total} entries scored"
+        note = f"mean over the {self.n_scored} scored entries"
+        if self.n_failed:
+            note += (
+                f"; {self.n_failed} of {total} entries got no valid score and are NOT in the mean"
+            )
+        if self.n_not_asked:
+            note += f"; {self.n_not_asked} of {total} entries were not asked (the judge stopped)"
+        return note
+
     def summary(self) -> dict:
-        total = self.n_scored + self.n_failed
-        note = (
-            f"mean over the {self.n_scored} scored entries; {self.n_failed} of {total} "
-            "entries got no valid score and are NOT in the mean"
-            if self.n_failed
-            else f"all {total} entries scored"
-        )
         return {
             "judge_model": self.model,
             "judge_url": self.url,
+            "n_entries": self.n_entries,
             "n_scored": self.n_scored,
             "n_failed": self.n_failed,
+            "n_not_asked": self.n_not_asked,
             "mean_score": self.mean,
-            "note": note,
+            "note": self.note(),
             "scores": self.scores,
             "scored_indices": self.scored_indices,
             "failures": [asdict(f) for f in self.failures],
         }
+
+
+def has_judge_reply(entry: dict, model: str) -> bool:
+    """Whether ``entry`` holds a saved reply of judge ``model``: its score, or None if unusable."""
+    score = entry.get("judge_score")
+    usable = score is None or (type(score) is int and 0 <= score <= 100)
+    return entry.get("judge_model") == model and "judge_score" in entry and usable
+
+
+def _collect(
+    records: Sequence[dict], model: str, endpoint: str, request_failures: dict[int, str]
+) -> JudgeResult:
+    """The result read from the entries' saved replies and this session's failed requests."""
+    scores, indices, failures = [], [], []
+    for i, entry in enumerate(records):
+        if has_judge_reply(entry, model) and entry["judge_score"] is not None:
+            scores.append(entry["judge_score"])
+            indices.append(i)
+        elif has_judge_reply(entry, model):
+            failures.append(JudgeFailure(i, str(entry.get("judge_reply", "")), NO_SCORE))
+        elif i in request_failures:
+            failures.append(JudgeFailure(i, "", f"request failed: {request_failures[i]}"))
+    return JudgeResult(scores, indices, failures, model, endpoint, n_entries=len(records))
+
+
+def _warn(index: int, reason: str, reply: str | None = None) -> None:
+    shown = "" if reply is None else f"; judge reply: {reply!r}"
+    warnings.warn(f"entry {index}: {reason}{shown}", JudgeReplyWarning, stacklevel=4)
+
+
+def _ask_each(
+    records: list[dict],
+    todo: Sequence[int],
+    ask: Callable[[dict], str],
+    *,
+    model: str,
+    max_failures: int,
+    request_failures: dict[int, str],
+    save_path: str | os.PathLike | None,
+    progress: bool,
+) -> None:
+    """Ask the judge about each entry in ``todo``; stop after ``max_failures`` failed requests
+    in a row (``JudgeUnavailableError``). Each reply is saved into ``records`` (and the file)."""
+    in_a_row = 0
+    for i in tqdm(todo, desc="Scoring entries", disable=not progress):
+        try:
+            reply = ask(records[i])
+        except JudgeUnavailableError as exc:
+            request_failures[i] = str(exc)
+            _warn(i, f"request failed: {exc}")
+            in_a_row += 1
+            if in_a_row >= max_failures:
+                raise JudgeUnavailableError(
+                    f"the LLM judge failed {in_a_row} requests in a row, so it counts as down; "
+                    f"last: {exc}"
+                ) from None
+            continue
+        in_a_row = 0
+        score = parse_score(reply)
+        records[i].update(judge_model=model, judge_score=score, judge_reply=reply)
+        if score is None:
+            _warn(i, NO_SCORE, reply)
+        if save_path is not None:
+            save_json(records, save_path)
 
 
 def judge_responses(
@@ -329,42 +356,70 @@ def judge_responses(
     url: str | None = None,
     api: str = "ollama",
     timeout: float | tuple[float, float] = JUDGE_TIMEOUT,
+    max_failures: int = JUDGE_MAX_FAILURES,
+    save_path: str | os.PathLike | None = None,
     api_key: str | None = None,
     check: bool = True,
     progress: bool = True,
 ) -> JudgeResult:
     """Score every entry's ``json_key`` response with the judge; the detailed result.
 
-    Replies that are not an integer 0..100, and requests that fail part-way, are recorded
-    as failures (with a ``JudgeReplyWarning`` naming the entry and the reply).
-    ``check=True`` first asks the judge whether it is up (``JudgeUnavailableError`` if not).
+    A reply without an integer 0..100 is a failure of its entry (a ``JudgeReplyWarning`` names
+    the entry and the reply). So is a failed request (no connection, no reply within ``timeout``
+    seconds, an HTTP error); after ``max_failures`` of those in a row the judge counts as down:
+    ``JudgeUnavailableError``, whose ``result`` holds what was scored. A reply without a score
+    does not count towards ``max_failures``. ``check=True`` first asks whether the judge is up.
+
+    ``save_path``: after each reply all entries are saved there (atomically) with three more
+    keys: ``judge_model``, ``judge_score`` (None: no usable score) and ``judge_reply`` (the raw
+    text). Entries holding a reply of this ``model`` are not asked again, so a re-run after
+    Ctrl-C, a crash or a give-up asks only the others. ``json_data`` itself is left unchanged.
     """
     endpoint = judge_endpoint(url, api)
-    if check:
-        check_judge(endpoint, model, api=api)
-    scores, indices, failures = [], [], []
-    for i, entry in enumerate(tqdm(json_data, desc="Scoring entries", disable=not progress)):
-        try:
-            reply = query_model(
-                judge_prompt(entry, json_key),
-                model,
-                endpoint,
-                api=api,
-                timeout=timeout,
-                api_key=api_key,
-            )
-        except JudgeUnavailableError as exc:
-            reply, reason = "", f"request failed: {exc}"
-        else:
-            score = parse_score(reply)
-            if score is not None:
-                scores.append(score)
-                indices.append(i)
-                continue
-            reason = "no integer score in 0..100"
-        failures.append(JudgeFailure(index=i, reply=reply, reason=reason))
-        warnings.warn(f"entry {i}: {reason}; judge reply: {reply!r}", JudgeReplyWarning, 2)
-    return JudgeResult(scores, indices, failures, model=model, url=endpoint)
+    _timeouts(timeout)  # a bad timeout fails before any request
+    if max_failures < 1:
+        raise ConfigError(f"max_failures={max_failures}: give at least 1")
+    records = [dict(entry) for entry in json_data]
+    todo = [i for i, entry in enumerate(records) if not has_judge_reply(entry, model)]
+    if len(todo) < len(records):
+        print(f"{len(records) - len(todo)} of {len(records)} entries have a saved reply of {model}")
+
+    def ask(entry: dict) -> str:
+        prompt = judge_prompt(entry, json_key)
+        return query_model(prompt, model, endpoint, api=api, timeout=timeout, api_key=api_key)
+
+    request_failures: dict[int, str] = {}
+    try:
+        if todo and check:
+            check_judge(endpoint, model, api=api)
+        _ask_each(
+            records,
+            todo,
+            ask,
+            model=model,
+            max_failures=max_failures,
+            request_failures=request_failures,
+            save_path=save_path,
+            progress=progress,
+        )
+    except JudgeUnavailableError as exc:
+        saved = save_path is not None and any(has_judge_reply(r, model) for r in records)
+        error = JudgeUnavailableError(_what_to_do(exc, api, model, save_path if saved else None))
+        error.result = _collect(records, model, endpoint, request_failures)
+        raise error from None
+    return _collect(records, model, endpoint, request_failures)
+
+
+def _what_to_do(exc: Exception, api: str, model: str, saved_in: str | os.PathLike | None) -> str:
+    """The judge's failure, how to start the judge, and (with replies saved) how to go on."""
+    hint = judge_hint(api, model)
+    message = str(exc) if hint in str(exc) else f"{str(exc).rstrip('.')}. {hint}"
+    if saved_in is not None:
+        message += (
+            f" The replies so far are saved in {saved_in}; scoring it again (python "
+            f"main/ollama_evaluate.py --file_path {saved_in}) asks only the missing entries."
+        )
+    return message
 
 
 def generate_model_scores(
@@ -381,64 +436,13 @@ def generate_model_scores(
     return judge_responses(json_data, json_key, model, **kwargs).scores
 
 
-# --------------------------------------------------------------------------------------
-# Local reference metrics (when no judge is reachable)
-# --------------------------------------------------------------------------------------
-
-
-def _normalise(text: str) -> str:
-    return " ".join(text.lower().split())
-
-
-def exact_match(prediction: str, reference: str) -> bool:
-    """Equal after lowercasing and collapsing whitespace."""
-    return _normalise(prediction) == _normalise(reference)
-
-
-def _words(text: str) -> list[str]:
-    return re.findall(r"\w+", text.lower())
-
-
-def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
-    """Length of the longest common subsequence (dynamic programming, one row at a time)."""
-    previous = [0] * (len(b) + 1)
-    for x in a:
-        current = [0]
-        for j, y in enumerate(b):
-            current.append(previous[j] + 1 if x == y else max(previous[j + 1], current[j]))
-        previous = current
-    return previous[-1]
-
-
-def rouge_l_f1(prediction: str, reference: str) -> float:
-    """ROUGE-L F1: LCS of the lowercased word tokens, P = lcs/|pred|, R = lcs/|ref|."""
-    pred, ref = _words(prediction), _words(reference)
-    if not pred and not ref:
-        return 1.0
-    lcs = lcs_length(pred, ref)
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(pred), lcs / len(ref)
-    return 2 * precision * recall / (precision + recall)
-
-
-LOCAL_METRICS_NOTE = (
-    "reference-based metrics computed locally (exact match, ROUGE-L F1 vs. the dataset "
-    "output); NOT the LLM judge's score"
-)
-
-
-def local_metrics(entries: Sequence[dict], json_key: str = "model_response") -> dict:
-    """Mean exact match and ROUGE-L F1 of ``entry[json_key]`` against ``entry['output']``."""
-    n = len(entries)
-    em = [exact_match(e[json_key], e["output"]) for e in entries]
-    rl = [rouge_l_f1(e[json_key], e["output"]) for e in entries]
-    return {
-        "note": LOCAL_METRICS_NOTE,
-        "n": n,
-        "exact_match": sum(em) / n if n else None,
-        "rouge_l_f1": sum(rl) / n if n else None,
-    }
+def print_scores(result: JudgeResult, label: str = "") -> None:
+    """The course's two lines (number of scores, average score), and what the mean covers."""
+    mean = "n/a" if result.mean is None else f"{result.mean:.2f}"
+    print(f"Number of scores: {result.n_scored} of {result.n_entries}")
+    print(f"Average score{label}: {mean}")
+    if result.n_scored < result.n_entries:
+        print(f"  ({result.note()})")
 
 
 def score_responses(
@@ -449,27 +453,47 @@ def score_responses(
     judge_url: str | None = None,
     judge_model: str = "llama3",
     judge_api: str = "ollama",
+    timeout: float | tuple[float, float] = JUDGE_TIMEOUT,
+    max_failures: int = JUDGE_MAX_FAILURES,
+    save_path: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> dict:
     """Judge scores when a judge is reachable, and always the local reference metrics.
 
-    Returns {"judge": JudgeResult.summary() or None, "judge_error": str or None,
-    "local_metrics": {...}}; prints what it found.
+    Returns {"judge": ..., "judge_error": ..., "local_metrics": {...}} and prints what it found:
+
+    * the judge answered for every entry: "judge" is ``JudgeResult.summary()``, "judge_error"
+      is None;
+    * the judge is unreachable, or gave up part-way: "judge_error" says why, and "judge" is the
+      summary of the entries it did score (in this or an earlier session; ``n_not_asked``
+      counts those it was not asked about), or None if it scored none;
+    * ``use_judge=False``: "judge" is None and "judge_error" says so.
+
+    ``timeout``, ``max_failures`` and ``save_path`` are ``judge_responses``'s: with
+    ``save_path``, a re-run asks only the entries still missing. Ctrl-C (``KeyboardInterrupt``)
+    propagates, with every reply so far saved.
     """
     judge, judge_error = None, None
     if use_judge:
         try:
             result = judge_responses(
-                entries, json_key, judge_model, url=judge_url, api=judge_api, progress=progress
+                entries,
+                json_key,
+                judge_model,
+                url=judge_url,
+                api=judge_api,
+                timeout=timeout,
+                max_failures=max_failures,
+                save_path=save_path,
+                progress=progress,
             )
         except JudgeUnavailableError as exc:
             judge_error = str(exc)
-            print(f"No LLM judge: {judge_error}")
-        else:
+            result = exc.result if exc.result is not None and exc.result.n_scored else None
+            print(f"{'No LLM judge' if result is None else 'The LLM judge stopped'}: {judge_error}")
+        if result is not None:
             judge = result.summary()
-            mean = "n/a" if result.mean is None else f"{result.mean:.2f}"
-            print(f"Number of scores: {result.n_scored} of {len(entries)}")
-            print(f"Average score (judge {judge_model}): {mean}  [{judge['note']}]")
+            print_scores(result, f" (judge {judge_model})")
     else:
         judge_error = "judge disabled (--no-judge)"
     metrics = local_metrics(entries, json_key)
@@ -501,13 +525,14 @@ def read_responses(path: str | os.PathLike, json_key: str = "model_response") ->
 def build_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ollama_evaluate.py",
-        description="Score the model responses in a JSON file with an LLM judge (section 7.8).",
+        description="Score the model responses in a JSON file with an LLM judge (section 7.8). "
+        "Each score is saved into the file as it arrives; a re-run asks only the missing ones.",
     )
     p.add_argument(
         "--file_path",
         required=True,
         help="JSON file of entries with 'output' and the model's response "
-        "(e.g. outputs/instruction-data-with-response.json)",
+        "(e.g. outputs/instruction-data-with-response.json); the scores are saved into it",
     )
     p.add_argument("--json_key", default="model_response", help="the response's key")
     p.add_argument("--model", default="llama3", help="the judge model (default: llama3)")
@@ -515,23 +540,53 @@ def build_arg_parser() -> argparse.ArgumentParser:
         "--url", help="judge host or endpoint (default: $OLLAMA_HOST or localhost:11434)"
     )
     p.add_argument("--api", choices=JUDGE_APIS, default="ollama", help="ollama or openai")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=JUDGE_TIMEOUT,
+        help=f"seconds to wait for each reply (default: {JUDGE_TIMEOUT:g})",
+    )
+    p.add_argument(
+        "--max_failures",
+        type=int,
+        default=JUDGE_MAX_FAILURES,
+        help=f"failed requests in a row before giving up (default: {JUDGE_MAX_FAILURES})",
+    )
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line entry point; returns the exit status."""
+    """Command line entry point; returns the exit status.
+
+    Expected failures print one ``error:`` line and exit with 2; Ctrl-C exits with 130. Either
+    way every score so far is saved in the file, and running the command again continues.
+    """
     args = build_arg_parser().parse_args(argv)
     try:
         entries = read_responses(args.file_path, args.json_key)
-        result = judge_responses(entries, args.json_key, args.model, url=args.url, api=args.api)
+        result = judge_responses(
+            entries,
+            args.json_key,
+            args.model,
+            url=args.url,
+            api=args.api,
+            timeout=args.timeout,
+            max_failures=args.max_failures,
+            save_path=args.file_path,
+        )
+    except KeyboardInterrupt:
+        print(
+            f"\ninterrupted: the scores so far are saved in {args.file_path}; "
+            "run the same command again to score the rest",
+            file=sys.stderr,
+        )
+        return 130
     except ChapterError as exc:
+        if isinstance(exc, JudgeUnavailableError) and exc.result and exc.result.n_scored:
+            print_scores(exc.result)  # what the judge scored before it stopped
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    mean = "n/a" if result.mean is None else f"{result.mean:.2f}"
-    print(f"Number of scores: {result.n_scored} of {len(entries)}")
-    print(f"Average score: {mean}")
-    if result.failures:
-        print(result.summary()["note"])
+    print_scores(result)
     return 0
 
 
