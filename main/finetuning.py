@@ -1,6 +1,6 @@
 """Chapter 7, sections 7.5-7.7: the pretrained model, fine-tuning, and the test-set responses.
 
-    build_model (GPT-2's weights into GPTModel) -> finetune (train_model_simple)
+    build_model (GPT-2's weights into GPTModel) -> finetune (the course's training loop)
     -> generate_responses (batched, greedy) -> extract_response
 
 The training and generation themselves are the course's (``previous_chapters.py``); this
@@ -11,7 +11,6 @@ fused AdamW, and ``engine.generate_batch`` for the responses.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,13 +28,12 @@ from instruction_data import (
 from previous_chapters import (
     GPTModel,
     LossFn,
-    evaluate_model,
     gpt2_config,
     load_weights_into_gpt,
     plot_losses,
     resolve_model_name,
-    train_model_simple,
 )
+from trainer import train_resumable
 
 # --------------------------------------------------------------------------------------
 # 7.5 Loading a pretrained LLM
@@ -133,26 +131,24 @@ def finetune(
     seed: int = 123,
     progress: bool = True,
     loss_fn: LossFn = packed_loss_batch,
+    checkpoint_path: str | os.PathLike | None = None,
+    checkpoint_every: int = 0,
+    resume: bool = False,
 ) -> TrainingResult:
-    """Section 7.6: print the losses before training, train with AdamW, report the time.
+    """Section 7.6: AdamW on the chapter's settings, trained by the course's loop.
 
-    ``start_context``, the text the model continues after each epoch, defaults to the prompt
-    of the first validation entry, as in the course. ``loss_fn`` is the fast engine's
-    ``packed_loss_batch``; ``previous_chapters.calc_loss_batch`` gives the same numbers, slower.
+    The loop is ``trainer.train_resumable``: ``train_model_simple`` step for step, plus the
+    losses before training, checkpoints at ``checkpoint_path`` and ``resume``. The fast
+    engine is chosen here: ``loss_fn`` is ``engine.packed_loss_batch`` (the course's
+    ``calc_loss_batch`` gives the same numbers, slower) and AdamW is fused. ``start_context``,
+    continued after each epoch, defaults to the first validation prompt, as in the course.
     """
     if start_context is None:
         start_context = format_input(val_loader.dataset.data[0], val_loader.dataset.style)
     torch.manual_seed(seed)
     restart_shuffling(train_loader, seed)
-    train_loss, val_loss = evaluate_model(
-        model, train_loader, val_loader, device, eval_iter, loss_fn=loss_fn
-    )
-    print(f"Initial training loss: {train_loss:.3f}")
-    print(f"Initial validation loss: {val_loss:.3f}")
-
-    start = time.time()
     optimizer = make_optimizer(model, lr=lr, weight_decay=weight_decay)
-    train_losses, val_losses, tokens_seen = train_model_simple(
+    state = train_resumable(
         model,
         train_loader,
         val_loader,
@@ -164,13 +160,21 @@ def finetune(
         start_context=start_context,
         tokenizer=tokenizer,
         loss_fn=loss_fn,
+        checkpoint_path=checkpoint_path,
+        checkpoint_every=checkpoint_every,
+        resume=resume,
         progress=progress,
     )
-    minutes = (time.time() - start) / 60
+    minutes = state.seconds / 60
     print(f"Training completed in {minutes:.2f} minutes.")
     model.eval()
     return TrainingResult(
-        train_loss, val_loss, train_losses, val_losses, tokens_seen, num_epochs, minutes
+        *state.initial_losses,
+        state.train_losses,
+        state.val_losses,
+        state.track_tokens_seen,
+        num_epochs,
+        minutes,
     )
 
 
@@ -194,6 +198,28 @@ def extract_response(generated: str, style: str | PromptStyle = "alpaca") -> str
     return text.strip()
 
 
+def fit_prompt(
+    entry: dict, tokenizer: Any, style: str | PromptStyle, budget: int
+) -> tuple[list[int], bool]:
+    """The prompt's token ids, at most ``budget`` of them; and whether it had to be shortened.
+
+    A prompt that is too long loses the end of its input field, never the header or the
+    instruction (only an instruction that alone is too long is cut, at its end).
+    """
+    ids = tokenizer.encode(format_input(entry, style))
+    if len(ids) <= budget:
+        return ids, False
+    input_ids = tokenizer.encode(entry["input"])
+    keep = len(input_ids) - (len(ids) - budget)
+    while keep > 0:
+        shortened = {**entry, "input": tokenizer.decode(input_ids[:keep])}
+        ids = tokenizer.encode(format_input(shortened, style))
+        if len(ids) <= budget:  # (tokens can merge differently at the cut: re-check)
+            return ids, True
+        keep -= 1
+    return tokenizer.encode(format_input({**entry, "input": ""}, style))[:budget], True
+
+
 def generate_responses(
     model: torch.nn.Module,
     test_data: Sequence[dict],
@@ -211,13 +237,23 @@ def generate_responses(
 
     The course generates one entry at a time with ``generate``; ``engine.generate_batch``
     gives each entry the same tokens, ``batch_size`` entries at a time, each stopping at its
-    own end-of-text token.
+    own end-of-text token. A prompt longer than the context minus ``max_new_tokens`` would
+    lose its beginning, the instruction, as generation goes on; its input is shortened to
+    fit instead (``fit_prompt``), and reported.
     """
-    prompts = [tokenizer.encode(format_input(entry, style)) for entry in test_data]
+    budget = max(context_size - max_new_tokens, context_size // 2)
+    fitted = [fit_prompt(entry, tokenizer, style, budget) for entry in test_data]
+    shortened = [i for i, (_, cut) in enumerate(fitted) if cut]
+    if shortened:
+        listed = ", ".join(map(str, shortened[:10])) + (" ..." if len(shortened) > 10 else "")
+        print(
+            f"{len(shortened)} of {len(test_data)} prompts are longer than {budget} tokens (the "
+            f"context minus max_new_tokens); their input was shortened to fit: entries {listed}"
+        )
     model.eval()
     new_tokens = generate_batch(
         model,
-        prompts,
+        [ids for ids, _ in fitted],
         max_new_tokens,
         context_size,
         eos_id=eos_id,

@@ -1,14 +1,19 @@
 """Chapter 7 end to end: the steps of a run, shared by the command line and the notebook.
 
     check_settings -> prepare_data (7.2) -> prepare_tokenizer, prepare_loaders (7.3-7.4)
-    -> prepare_model (7.5) -> train, save_training (7.6) -> write_responses (7.7)
+    -> prepare_model (7.5) -> start_run, train, save_training (7.6) -> write_responses (7.7)
     -> evaluate (7.8) -> write_summary
 
 ``run`` calls them in this order; ``main/main.ipynb`` calls the same functions in the same
-order, with explanations and figures in between, so both give the same numbers.
+order, with explanations and figures in between, so both give the same numbers. Every run
+writes into a folder of its own (see ``run_config``). Each step finds what an interrupted
+earlier session of the same run left there and continues from it, so ``--resume`` picks up a
+run wherever it stopped: in training (from the last checkpoint), after training, while
+generating, or while the judge was scoring.
 
     python main/instruction_finetuning.py            # the chapter (downloads data and GPT-2 355M)
     python main/instruction_finetuning.py --smoke    # offline: tiny random GPT, bundled sample data
+    python main/instruction_finetuning.py --resume   # continue the latest run
 """
 
 from __future__ import annotations
@@ -23,10 +28,9 @@ if (_ROOT / "previous_chapters.py").is_file() and str(_ROOT) not in sys.path:
     sys.path.append(str(_ROOT))
 
 import argparse
-import math
-import re
+import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -52,165 +56,45 @@ from instruction_data import (
     load_instruction_data,
     split_data,
 )
-from ollama_evaluate import JUDGE_APIS, judge_endpoint, score_responses
+from ollama_evaluate import JUDGE_APIS, score_responses
 from outputs import save_figure, save_json, save_model
-from previous_chapters import MODEL_CONFIGS, gpt2_config, resolve_model_name
+from previous_chapters import MODEL_CONFIGS
+from run_config import (
+    SMOKE_MODEL_OVERRIDES,
+    RunConfig,
+    allowed_max_length,
+    check_settings,
+    describe,
+    latest_run,
+    make_config,
+    model_config,
+    start_run,
+)
+from trainer import TrainingInterrupted
 
-# The smoke run's model: GPT-2's vocabulary and layout, tiny sizes, random weights.
-SMOKE_MODEL_OVERRIDES = {"emb_dim": 64, "n_layers": 2, "n_heads": 4, "context_length": 256}
+CHECKPOINT_FILE = "checkpoint.pt"
+TRAINING_RESULT_FILE = "training-result.json"
+RESPONSES_FILE = "instruction-data-with-response.json"
 
-
-@dataclass
-class RunConfig:
-    """Every choice of a chapter run. The defaults are the chapter's."""
-
-    # model
-    model_size: str | None = "gpt2-medium (355M)"  # None: GPT-2 small's shape + model_overrides
-    pretrained: bool = True  # False: random initialisation (the smoke run)
-    model_overrides: dict = field(default_factory=dict)  # e.g. a tiny emb_dim / n_layers
-    models_dir: str = "gpt2"
-    # data
-    data: str = DATA_URL  # a local JSON file or an http(s) URL
-    data_cache: str | None = None  # where a downloaded file is kept (default: its name, here)
-    train_frac: float = 0.85
-    test_frac: float = 0.10
-    split_seed: int | None = None  # None: split in file order, as the course does
-    prompt_style: str = "alpaca"
-    mask_prompt: bool = False
-    group_by_length: bool = False  # batch entries of similar length together (less padding)
-    # training
-    batch_size: int = 8
-    num_workers: int = 0
-    allowed_max_length: int = 1024
-    epochs: int = 2
-    lr: float = 5e-5
-    weight_decay: float = 0.1
-    eval_freq: int = 5
-    eval_iter: int = 5
-    seed: int = 123
-    device: str | None = None  # None: cuda when available, else cpu
-    # responses
-    max_new_tokens: int = 256
-    gen_batch_size: int = 8
-    # judge
-    use_judge: bool = True
-    judge_url: str | None = None  # None: $OLLAMA_HOST or http://localhost:11434
-    judge_model: str = "llama3"
-    judge_api: str = "ollama"  # or "openai" (any OpenAI-compatible chat endpoint)
-    # outputs
-    output_dir: str = "outputs"
-    smoke: bool = False
-
-    @classmethod
-    def smoke_preset(cls, **changes: Any) -> RunConfig:
-        """A run that works offline: a tiny random GPT on the bundled 40-entry sample data."""
-        preset = dict(
-            model_size=None,
-            pretrained=False,
-            model_overrides=dict(SMOKE_MODEL_OVERRIDES),
-            data=str(SAMPLE_DATA_PATH),
-            lr=1e-3,
-            eval_freq=2,
-            eval_iter=1,
-            max_new_tokens=16,
-            smoke=True,
-        )
-        return cls(**{**preset, **changes})
-
-    def model_file_name(self) -> str:
-        """``gpt2-medium355M-sft.pth`` as in the course; ``gpt-random-init-sft.pth`` if random."""
-        if not self.pretrained or self.model_size is None:
-            return "gpt-random-init-sft.pth"
-        return re.sub(r"[ ()]", "", resolve_model_name(self.model_size)) + "-sft.pth"
-
-
-def make_config(*, smoke: bool = False, **settings: Any) -> RunConfig:
-    """The smoke preset or the chapter's defaults, with every setting that is not None on top.
-
-    The command line (each flag given) and the notebook (each parameter not None) build
-    their configuration here, so the same settings make the same run.
-    """
-    given = {name: value for name, value in settings.items() if value is not None}
-    unknown = set(given) - {f.name for f in fields(RunConfig)}
-    if unknown:
-        raise ConfigError(f"unknown setting(s) {sorted(unknown)}")
-    if smoke and "model_size" in given:
-        raise ConfigError(
-            "the smoke run uses its own tiny random GPT, so it cannot take a model size; "
-            "drop --model-size (MODEL_SIZE = None in the notebook) or drop --smoke"
-        )
-    return replace(RunConfig.smoke_preset() if smoke else RunConfig(), **given)
-
-
-def describe(cfg: RunConfig) -> str:
-    """The settings that shape a run, one short line each."""
-    model = "tiny random GPT (smoke)" if cfg.model_size is None else cfg.model_size
-    judge = f"{cfg.judge_model} via {cfg.judge_api}" if cfg.use_judge else "none (local metrics)"
-    data = Path(cfg.data).name if not cfg.data.startswith("http") else cfg.data
-    return "\n".join(
-        [
-            f"model:       {model}{'' if cfg.pretrained else ', random weights'}",
-            f"data:        {data} ({cfg.prompt_style} prompts, mask_prompt={cfg.mask_prompt})",
-            f"training:    {cfg.epochs} epochs, batch {cfg.batch_size}, AdamW lr {cfg.lr:g}, "
-            f"weight decay {cfg.weight_decay:g}, seed {cfg.seed}",
-            f"responses:   up to {cfg.max_new_tokens} new tokens",
-            f"judge:       {judge}",
-            f"outputs:     {cfg.output_dir}/",
-        ]
-    )
+__all__ = [  # the settings, re-exported for the notebook and the command line
+    "DATA_URL",
+    "SAMPLE_DATA_PATH",
+    "SMOKE_MODEL_OVERRIDES",
+    "ConfigError",
+    "RunConfig",
+    "allowed_max_length",
+    "check_settings",
+    "describe",
+    "latest_run",
+    "make_config",
+    "model_config",
+    "start_run",
+]
 
 
 # --------------------------------------------------------------------------------------
 # The steps of a run
 # --------------------------------------------------------------------------------------
-
-
-def model_config(cfg: RunConfig) -> dict:
-    """The GPT config the run builds (a pretrained model takes its shapes from the checkpoint)."""
-    try:
-        return gpt2_config(cfg.model_size or "gpt2-small (124M)", **cfg.model_overrides)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-
-
-def allowed_max_length(cfg: RunConfig) -> int:
-    """How many tokens of an entry the loaders keep: the setting, at most the model's context."""
-    return min(cfg.allowed_max_length, model_config(cfg)["context_length"])
-
-
-def check_settings(cfg: RunConfig) -> torch.device:
-    """Check every setting before any work is done; returns the device to run on."""
-    if cfg.model_size is None and cfg.pretrained:
-        raise ConfigError("a pretrained run needs a model size, e.g. 'gpt2-medium (355M)'")
-    model_config(cfg)
-    if cfg.prompt_style not in PROMPT_STYLES:
-        raise ConfigError(
-            f"unknown prompt style {cfg.prompt_style!r}; choose one of: {', '.join(PROMPT_STYLES)}"
-        )
-    numbers = {
-        "epochs": (cfg.epochs, cfg.epochs >= 1),
-        "batch size": (cfg.batch_size, cfg.batch_size >= 1),
-        "learning rate": (cfg.lr, math.isfinite(cfg.lr) and cfg.lr > 0),
-        "weight decay": (
-            cfg.weight_decay,
-            math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0,
-        ),
-        "max new tokens": (cfg.max_new_tokens, cfg.max_new_tokens >= 1),
-    }
-    for name, (value, ok) in numbers.items():
-        if not ok:
-            raise ConfigError(
-                f"{name} {value} is out of range (epochs, batch size and max new "
-                "tokens must be >= 1, the learning rate > 0, weight decay >= 0)"
-            )
-    judge_endpoint(cfg.judge_url, cfg.judge_api)
-    try:
-        device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError:
-        raise ConfigError(f"unknown device {cfg.device!r}; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {cfg.device!r} asked for, but PyTorch sees no CUDA GPU")
-    return device
 
 
 @dataclass
@@ -243,9 +127,23 @@ def prepare_tokenizer(cfg: RunConfig) -> Any:
     return get_tokenizer(offline=True if cfg.smoke else None, models_dir=cfg.models_dir)
 
 
+def report_long_entries(name: str, dataset: Any, limit: int) -> list[int]:
+    """Print, once, how many entries of a split are longer than ``limit`` tokens (and are
+    therefore cut); returns their indices."""
+    long = [i for i, ids in enumerate(dataset.encoded_texts) if len(ids) > limit]
+    if long:
+        listed = ", ".join(map(str, long[:5])) + (" ..." if len(long) > 5 else "")
+        print(
+            f"{len(long)} of {len(dataset)} {name} entries are longer than {limit} tokens and "
+            f"are cut to {limit} (entries {listed})"
+        )
+    return long
+
+
 def prepare_loaders(cfg: RunConfig, splits: Splits, tokenizer: Any, device: torch.device):
     """7.3-7.4: the (train, val, test) loaders; texts are cut to the model's context."""
-    train_loader, val_loader, test_loader = create_dataloaders(
+    limit = allowed_max_length(cfg)
+    loaders = create_dataloaders(
         splits.train,
         splits.val,
         splits.test,
@@ -253,18 +151,20 @@ def prepare_loaders(cfg: RunConfig, splits: Splits, tokenizer: Any, device: torc
         batch_size=cfg.batch_size,
         num_workers=cfg.num_workers,
         device=device,
-        allowed_max_length=allowed_max_length(cfg),
+        allowed_max_length=limit,
         style=cfg.prompt_style,
         mask_prompt=cfg.mask_prompt,
         seed=cfg.seed,
         group_by_length=cfg.group_by_length,
     )
-    if len(train_loader) == 0:
+    for name, loader in zip(("training", "validation", "test"), loaders, strict=True):
+        report_long_entries(name, loader.dataset, limit)
+    if len(loaders[0]) == 0:
         raise DatasetError(
             f"{cfg.data}: {len(splits.train)} training entries make no full batch of "
             f"{cfg.batch_size}; use more data or a smaller --batch-size"
         )
-    return train_loader, val_loader, test_loader
+    return loaders
 
 
 def prepare_model(cfg: RunConfig, device: torch.device) -> tuple[torch.nn.Module, dict]:
@@ -284,7 +184,18 @@ def prepare_model(cfg: RunConfig, device: torch.device) -> tuple[torch.nn.Module
 def train(
     cfg: RunConfig, model, train_loader, val_loader, tokenizer, device, *, progress: bool = True
 ) -> TrainingResult:
-    """7.6: fine-tune with the chapter's settings."""
+    """7.6: fine-tune with the chapter's settings, with checkpoints in the run's folder.
+
+    When an earlier session of this run finished training, its model is loaded instead;
+    when it was interrupted, training continues from its last checkpoint.
+    """
+    run_dir = cfg.run_dir
+    done, model_path = run_dir / TRAINING_RESULT_FILE, run_dir / cfg.model_file_name()
+    if done.is_file() and model_path.is_file():
+        model.load_state_dict(torch.load(model_path, map_location=device, weights_only=True))
+        model.eval()
+        print(f"Training finished in an earlier session of this run; loaded {model_path}")
+        return TrainingResult(**json.loads(done.read_text(encoding="utf-8")))
     return finetune(
         model,
         train_loader,
@@ -298,15 +209,24 @@ def train(
         device=device,
         seed=cfg.seed,
         progress=progress,
+        checkpoint_path=run_dir / CHECKPOINT_FILE,
+        checkpoint_every=cfg.checkpoint_every,
+        resume=True,
     )
 
 
 def save_training(cfg: RunConfig, model, result: TrainingResult) -> tuple[dict[str, Path], Any]:
-    """7.6: save the loss plot and the model; returns their paths and the plot's figure."""
-    out = Path(cfg.output_dir)
+    """7.6: save the loss plot and the model; returns their paths and the plot's figure.
+
+    The training checkpoint (model and optimizer) is deleted once the model and the losses
+    are saved: the run does not need it any more.
+    """
+    run_dir = cfg.run_dir
     fig = plot_training(result)
-    paths = {"loss_plot": save_figure(fig, out / "loss-plot.png")}
-    paths["model"] = save_model(model, out / cfg.model_file_name())
+    paths = {"loss_plot": save_figure(fig, run_dir / "loss-plot.png")}
+    paths["model"] = save_model(model, run_dir / cfg.model_file_name())
+    save_json(asdict(result), run_dir / TRAINING_RESULT_FILE)
+    (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
     print(f"Model saved as {paths['model']}")
     return paths, fig
 
@@ -314,7 +234,16 @@ def save_training(cfg: RunConfig, model, result: TrainingResult) -> tuple[dict[s
 def write_responses(
     cfg: RunConfig, model, test_data: list[dict], tokenizer, *, progress: bool = True
 ) -> tuple[list[dict], Path]:
-    """7.7: answer every test instruction and save the entries with their responses."""
+    """7.7: answer every test instruction and save the entries with their responses.
+
+    A responses file that an earlier session of this run completed is reused.
+    """
+    path = cfg.run_dir / RESPONSES_FILE
+    if path.is_file():
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        if len(saved) == len(test_data) and all("model_response" in e for e in saved):
+            print(f"Responses of an earlier session of this run: {path}")
+            return saved, path
     responses = generate_responses(
         model,
         test_data,
@@ -325,19 +254,26 @@ def write_responses(
         batch_size=cfg.gen_batch_size,
         progress=progress,
     )
-    path = save_json(responses, Path(cfg.output_dir) / "instruction-data-with-response.json")
+    save_json(responses, path)
     print(f"Responses saved as {path}")
     return responses, path
 
 
 def evaluate(cfg: RunConfig, responses: list[dict], *, progress: bool = True) -> dict:
-    """7.8: the judge's scores when a judge is reachable; local reference metrics always."""
+    """7.8: the judge's scores when a judge is reachable; local reference metrics always.
+
+    Each score is saved into the responses file as it arrives; entries an earlier session
+    scored are not asked again.
+    """
     return score_responses(
         responses,
         use_judge=cfg.use_judge,
         judge_url=cfg.judge_url,
         judge_model=cfg.judge_model,
         judge_api=cfg.judge_api,
+        timeout=cfg.judge_timeout,
+        max_failures=cfg.judge_max_failures,
+        save_path=cfg.run_dir / RESPONSES_FILE,
         progress=progress,
     )
 
@@ -378,13 +314,13 @@ def write_summary(
         "outputs": {name: str(path) for name, path in outputs.items()},
         **scores,
     }
-    path = save_json(summary, Path(cfg.output_dir) / "run-summary.json")
+    path = save_json(summary, cfg.run_dir / "run-summary.json")
     print(f"Run summary saved as {path}")
     return summary
 
 
 def run(cfg: RunConfig, *, progress: bool = True) -> dict:
-    """Every step of the chapter in order; returns the run summary."""
+    """Every step of the chapter in order, in the run's own folder; returns the summary."""
     import matplotlib.pyplot as plt
 
     device = check_settings(cfg)
@@ -392,6 +328,7 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict:
     tokenizer = prepare_tokenizer(cfg)
     train_loader, val_loader, _ = prepare_loaders(cfg, splits, tokenizer, device)
     model, model_cfg = prepare_model(cfg, device)
+    start_run(cfg)  # the first step that writes into the run's folder
     result = train(cfg, model, train_loader, val_loader, tokenizer, device, progress=progress)
     outputs, fig = save_training(cfg, model, result)
     plt.close(fig)
@@ -410,7 +347,8 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict:
 def build_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="instruction_finetuning.py",
-        description="Chapter 7: instruction fine-tune GPT-2, answer the test set, score it.",
+        description="Chapter 7: instruction fine-tune GPT-2, answer the test set, score it. "
+        "Each run writes into a new folder in --output-dir; --resume continues one.",
     )
     p.add_argument(
         "--smoke",
@@ -419,21 +357,37 @@ def build_arg_parser() -> argparse.ArgumentParser:
         "(about 10 s on 2 CPU cores)",
     )
     p.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        metavar="RUN_DIR",
+        help="continue an interrupted run: the latest in --output-dir, or the folder given",
+    )
+    p.add_argument(
         "--model-size", help=f"one of {', '.join(MODEL_CONFIGS)}, or e.g. 355M (default: medium)"
     )
     p.add_argument("--epochs", type=int, help="default: 2")
     p.add_argument("--batch-size", type=int, help="default: 8")
     p.add_argument("--lr", type=float, help="AdamW learning rate (default: 5e-5)")
     p.add_argument("--weight-decay", type=float, help="default: 0.1")
-    p.add_argument("--data", help="instruction data: a JSON file or an http(s) URL")
     p.add_argument(
-        "--data-cache", help="where a downloaded --data file is kept (default: its name)"
+        "--checkpoint-every",
+        type=int,
+        help="steps between training checkpoints (default: 100; 0: only after each epoch)",
     )
-    p.add_argument("--output-dir", help="where outputs go (default: outputs)")
+    p.add_argument("--data", help="instruction data: a JSON or JSON Lines file, or an http(s) URL")
+    p.add_argument("--data-cache", help="where a downloaded --data file is kept")
+    p.add_argument("--output-dir", help="where run folders go (default: outputs)")
     p.add_argument("--models-dir", help="where GPT-2 weights are kept (default: gpt2)")
     p.add_argument("--judge-url", help="judge host or endpoint (default: $OLLAMA_HOST)")
     p.add_argument("--judge-model", help="judge model (default: llama3)")
     p.add_argument("--judge-api", choices=JUDGE_APIS, help="default: ollama")
+    p.add_argument("--judge-timeout", type=float, help="seconds per judge reply (default: 120)")
+    p.add_argument(
+        "--judge-max-failures",
+        type=int,
+        help="failed judge requests in a row before giving up (default: 3)",
+    )
     p.add_argument("--no-judge", action="store_true", help="skip the judge: local metrics only")
     p.add_argument("--prompt-style", choices=list(PROMPT_STYLES), help="default: alpaca")
     p.add_argument(
@@ -457,6 +411,7 @@ _FLAG_FIELDS = (
     "batch_size",
     "lr",
     "weight_decay",
+    "checkpoint_every",
     "data",
     "data_cache",
     "output_dir",
@@ -464,6 +419,8 @@ _FLAG_FIELDS = (
     "judge_url",
     "judge_model",
     "judge_api",
+    "judge_timeout",
+    "judge_max_failures",
     "prompt_style",
     "max_new_tokens",
     "seed",
@@ -477,25 +434,44 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     settings["use_judge"] = False if args.no_judge else None
     settings["mask_prompt"] = True if args.mask_prompt else None
     settings["group_by_length"] = True if args.group_by_length else None
-    return make_config(smoke=args.smoke, **settings)
+    return make_config(smoke=args.smoke, resume=args.resume, **settings)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line entry point; returns the exit status."""
+    """Command line entry point; returns the exit status.
+
+    Expected failures (a setting, the data, a download, a non-finite loss) print one
+    ``error:`` line and exit with 2; an interrupt exits with 130 and says how to resume.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     args = build_arg_parser().parse_args(argv)
+    cfg = None
     try:
-        run(config_from_args(args))
+        cfg = config_from_args(args)
+        run(cfg)
+    except TrainingInterrupted as exc:
+        print(f"error: {exc}. Resume with: {_resume_command(cfg)}", file=sys.stderr)
+        return 130
     except ChapterError as exc:  # expected failures: one clear message, no traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except (gpt_download.DownloadError, gpt_download.CheckpointError) as exc:
-        hint = "" if SMOKE_HINT in str(exc) else f"\n{SMOKE_HINT}"
+        offline = SMOKE_HINT in str(exc) or isinstance(exc, gpt_download.DiskError)
+        hint = "" if offline else f"\n{SMOKE_HINT}"
         print(f"error: {exc}{hint}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outside training: whatever was saved stays; resume finishes it
+        print(f"\ninterrupted. Resume with: {_resume_command(cfg)}", file=sys.stderr)
+        return 130
     return 0
+
+
+def _resume_command(cfg: RunConfig | None) -> str:
+    if cfg is None or cfg.run_name is None:
+        return "the same command again (nothing was started)"
+    return f"python main/instruction_finetuning.py --resume {cfg.run_dir}"
 
 
 if __name__ == "__main__":

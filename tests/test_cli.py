@@ -179,12 +179,12 @@ def test_check_settings_returns_the_device():
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"epochs": 0}, "epochs 0 is out of range"),
-        ({"batch_size": 0}, "batch size 0 is out of range"),
-        ({"lr": -1.0}, "learning rate -1.0 is out of range"),
-        ({"lr": float("nan")}, "learning rate nan is out of range"),
-        ({"weight_decay": float("inf")}, "weight decay inf is out of range"),
-        ({"max_new_tokens": 0}, "max new tokens 0 is out of range"),
+        ({"epochs": 0}, "epochs = 0 is out of range: it must be at least 1"),
+        ({"batch_size": 0}, "batch_size = 0 is out of range"),
+        ({"lr": -1.0}, "lr = -1.0 is out of range"),
+        ({"lr": float("nan")}, "lr = nan is out of range"),
+        ({"weight_decay": float("inf")}, "weight_decay = inf is out of range"),
+        ({"max_new_tokens": 0}, "max_new_tokens = 0 is out of range"),
         ({"device": "foo"}, "unknown device 'foo'"),
         ({"prompt_style": "chatml"}, "unknown prompt style 'chatml'"),
         ({"judge_api": "anthropic"}, "unknown judge api 'anthropic'"),
@@ -207,11 +207,11 @@ def data_server():
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--epochs", "0"], "epochs 0 is out of range"),
-        (["--batch-size", "0"], "batch size 0 is out of range"),
-        (["--lr", "-1"], "learning rate -1.0 is out of range"),
-        (["--lr", "nan"], "learning rate nan is out of range"),
-        (["--max-new-tokens", "0"], "max new tokens 0 is out of range"),
+        (["--epochs", "0"], "epochs = 0 is out of range: it must be at least 1"),
+        (["--batch-size", "0"], "batch_size = 0 is out of range"),
+        (["--lr", "-1"], "lr = -1.0 is out of range"),
+        (["--lr", "nan"], "lr = nan is out of range"),
+        (["--max-new-tokens", "0"], "max_new_tokens = 0 is out of range"),
         (["--device", "foo"], "unknown device 'foo'; use cpu, cuda or cuda:N"),
         (["--model-size", "gpt5"], "unknown GPT-2 model 'gpt5'"),
         (["--judge-url", "http://127.0.0.1:bad"], "invalid port"),
@@ -344,7 +344,7 @@ def test_prepare_loaders_needs_a_full_training_batch(tokenizer):
 
 
 def test_write_summary_is_strict_json_with_the_documented_keys(tmp_path):
-    cfg = ift.RunConfig.smoke_preset(output_dir=str(tmp_path))
+    cfg = ift.RunConfig.smoke_preset(output_dir=str(tmp_path), run_name="run")
     entries = numbered_entries(10)
     splits = ift.Splits(entries, entries[:8], entries[8:9], entries[9:])
     result = ift.TrainingResult(float("nan"), 3.0, [2.0], [float("inf")], [64], 1, 0.25)
@@ -357,7 +357,7 @@ def test_write_summary_is_strict_json_with_the_documented_keys(tmp_path):
     def refuse(constant):
         raise ValueError(constant)
 
-    saved = json.loads((tmp_path / "run-summary.json").read_text(), parse_constant=refuse)
+    saved = json.loads((cfg.run_dir / "run-summary.json").read_text(), parse_constant=refuse)
     assert set(saved) == set(summary) == SUMMARY_KEYS
     assert saved["initial_losses"] == {"train": None, "val": 3.0}  # NaN -> null
     assert saved["loss_history"] == {"train": [2.0], "val": [None], "tokens_seen": [64]}
@@ -399,7 +399,7 @@ def test_run_phi3_with_prompt_masking(tmp_path, capsys):
     assert summary["config"]["prompt_style"] == "phi3" and summary["config"]["mask_prompt"]
     assert summary["judge"] is None and summary["local_metrics"]["n"] == 2
     assert "<|user|>" in capsys.readouterr().out  # the training sample prints the phi3 prompt
-    responses = json.loads((tmp_path / "out" / "instruction-data-with-response.json").read_text())
+    responses = json.loads((cfg.run_dir / "instruction-data-with-response.json").read_text())
     assert [e["instruction"] for e in responses] == [
         e["instruction"] for e in numbered_entries(24)[20:22]
     ]
@@ -413,23 +413,27 @@ def test_cli_smoke_end_to_end(tmp_path, monkeypatch):
         rc = ift.main(["--smoke", "--output-dir", str(out), "--judge-url", judge.base])
     assert rc == 0
 
+    run = (out / "latest").resolve()
+    assert sorted(p.name for p in out.iterdir()) == sorted(["latest", run.name])
+    assert run.name.endswith("-smoke")
     sample = load_instruction_data(SAMPLE_DATA_PATH)
     _, test_data, _ = split_data(sample)
-    responses = json.loads((out / "instruction-data-with-response.json").read_text())
+    responses = json.loads((run / "instruction-data-with-response.json").read_text())
     assert len(responses) == len(test_data) > 0
     for entry, original in zip(responses, test_data, strict=True):
         assert isinstance(entry["model_response"], str)
         assert {k: entry[k] for k in REQUIRED_KEYS} == original
 
-    assert (out / "loss-plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (run / "loss-plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    state = torch.load(out / "gpt-random-init-sft.pth", weights_only=True)
+    state = torch.load(run / "gpt-random-init-sft.pth", weights_only=True)
     model, _ = ift.build_model("124M", pretrained=False, overrides=ift.SMOKE_MODEL_OVERRIDES)
     model.load_state_dict(state)
 
-    summary = json.loads((out / "run-summary.json").read_text())
+    summary = json.loads((run / "run-summary.json").read_text())
     assert set(summary) == SUMMARY_KEYS
     assert summary["config"]["smoke"] is True and summary["model"]["size"] is None
+    assert summary["config"]["run_name"] == run.name
     assert summary["data"]["n_test"] == len(test_data)
     assert summary["final_losses"]["train"] < summary["initial_losses"]["train"]
     assert summary["judge"]["mean_score"] == 42 and summary["judge"]["n_failed"] == 0
@@ -437,12 +441,50 @@ def test_cli_smoke_end_to_end(tmp_path, monkeypatch):
     assert len(judge.bodies) == len(test_data)
     assert summary["local_metrics"]["n"] == len(test_data)
     assert summary["outputs"] == {
-        "loss_plot": str(out / "loss-plot.png"),
-        "model": str(out / "gpt-random-init-sft.pth"),
-        "responses": str(out / "instruction-data-with-response.json"),
+        "loss_plot": str(out / run.name / "loss-plot.png"),
+        "model": str(out / run.name / "gpt-random-init-sft.pth"),
+        "responses": str(out / run.name / "instruction-data-with-response.json"),
     }
-    assert sorted(p.name for p in out.iterdir()) == sorted(
+    assert sorted(p.name for p in run.iterdir()) == sorted(
         ["loss-plot.png", "gpt-random-init-sft.pth", "instruction-data-with-response.json"]
-        + ["run-summary.json"]
+        + ["run-summary.json", "run-config.json", "training-result.json"]
     )
     assert not (tmp_path / "outputs").exists()  # everything went to --output-dir
+
+
+@pytest.mark.slow
+def test_each_run_gets_its_own_folder_and_resume_finishes_a_run(tmp_path, capsys):
+    out = tmp_path / "out"
+    flags = ["--smoke", "--no-judge", "--output-dir", str(out), "--epochs", "1"]
+    assert ift.main(flags) == 0
+    first = (out / "latest").resolve()
+    first_summary = (first / "run-summary.json").read_text()
+    assert ift.main(flags) == 0
+    second = (out / "latest").resolve()
+    assert second != first and (first / "run-summary.json").read_text() == first_summary
+
+    # an interrupted run: it stopped after training (no responses, no summary yet)
+    for name in ("instruction-data-with-response.json", "run-summary.json"):
+        (second / name).unlink()
+    capsys.readouterr()
+    assert ift.main(["--resume", "--output-dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert (
+        "Training finished in an earlier session" in printed and "Initial training" not in printed
+    )
+    assert (
+        json.loads((second / "run-summary.json").read_text())["config"]["run_name"] == second.name
+    )
+    assert sorted(p.name for p in out.iterdir()) == sorted(["latest", first.name, second.name])
+
+    # a resumed run keeps its settings
+    assert ift.main(["--resume", str(first), "--lr", "0.5"]) == 2
+    assert "keeps the settings it started with (lr=0.001)" in capsys.readouterr().err
+
+
+def test_resume_needs_an_earlier_run(tmp_path, capsys):
+    assert ift.main(["--resume", "--output-dir", str(tmp_path / "none")]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+    (tmp_path / "notarun").mkdir()
+    assert ift.main(["--resume", str(tmp_path / "notarun")]) == 2
+    assert "run-config.json is missing or unreadable" in capsys.readouterr().err

@@ -151,6 +151,7 @@ def test_smoke_run_writes_the_outputs_and_matches_the_command_line(
     executed, tmp_path, monkeypatch
 ) -> None:
     _, out_dir = executed
+    out_dir = (out_dir / "latest").resolve()  # the run's own folder
     sample = instruction_data.read_instruction_file(instruction_data.SAMPLE_DATA_PATH)
     _, test_data, _ = instruction_data.split_data(sample)
     responses = json.loads((out_dir / "instruction-data-with-response.json").read_text())
@@ -164,7 +165,8 @@ def test_smoke_run_writes_the_outputs_and_matches_the_command_line(
     cli_out = tmp_path / "cli"
     monkeypatch.setenv("OLLAMA_HOST", f"127.0.0.1:{_closed_port()}")
     assert ift.main(["--smoke", "--output-dir", str(cli_out)]) == 0
-    cli = json.loads((cli_out / "run-summary.json").read_text())
+    cli = json.loads((cli_out / "latest" / "run-summary.json").read_text())
     for key in ("initial_losses", "final_losses", "loss_history", "data", "model"):
         assert notebook[key] == cli[key], key
-    assert notebook["config"] | {"output_dir": None} == cli["config"] | {"output_dir": None}
+    ignore = {"output_dir": None, "run_name": None}
+    assert notebook["config"] | ignore == cli["config"] | ignore

@@ -1,0 +1,321 @@
+"""The settings of a run, their checks, and the run's own folder.
+
+``RunConfig`` holds every choice of a run (its defaults are the chapter's); ``make_config``
+builds it for the command line and the notebook alike; ``check_settings`` refuses a setting
+that cannot work before any download or training starts. ``start_run`` gives every run a
+folder of its own, ``OUTPUT_DIR/<date>-<time>-<model>/``, and points ``OUTPUT_DIR/latest`` at
+it, so that no run overwrites or mixes with another; ``make_config(resume=...)`` continues
+an earlier run in its folder, with the settings it started with.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import re
+import tempfile
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from instruction_data import DATA_URL, PROMPT_STYLES, SAMPLE_DATA_PATH, ConfigError
+from ollama_evaluate import judge_endpoint
+from outputs import save_json
+from previous_chapters import gpt2_config, resolve_model_name
+
+# The smoke run's model: GPT-2's vocabulary and layout, tiny sizes, random weights.
+SMOKE_MODEL_OVERRIDES = {"emb_dim": 64, "n_layers": 2, "n_heads": 4, "context_length": 256}
+RUN_CONFIG_FILE = "run-config.json"
+
+
+@dataclass
+class RunConfig:
+    """Every choice of a chapter run. The defaults are the chapter's."""
+
+    # model
+    model_size: str | None = "gpt2-medium (355M)"  # None: GPT-2 small's shape + model_overrides
+    pretrained: bool = True  # False: random initialisation (the smoke run)
+    model_overrides: dict = field(default_factory=dict)  # e.g. a tiny emb_dim / n_layers
+    models_dir: str = "gpt2"
+    # data
+    data: str = DATA_URL  # a local JSON / JSON Lines file or an http(s) URL
+    data_cache: str | None = None  # where a downloaded file is kept (default: named after the URL)
+    train_frac: float = 0.85
+    test_frac: float = 0.10
+    split_seed: int | None = None  # None: split in file order, as the course does
+    prompt_style: str = "alpaca"
+    mask_prompt: bool = False
+    group_by_length: bool = False  # batch entries of similar length together (less padding)
+    # training
+    batch_size: int = 8
+    num_workers: int = 0
+    allowed_max_length: int = 1024
+    epochs: int = 2
+    lr: float = 5e-5
+    weight_decay: float = 0.1
+    eval_freq: int = 5
+    eval_iter: int = 5
+    seed: int = 123
+    device: str | None = None  # None: cuda when available, else cpu
+    checkpoint_every: int = 100  # steps between checkpoints (0: only at the end of each epoch)
+    # responses
+    max_new_tokens: int = 256
+    gen_batch_size: int = 8
+    # judge
+    use_judge: bool = True
+    judge_url: str | None = None  # None: $OLLAMA_HOST or http://localhost:11434
+    judge_model: str = "llama3"
+    judge_api: str = "ollama"  # or "openai" (any OpenAI-compatible chat endpoint)
+    judge_timeout: float = 120.0  # seconds to wait for one reply
+    judge_max_failures: int = 3  # failed requests in a row after which the judge counts as down
+    # outputs
+    output_dir: str = "outputs"  # each run gets a folder of its own in here
+    run_name: str | None = None  # that folder's name, set when the run starts
+    smoke: bool = False
+
+    @classmethod
+    def smoke_preset(cls, **changes: Any) -> RunConfig:
+        """A run that works offline: a tiny random GPT on the bundled 40-entry sample data."""
+        preset = dict(
+            model_size=None,
+            pretrained=False,
+            model_overrides=dict(SMOKE_MODEL_OVERRIDES),
+            data=str(SAMPLE_DATA_PATH),
+            lr=1e-3,
+            eval_freq=2,
+            eval_iter=1,
+            max_new_tokens=16,
+            smoke=True,
+        )
+        return cls(**{**preset, **changes})
+
+    def model_file_name(self) -> str:
+        """``gpt2-medium355M-sft.pth`` as in the course; ``gpt-random-init-sft.pth`` if random."""
+        if not self.pretrained or self.model_size is None:
+            return "gpt-random-init-sft.pth"
+        return re.sub(r"[ ()]", "", resolve_model_name(self.model_size)) + "-sft.pth"
+
+    @property
+    def run_dir(self) -> Path:
+        """This run's folder (``start_run`` names it)."""
+        if self.run_name is None:
+            raise ConfigError("the run has no folder yet: call start_run(cfg) first")
+        return Path(self.output_dir) / self.run_name
+
+
+def make_config(
+    *, smoke: bool = False, resume: bool | str | None = None, **settings: Any
+) -> RunConfig:
+    """The smoke preset or the chapter's defaults, with every setting that is not None on top.
+
+    The command line (each flag given) and the notebook (each parameter not None) build
+    their configuration here, so the same settings make the same run. ``resume`` (True for
+    the latest run in the output folder, or a run folder) continues an earlier run with the
+    settings it started with; other settings may only repeat them (``device`` may change).
+    """
+    given = {name: value for name, value in settings.items() if value is not None}
+    unknown = set(given) - {f.name for f in fields(RunConfig)}
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {sorted(unknown)}")
+    if resume not in (None, False):
+        return _resume_config(resume, {**given, **({"smoke": True} if smoke else {})})
+    if smoke and "model_size" in given:
+        raise ConfigError(
+            "the smoke run uses its own tiny random GPT, so it cannot take a model size; "
+            "drop --model-size (MODEL_SIZE = None in the notebook) or drop --smoke"
+        )
+    return replace(RunConfig.smoke_preset() if smoke else RunConfig(), **given)
+
+
+def describe(cfg: RunConfig) -> str:
+    """The settings that shape a run, one short line each."""
+    model = "tiny random GPT (smoke)" if cfg.model_size is None else cfg.model_size
+    judge = f"{cfg.judge_model} via {cfg.judge_api}" if cfg.use_judge else "none (local metrics)"
+    data = Path(cfg.data).name if not cfg.data.startswith("http") else cfg.data
+    return "\n".join(
+        [
+            f"model:       {model}{'' if cfg.pretrained else ', random weights'}",
+            f"data:        {data} ({cfg.prompt_style} prompts, mask_prompt={cfg.mask_prompt})",
+            f"training:    {cfg.epochs} epochs, batch {cfg.batch_size}, AdamW lr {cfg.lr:g}, "
+            f"weight decay {cfg.weight_decay:g}, seed {cfg.seed}",
+            f"responses:   up to {cfg.max_new_tokens} new tokens",
+            f"judge:       {judge}",
+            f"outputs:     {cfg.output_dir}/ (a new folder for each run)",
+        ]
+    )
+
+
+def model_config(cfg: RunConfig) -> dict:
+    """The GPT config the run builds (a pretrained model takes its shapes from the checkpoint)."""
+    try:
+        return gpt2_config(cfg.model_size or "gpt2-small (124M)", **cfg.model_overrides)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def allowed_max_length(cfg: RunConfig) -> int:
+    """How many tokens of an entry the loaders keep: the setting, at most the model's context."""
+    return min(cfg.allowed_max_length, model_config(cfg)["context_length"])
+
+
+# --------------------------------------------------------------------------------------
+# Checks before any work
+# --------------------------------------------------------------------------------------
+
+# (setting, test, what it must be)
+_RANGES = [
+    ("epochs", lambda v: v >= 1, "at least 1"),
+    ("batch_size", lambda v: v >= 1, "at least 1"),
+    ("lr", lambda v: math.isfinite(v) and v > 0, "a number above 0, such as 5e-5"),
+    ("weight_decay", lambda v: math.isfinite(v) and v >= 0, "a number of at least 0"),
+    ("eval_freq", lambda v: v >= 1, "at least 1"),
+    ("eval_iter", lambda v: v >= 1, "at least 1"),
+    ("checkpoint_every", lambda v: v >= 0, "at least 0 (0: only at the end of each epoch)"),
+    ("allowed_max_length", lambda v: v >= 2, "at least 2"),
+    ("max_new_tokens", lambda v: v >= 1, "at least 1"),
+    ("gen_batch_size", lambda v: v >= 1, "at least 1"),
+    ("judge_timeout", lambda v: math.isfinite(v) and v > 0, "a number of seconds above 0"),
+    ("judge_max_failures", lambda v: v >= 1, "at least 1"),
+]
+
+
+def _check_writable_folder(path: Path, what: str) -> None:
+    """Check that ``path`` is (or can be made) a folder we can write in; creates nothing."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{what} {path}: {existing} is a file, not a folder; choose another path")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            f"{what} {path} cannot be written ({exc.strerror or exc}); choose another path"
+        ) from None
+
+
+def _check_device(name: str | None) -> torch.device:
+    """The device called ``name`` (None: cuda when available, else cpu), if this machine has it."""
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} asked for, but PyTorch sees no CUDA GPU")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"device {name!r}: this machine has {torch.cuda.device_count()} GPU(s)")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"device {name!r} is not supported; use cpu or cuda")
+    return device
+
+
+def check_settings(cfg: RunConfig) -> torch.device:
+    """Check every setting and path before any work is done; returns the device to run on.
+
+    Each problem is a ``ConfigError`` of one line that says what is wrong and what to do.
+    Nothing is written.
+    """
+    for name, ok, rule in _RANGES:
+        if not ok(getattr(cfg, name)):
+            raise ConfigError(f"{name} = {getattr(cfg, name)} is out of range: it must be {rule}")
+    if cfg.model_size is None and cfg.pretrained:
+        raise ConfigError("a pretrained run needs a model size, e.g. 'gpt2-medium (355M)'")
+    model_config(cfg)
+    if cfg.prompt_style not in PROMPT_STYLES:
+        raise ConfigError(
+            f"unknown prompt style {cfg.prompt_style!r}; choose one of: {', '.join(PROMPT_STYLES)}"
+        )
+    if not cfg.data.startswith(("http://", "https://")) and not Path(cfg.data).is_file():
+        raise ConfigError(f"data {cfg.data}: no such file; pass a JSON file or an http(s) URL")
+    if cfg.data_cache is not None and Path(cfg.data_cache).is_dir():
+        raise ConfigError(f"data cache {cfg.data_cache} is a folder; pass a file path")
+    if Path(cfg.models_dir).exists() and not Path(cfg.models_dir).is_dir():
+        raise ConfigError(f"models folder {cfg.models_dir} is a file; choose another path")
+    if cfg.use_judge:
+        judge_endpoint(cfg.judge_url, cfg.judge_api)
+    device = _check_device(cfg.device)
+    _check_writable_folder(Path(cfg.output_dir), "output folder")
+    return device
+
+
+# --------------------------------------------------------------------------------------
+# One folder per run
+# --------------------------------------------------------------------------------------
+
+
+def latest_run(output_dir: str | os.PathLike) -> Path | None:
+    """The newest run folder in ``output_dir`` (what ``latest`` points to), or None."""
+    out = Path(output_dir)
+    link, note = out / "latest", out / "latest.txt"
+    if link.is_dir():
+        return link.resolve()
+    if note.is_file():
+        return out / note.read_text(encoding="utf-8").strip()
+    return None
+
+
+def _point_latest(out: Path, name: str) -> None:
+    """Make ``out/latest`` a link to the run folder ``name`` (or write latest.txt without links)."""
+    tmp = out / f".latest-{os.getpid()}"
+    try:
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(name, target_is_directory=True)
+        os.replace(tmp, out / "latest")
+    except OSError:  # no symbolic links here (e.g. Windows without developer mode)
+        tmp.unlink(missing_ok=True)
+        (out / "latest.txt").write_text(f"{name}\n", encoding="utf-8")
+
+
+def start_run(cfg: RunConfig) -> Path:
+    """The run's folder: a new one (named and recorded in ``cfg.run_name``), or the folder of
+    the run being resumed. It holds the run's settings as ``run-config.json``."""
+    if cfg.run_name is not None:
+        print(f"Continuing the run in {cfg.run_dir}")
+        return cfg.run_dir
+    out = Path(cfg.output_dir)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    tag = "smoke" if cfg.smoke else cfg.model_file_name().removesuffix("-sft.pth")
+    name, n = f"{stamp}-{tag}", 2
+    while (out / name).exists():
+        name, n = f"{stamp}-{tag}-{n}", n + 1
+    (out / name).mkdir(parents=True)
+    cfg.run_name = name
+    save_json(asdict(cfg), cfg.run_dir / RUN_CONFIG_FILE)
+    _point_latest(out, name)
+    print(f"This run's outputs go to {cfg.run_dir}")
+    return cfg.run_dir
+
+
+def _resume_config(resume: bool | str | os.PathLike, given: dict) -> RunConfig:
+    """The configuration of the run to continue, checked against the settings given now."""
+    output_dir = given.get("output_dir", RunConfig.output_dir)
+    run = latest_run(output_dir) if resume is True or resume == "latest" else Path(resume)
+    if run is None:
+        raise ConfigError(f"nothing to resume: {output_dir}/ holds no earlier run")
+    path = run / RUN_CONFIG_FILE
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        cfg = RunConfig(**saved)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ConfigError(
+            f"cannot resume from {run}: {path} is missing or unreadable ({exc}); "
+            "pass the folder of an earlier run"
+        ) from None
+    cfg = replace(cfg, output_dir=str(run.parent), run_name=run.name)
+    differ = {
+        name: getattr(cfg, name)
+        for name, value in given.items()
+        if name not in ("output_dir", "device") and getattr(cfg, name) != value
+    }
+    if differ:
+        used = ", ".join(f"{name}={value!r}" for name, value in differ.items())
+        raise ConfigError(
+            f"a resumed run keeps the settings it started with ({used}); drop the other "
+            "settings, or start a new run without --resume"
+        )
+    return replace(cfg, device=given.get("device", cfg.device))

@@ -1,0 +1,19 @@
+"""The package lists every module: an installed wheel imports what the repository does."""
+
+from __future__ import annotations
+
+import pytest
+
+from helpers import REPO_ROOT
+
+tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from 3.11")
+
+
+def test_the_wheel_includes_every_module_and_ruff_knows_them_as_first_party() -> None:
+    config = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+    included = set(config["tool"]["hatch"]["build"]["targets"]["wheel"]["only-include"])
+    modules = {p.name for p in REPO_ROOT.glob("*.py")}
+    modules |= {f"main/{p.name}" for p in (REPO_ROOT / "main").glob("*.py")}
+    assert included == modules
+    first_party = set(config["tool"]["ruff"]["lint"]["isort"]["known-first-party"])
+    assert {name.split("/")[-1].removesuffix(".py") for name in modules} <= first_party
