@@ -16,6 +16,13 @@ from pathlib import Path
 from typing import Any
 
 
+def _umask() -> int:
+    """The process's umask (reading it means setting it; it is put straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_atomically(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
     """Call ``write(tmp)`` to fill a temporary file, then rename it to ``path``."""
     path = Path(path)
@@ -24,7 +31,7 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], Any]) -> P
     os.close(fd)
     try:
         write(Path(tmp))
-        os.chmod(tmp, 0o644)  # mkstemp makes the file private; outputs are ordinary files
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private; ours are ordinary
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

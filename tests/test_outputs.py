@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import stat
 
 import matplotlib
@@ -94,7 +95,18 @@ def test_a_write_interrupted_midway_keeps_the_old_file(tmp_path, error):
     assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
 
 
+@pytest.mark.parametrize(("umask", "expected"), [(0o022, 0o644), (0o077, 0o600)])
+def test_files_get_the_permissions_of_ordinary_files(tmp_path, umask, expected):
+    previous = os.umask(umask)
+    try:
+        path = outputs.save_json({"a": 1}, tmp_path / "a.json")
+    finally:
+        os.umask(previous)
+    assert mode(path) == expected  # what open() would give under this umask
+
+
 def test_files_are_ordinary_readable_files(tmp_path):
+    previous = os.umask(0o022)
     model = tiny_model()
     fig = plt.figure()
     paths = [
@@ -103,6 +115,7 @@ def test_files_are_ordinary_readable_files(tmp_path):
         outputs.save_model(model, tmp_path / "model.pth"),
     ]
     plt.close(fig)
+    os.umask(previous)
     assert [mode(p) for p in paths] == [0o644] * 3  # not mkstemp's private 0o600
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "model.pth", "plot.png"]
 
