@@ -75,6 +75,18 @@ def gpt2_config(model_name: str, **overrides: Any) -> dict[str, Any]:
     return {**GPT_CONFIG_124M, **MODEL_CONFIGS[resolve_model_name(model_name)], **overrides}
 
 
+def gpt2_config_from_hparams(settings: Mapping[str, Any], **overrides: Any) -> dict[str, Any]:
+    """The model config of a GPT-2 checkpoint from its hparams.json ``settings``."""
+    shapes = {
+        "vocab_size": settings["n_vocab"],
+        "context_length": settings["n_ctx"],
+        "emb_dim": settings["n_embd"],
+        "n_heads": settings["n_head"],
+        "n_layers": settings["n_layer"],
+    }
+    return {**GPT_CONFIG_124M, **shapes, **overrides}
+
+
 # ---------------------------------------------------------------------------
 # Model (chapter 4)
 # ---------------------------------------------------------------------------
@@ -552,6 +564,7 @@ __all__ = [
     "generate",
     "generate_and_print_sample",
     "gpt2_config",
+    "gpt2_config_from_hparams",
     "load_weights_into_gpt",
     "plot_losses",
     "resolve_model_name",

@@ -214,9 +214,7 @@ def plot_response_lengths(
     return fig
 
 
-def before_after_table(
-    entries: Sequence[dict], before: Sequence[str], after: Sequence[str], style: str = "alpaca"
-) -> Any:
+def before_after_table(entries: Sequence[dict], before: Sequence[str], after: Sequence[str]) -> Any:
     """An HTML table: each instruction, its reference answer, and the model's answer before
     and after fine-tuning."""
     from IPython.display import HTML

@@ -29,6 +29,7 @@ from previous_chapters import (
     GPTModel,
     LossFn,
     gpt2_config,
+    gpt2_config_from_hparams,
     load_weights_into_gpt,
     plot_losses,
     resolve_model_name,
@@ -66,12 +67,9 @@ def build_model(
     if pretrained:  # fetch the weights before building anything
         tag = resolve_model_name(model_size).split(" ")[1].strip("()")  # "355M"
         settings, params = gpt_download.download_and_load_gpt2(tag, models_dir)
-        cfg.update(
-            vocab_size=settings["n_vocab"],
-            context_length=settings["n_ctx"],
-            emb_dim=settings["n_embd"],
-            n_heads=settings["n_head"],
-            n_layers=settings["n_layer"],
+        # the checkpoint fixes the shapes; dropout and the qkv bias stay as configured
+        cfg = gpt2_config_from_hparams(
+            settings, drop_rate=cfg["drop_rate"], qkv_bias=cfg["qkv_bias"]
         )
     torch.manual_seed(seed)  # the random initialisation (overwritten by GPT-2's weights)
     model = GPTModel(cfg)

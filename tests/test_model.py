@@ -256,14 +256,7 @@ def test_gpt2_small_config_is_the_course_one():
 # --- loading OpenAI's weights ---------------------------------------------------------------
 
 HPARAMS = json.loads((TINY_CHECKPOINT / "hparams.json").read_text())
-CKPT_CFG = pc.gpt2_config(
-    "124M",
-    vocab_size=HPARAMS["n_vocab"],
-    context_length=HPARAMS["n_ctx"],
-    emb_dim=HPARAMS["n_embd"],
-    n_heads=HPARAMS["n_head"],
-    n_layers=HPARAMS["n_layer"],
-)
+CKPT_CFG = pc.gpt2_config_from_hparams(HPARAMS)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import torch
 
 import tf_checkpoint as tfc
 from helpers import FIXTURES, TINY_CHECKPOINT
-from previous_chapters import GPTModel, gpt2_config, load_weights_into_gpt
+from previous_chapters import GPTModel, gpt2_config_from_hparams, load_weights_into_gpt
 
 TINY = TINY_CHECKPOINT
 DATA_FILE = "model.ckpt.data-00000-of-00001"
@@ -280,16 +280,7 @@ def _numpy_gpt2_logits(weights: dict, hp: dict, ids: list[int]) -> np.ndarray:
 
 def test_read_weights_give_gpt_model_the_logits_of_gpt2():
     params = tfc.load_gpt2_params_from_tf_ckpt(TINY / "model.ckpt", HPARAMS)
-    cfg = gpt2_config(
-        "124M",
-        vocab_size=HPARAMS["n_vocab"],
-        context_length=HPARAMS["n_ctx"],
-        emb_dim=HPARAMS["n_embd"],
-        n_heads=HPARAMS["n_head"],
-        n_layers=HPARAMS["n_layer"],
-        drop_rate=0.0,
-        qkv_bias=True,
-    )
+    cfg = gpt2_config_from_hparams(HPARAMS)
     torch.manual_seed(0)
     model = GPTModel(cfg).eval()
     load_weights_into_gpt(model, params)
