@@ -13,6 +13,8 @@ course                     fast counterpart               what it saves
 ``generate``, one prompt   ``generate_batch``             many prompts per step, a preallocated
                                                           key/value cache, no compute on padding,
                                                           finished rows leave the batch
+``generate``, streamed     ``stream_tokens``              re-running the text every step (a
+                                                          preallocated cache), for a chat
 ``shuffle=True`` batches   ``LengthGroupedBatchSampler``  padding: entries of similar length
                                                           share a batch
 ``torch.optim.AdamW``      ``make_optimizer``             a Python loop over the parameters
@@ -27,7 +29,7 @@ run packed rows in training and padded, cached rows in generation.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -407,3 +409,51 @@ def generate_batch(
         for i, row in zip(chunk, new, strict=True):
             results[i] = row
     return results
+
+
+@torch.inference_mode()
+def stream_tokens(
+    model: nn.Module,
+    prompt_ids: Sequence[int],
+    max_new_tokens: int,
+    context_size: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    eos_id: int | None = None,
+    generator: torch.Generator | None = None,
+) -> Iterator[int]:
+    """The new tokens ``generate`` gives one prompt, yielded one at a time as they are picked.
+
+    For a chat that shows the answer as it grows. Same tokens as ``generate`` (and, sampling,
+    the same draws from ``generator``): while the text fits ``context_size`` each step feeds
+    one token through a preallocated ``KVCache``; after that the window slides and each step
+    re-runs it. Stops before ``eos_id``, which is not yielded.
+    """
+    if max_new_tokens < 0 or context_size < 1 or (top_k is not None and top_k < 1):
+        raise ValueError(
+            f"need max_new_tokens >= 0, context_size >= 1, top_k >= 1 or None; got "
+            f"{max_new_tokens}, {context_size}, {top_k}"
+        )
+    if len(prompt_ids) == 0:
+        raise ValueError("the prompt is empty; it needs at least one token")
+    device = model.out_head.weight.device
+    tokens = list(prompt_ids)
+    n_cached = max(0, min(max_new_tokens, context_size - len(tokens) + 1))  # steps that fit
+    cache = KVCache(model, 1, len(tokens) + n_cached - 1) if n_cached else None
+    for step in range(max_new_tokens):
+        n = len(tokens)
+        if step < n_cached:  # the whole prompt first, then one new token per step
+            start = 0 if step == 0 else n - 1
+            idx = torch.tensor([tokens[start:]], device=device)
+            positions = torch.arange(start, n, device=device)
+            hidden = hidden_states(model, idx, positions, cached_attention(cache, start))
+        else:
+            window = torch.tensor([tokens[-context_size:]], device=device)
+            hidden = hidden_states(model, window, None, causal_attention())
+        logits = model.out_head(hidden[:, -1])
+        next_id = int(sample_next_token(logits, temperature, top_k, generator))
+        if next_id == eos_id:
+            return
+        tokens.append(next_id)
+        yield next_id

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +37,41 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], Any]) -> P
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return path
+
+
+def write_folder_atomically(
+    path: str | os.PathLike, fill: Callable[[Path], Any], *, overwrite: bool = False
+) -> Path:
+    """Call ``fill(tmp)`` to fill a temporary folder, then rename it to ``path``.
+
+    The folder appears complete or not at all. An existing ``path`` raises FileExistsError,
+    unless ``overwrite``: then it is moved aside, replaced, and deleted.
+    """
+    path = Path(path)
+    if (path.exists() or path.is_symlink()) and not overwrite:
+        raise FileExistsError(f"{path} already exists")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    old = tmp.with_name(tmp.name.removesuffix(".tmp") + ".old")
+    try:
+        fill(tmp)
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes the folder private; ours are ordinary
+        for file in tmp.rglob("*"):  # (and so are the files, whatever wrote them)
+            if file.is_file():
+                os.chmod(file, 0o666 & ~_umask())
+        if path.exists() or path.is_symlink():
+            os.replace(path, old)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if (old.exists() or old.is_symlink()) and not path.exists():
+            os.replace(old, path)  # put the earlier folder back
+        raise
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old)
+    elif old.exists() or old.is_symlink():
+        old.unlink()
     return path
 
 
