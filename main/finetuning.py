@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 import gpt_download
+from distributed import SINGLE_PROCESS, Ranks
 from engine import generate_batch, make_optimizer, packed_loss_batch
 from instruction_data import (
     EOS_TOKEN_ID,
@@ -132,6 +133,9 @@ def finetune(
     checkpoint_path: str | os.PathLike | None = None,
     checkpoint_every: int = 0,
     resume: bool = False,
+    grad_accum: int = 1,
+    ranks: Ranks = SINGLE_PROCESS,
+    precision: str = "fp32",
 ) -> TrainingResult:
     """Section 7.6: AdamW on the chapter's settings, trained by the course's loop.
 
@@ -140,6 +144,10 @@ def finetune(
     engine is chosen here: ``loss_fn`` is ``engine.packed_loss_batch`` (the course's
     ``calc_loss_batch`` gives the same numbers, slower) and AdamW is fused. ``start_context``,
     continued after each epoch, defaults to the first validation prompt, as in the course.
+
+    The loaders' batches are global batches: ``grad_accum`` micro-batches on each of the
+    ``ranks`` (torchrun's processes) make one step, the same step as one batch that size
+    (see ``trainer``); ``precision="bf16"`` runs the losses under bf16 autocast.
     """
     if start_context is None:
         start_context = format_input(val_loader.dataset.data[0], val_loader.dataset.style)
@@ -162,6 +170,9 @@ def finetune(
         checkpoint_every=checkpoint_every,
         resume=resume,
         progress=progress,
+        grad_accum=grad_accum,
+        ranks=ranks,
+        precision=precision,
     )
     minutes = state.seconds / 60
     print(f"Training completed in {minutes:.2f} minutes.")

@@ -14,12 +14,21 @@ and adds the fault handling, which the course function stays free of:
 - a loss that is NaN or infinite stops training at once with ``NonFiniteLossError``, naming
   the step; the last checkpoint, written before it, stays as it was.
 
+It also trains on global batches bigger than one device holds, and on several processes
+(``distributed.py``): ``grad_accum`` steps of accumulated gradients and ``ranks.world_size``
+processes under torchrun. The loss of a step is defined as the course defines it for one
+batch: the mean cross-entropy over all non-ignored targets of the global batch. Each
+micro-batch's mean is therefore weighted by its share of the global batch's targets (token-
+weighted, not the mean of micro-batch means), so that accumulating K micro-batches, or
+splitting a batch over N ranks, gives the very update of one K (or N) times larger batch.
+
 Like the chapter's ``finetune`` it first measures and prints the losses before training.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import threading
@@ -32,6 +41,17 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from distributed import (
+    SINGLE_PROCESS,
+    Ranks,
+    barrier,
+    broadcast,
+    data_parallel,
+    rank_rows,
+    sum_across,
+    sync_generator,
+)
+from engine import IGNORE_INDEX
 from instruction_data import ChapterError
 from outputs import write_atomically
 from previous_chapters import LossFn, calc_loss_batch, evaluate_model, generate_and_print_sample
@@ -59,6 +79,7 @@ class TrainState:
     initial_losses: list[float] = field(default_factory=list)  # [train, val] before training
     seconds: float = 0.0  # training time, over all sessions
     finished: bool = False
+    world_size: int = 1  # processes that trained it (the global batch depends on it)
 
 
 def _shuffle_generator(loader: Any) -> torch.Generator | None:
@@ -118,6 +139,9 @@ def load_checkpoint(
     return TrainState(**checkpoint["state"]), checkpoint["shuffle"]
 
 
+STOP_SIGNALS = ("SIGINT", "SIGTERM")
+
+
 class StopRequests:
     """Turns SIGINT and SIGTERM into a flag that the loop checks after each step.
 
@@ -166,17 +190,74 @@ def _epoch_batches(loader: Any, shuffle: dict, resumed: dict | None, skip: int) 
     return batches
 
 
-def _train_step(model, optimizer, loss_fn: LossFn, batch, device, state: TrainState) -> None:
-    """One optimizer step on ``batch``, as the course takes it; refuses a non-finite loss."""
+def _count_targets(target_batch: torch.Tensor) -> int:
+    return int((target_batch != IGNORE_INDEX).sum())
+
+
+def in_chunks(loss_fn: LossFn, rows: int) -> LossFn:
+    """``loss_fn`` computed ``rows`` rows of a batch at a time, the chunks' means weighted by
+    their numbers of targets: the same mean over the batch's targets, in less memory."""
+
+    def chunked_loss(input_batch, target_batch, model, device):
+        if len(input_batch) <= rows:
+            return loss_fn(input_batch, target_batch, model, device)
+        total, n_targets = 0.0, _count_targets(target_batch)
+        for inputs, targets in zip(input_batch.split(rows), target_batch.split(rows), strict=True):
+            n = _count_targets(targets)
+            if n:  # (a chunk without targets has a NaN mean and adds nothing)
+                total = total + loss_fn(inputs, targets, model, device) * (n / n_targets)
+        return total if n_targets else loss_fn(input_batch, target_batch, model, device)
+
+    return chunked_loss
+
+
+def with_precision(loss_fn: LossFn, device: torch.device | str, precision: str) -> LossFn:
+    """``loss_fn`` under bf16 autocast (``precision="bf16"``), or as it is (``"fp32"``)."""
+    if precision == "fp32":
+        return loss_fn
+    device_type = torch.device(device).type
+
+    def bf16_loss(*args):
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            return loss_fn(*args)
+
+    return bf16_loss
+
+
+def _train_step(
+    step_loss, optimizer, batch, state: TrainState, grad_accum: int, ranks: Ranks
+) -> None:
+    """One optimizer step on a global batch; refuses a non-finite loss.
+
+    This rank's rows of the batch run as ``grad_accum`` micro-batches, each loss weighted by
+    its share of the global batch's targets (times the number of ranks, whose gradients
+    ``DistributedDataParallel`` averages). With one rank and ``grad_accum=1`` this is the
+    course's step exactly. ``step_loss(inputs, targets)`` is ``distributed.data_parallel``.
+    """
     input_batch, target_batch = batch
     optimizer.zero_grad()
-    loss = loss_fn(input_batch, target_batch, model, device)
-    if not torch.isfinite(loss):
+    n_targets = _count_targets(target_batch)  # of the whole global batch
+    mine = rank_rows(len(input_batch), ranks)
+    micro = zip(
+        input_batch[mine].tensor_split(grad_accum),
+        target_batch[mine].tensor_split(grad_accum),
+        strict=True,
+    )
+    loss_sum = 0.0  # of this rank's targets
+    for i, (inputs, targets) in enumerate(micro):
+        last = i == grad_accum - 1
+        no_sync = getattr(step_loss, "no_sync", None)  # (DDP: average the gradients once)
+        with contextlib.nullcontext() if last or no_sync is None else no_sync():
+            loss = step_loss(inputs, targets)
+            n = _count_targets(targets)
+            (loss * (n * ranks.world_size / max(n_targets, 1))).backward()
+        loss_sum += loss.item() * n if n else 0.0
+    batch_loss = sum_across([loss_sum], ranks)[0] / n_targets if n_targets else math.nan
+    if not math.isfinite(batch_loss):
         raise NonFiniteLossError(
-            f"the training loss is {loss.item()} at step {state.global_step + 1} "
+            f"the training loss is {batch_loss} at step {state.global_step + 1} "
             f"(epoch {state.epoch + 1}); training stopped. Try a lower learning rate."
         )
-    loss.backward()
     optimizer.step()
     state.tokens_seen += input_batch.numel()
     state.global_step += 1
@@ -197,6 +278,38 @@ def _evaluate(model, train_loader, val_loader, device, eval_iter, loss_fn, state
     )
 
 
+def _resume_state(
+    path: str | os.PathLike | None, model, optimizer, ranks: Ranks
+) -> tuple[TrainState, dict | None]:
+    """The state to continue from: the checkpoint at ``path`` if there is one (every rank
+    reads the same file), else a fresh start."""
+    found = path is not None and Path(path).is_file()
+    n_found = round(sum_across([float(found)], ranks)[0])
+    if 0 < n_found < ranks.world_size:
+        raise ChapterError(
+            f"{path} is visible to {n_found} of {ranks.world_size} processes; resuming under "
+            "torchrun needs the run folder on a filesystem that every machine shares"
+        )
+    if not found:
+        return TrainState(world_size=ranks.world_size), None
+    state, shuffle = load_checkpoint(path, model, optimizer)
+    if state.world_size != ranks.world_size:
+        raise ChapterError(
+            f"{path} was trained by {state.world_size} process(es) and this run has "
+            f"{ranks.world_size}, which would change the global batch; resume it with "
+            f"{state.world_size} process(es) in all (torchrun --nnodes x --nproc_per_node)"
+        )
+    return state, shuffle
+
+
+def _batch_rows(loader: Any) -> int | None:
+    """The number of entries in a loader's batches (None when it does not say)."""
+    for owner in (loader, getattr(loader, "batch_sampler", None)):
+        if getattr(owner, "batch_size", None):
+            return owner.batch_size
+    return None
+
+
 def train_resumable(
     model: torch.nn.Module,
     train_loader: Iterable,
@@ -214,6 +327,9 @@ def train_resumable(
     checkpoint_every: int = 0,
     resume: bool = False,
     progress: bool = True,
+    grad_accum: int = 1,
+    ranks: Ranks = SINGLE_PROCESS,
+    precision: str = "fp32",
 ) -> TrainState:
     """``train_model_simple`` with checkpoints and resume (see the module's docstring).
 
@@ -223,49 +339,69 @@ def train_resumable(
     Checkpoints go to ``checkpoint_path`` (none when None) every ``checkpoint_every`` steps
     (0: only at the end of each epoch and on an interrupt). ``resume=True`` continues from
     the checkpoint there, if any.
+
+    The loaders' batches are global batches: each step splits one over ``ranks`` (this
+    process's place under torchrun) and then into ``grad_accum`` micro-batches, which are
+    also the chunks in which evaluation runs. ``precision="bf16"`` computes the losses
+    under bf16 autocast. Only rank 0 evaluates, prints and saves checkpoints; every rank
+    returns rank 0's state.
     """
-    state, shuffle, resumed = TrainState(), {"epoch_start": None, "now": None}, None
-    if resume and checkpoint_path is not None and Path(checkpoint_path).is_file():
-        state, resumed = load_checkpoint(checkpoint_path, model, optimizer)
-        print(
-            f"Resuming from {checkpoint_path}: epoch {state.epoch + 1}, "
-            f"step {state.global_step + 1}"
-        )
+    main = ranks.is_main
+    state, resumed = TrainState(world_size=ranks.world_size), None
+    if resume:
+        state, resumed = _resume_state(checkpoint_path, model, optimizer, ranks)
+        if resumed is not None and main:
+            print(
+                f"Resuming from {checkpoint_path}: epoch {state.epoch + 1}, "
+                f"step {state.global_step + 1}"
+            )
+    shuffle = {"epoch_start": None, "now": None}
+    loss_fn = with_precision(loss_fn, device, precision)
+    step_loss = data_parallel(model, loss_fn, device, ranks)  # DDP with several ranks
+    rows = _batch_rows(train_loader)
+    eval_loss = in_chunks(loss_fn, rows // (ranks.world_size * grad_accum)) if rows else loss_fn
 
     def checkpoint() -> None:
-        if checkpoint_path is not None:
+        if checkpoint_path is not None and main:
             generator = _shuffle_generator(train_loader)
             shuffle["now"] = None if generator is None else generator.get_state()
             save_checkpoint(checkpoint_path, model, optimizer, state, shuffle)
 
     def stop_here_if_asked(stop: StopRequests) -> None:
-        if stop.requested:
+        # a signal to any rank stops them all, after the same step
+        asked = sum_across([float(stop.requested == name) for name in STOP_SIGNALS], ranks)
+        if any(asked):
             checkpoint()
+            barrier(ranks)  # (no rank leaves before the checkpoint is saved)
             saved = f"; checkpoint saved to {checkpoint_path}" if checkpoint_path else ""
             raise TrainingInterrupted(
-                f"{stop.requested}: training stopped after step {state.global_step}{saved}"
+                f"{STOP_SIGNALS[asked.index(max(asked))]}: training stopped after step "
+                f"{state.global_step}{saved}"
             )
 
-    bar = tqdm(total=num_epochs * len(train_loader), unit="step", disable=not progress)
+    bar = tqdm(total=num_epochs * len(train_loader), unit="step", disable=not (progress and main))
     bar.update(state.epoch * len(train_loader) + state.batches_done)
     started = time.monotonic()
     with StopRequests() as stop, contextlib.closing(bar):
-        if not state.initial_losses:  # the losses before training, as the chapter prints them
+        if main and not state.initial_losses:  # the losses before training, as the chapter
             state.initial_losses = list(
-                evaluate_model(model, train_loader, val_loader, device, eval_iter, loss_fn=loss_fn)
+                evaluate_model(
+                    model, train_loader, val_loader, device, eval_iter, loss_fn=eval_loss
+                )
             )
             tqdm.write(f"Initial training loss: {state.initial_losses[0]:.3f}")
             tqdm.write(f"Initial validation loss: {state.initial_losses[1]:.3f}")
-            stop_here_if_asked(stop)
+        stop_here_if_asked(stop)
         while state.epoch < num_epochs:
             model.train()
+            sync_generator(_shuffle_generator(train_loader), ranks)  # one order for all ranks
             batches = _epoch_batches(train_loader, shuffle, resumed, state.batches_done)
             resumed = None
             for batch in batches:
-                _train_step(model, optimizer, loss_fn, batch, device, state)
+                _train_step(step_loss, optimizer, batch, state, grad_accum, ranks)
                 bar.update()
-                if state.global_step % eval_freq == 0:
-                    _evaluate(model, train_loader, val_loader, device, eval_iter, loss_fn, state)
+                if main and state.global_step % eval_freq == 0:
+                    _evaluate(model, train_loader, val_loader, device, eval_iter, eval_loss, state)
                 state.seconds, started = (
                     state.seconds + time.monotonic() - started,
                     time.monotonic(),
@@ -273,9 +409,10 @@ def train_resumable(
                 stop_here_if_asked(stop)
                 if checkpoint_every and (state.global_step + 1) % checkpoint_every == 0:
                     checkpoint()
-            generate_and_print_sample(model, tokenizer, device, start_context)
+            if main:
+                generate_and_print_sample(model, tokenizer, device, start_context)
             state.epoch, state.batches_done = state.epoch + 1, 0
             state.seconds, started = state.seconds + time.monotonic() - started, time.monotonic()
             state.finished = state.epoch == num_epochs
             checkpoint()
-    return state
+    return broadcast(state, ranks)
