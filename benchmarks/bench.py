@@ -20,7 +20,9 @@ dropped, medians reported) so that the machine's drift cancels out:
 2. one epoch of fine-tuning with all our options against the course-style loop;
 3. greedy generation of test responses: ``engine.generate_batch`` against transformers'
    ``generate()`` and against the course's naive loop; ours and transformers' tokens must agree;
-4. peak memory of fine-tuning, each contender in a fresh subprocess.
+4. peak memory of fine-tuning, each contender in a fresh subprocess;
+5. LoRA (exercise 7.4, rank 16) against full fine-tuning: seconds per training step on the
+   same batches, and peak memory (a third memory subprocess).
 
 Ours is ``previous_chapters.GPTModel`` with the fast engine chosen explicitly
 (``engine.packed_loss_batch``, ``make_optimizer``, ``generate_batch``); the course-style side
@@ -72,7 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--full-epoch", action="store_true", help="time an epoch over all train data")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for the results")
-    p.add_argument("--memory-worker", choices=["ours", "hf"], help=argparse.SUPPRESS)
+    p.add_argument("--memory-worker", choices=["ours", "hf", "lora"], help=argparse.SUPPRESS)
     p.add_argument("--memory-steps", type=int, default=3, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -82,7 +84,7 @@ def stage(name: str) -> None:
 
 
 def run(args: argparse.Namespace, device: torch.device) -> dict:
-    """All four measurements; the results as one dict."""
+    """All five measurements; the results as one dict."""
     sizes = QUICK if args.quick else Sizes()
     if args.full_epoch:
         sizes = Sizes(**{**asdict(sizes), "epoch_entries": None})
@@ -104,6 +106,8 @@ def run(args: argparse.Namespace, device: torch.device) -> dict:
     r["train_step"] = measure.bench_train_step(ours, hf, batches, cfg, sizes, device, peak)
     del ours, hf
     gc.collect()
+    stage("LoRA against full fine-tuning")
+    r["lora"] = measure.bench_lora(initial, cfg, batches, sizes, device)
     stage("epoch")
     r["epoch"] = measure.bench_epoch(initial, cfg, data, sizes, device)
     stage("memory")

@@ -5,7 +5,9 @@
 * **transformers**: ``GPT2LMHeadModel`` with exactly our weights, its own loss and ``generate()``;
 * **course-style**: the same ``GPTModel`` driven by the course functions of
   ``previous_chapters``: ``calc_loss_batch``, plain ``torch.optim.AdamW``,
-  ``evaluate_model`` and ``generate(use_cache=False)``.
+  ``evaluate_model`` and ``generate(use_cache=False)``;
+* **LoRA**: ours with the weights frozen and rank-16 adapters (exercise 7.4, ``main/lora.py``),
+  trained by the same step as ours.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from benchmarks.workload import (
 )
 from engine import make_optimizer, packed_loss_batch
 from instruction_data import EOS_TOKEN_ID, format_input
+from lora import apply_lora
 
 # --------------------------------------------------------------------------------------
 # The models: transformers' GPT-2 and ours with the same weights
@@ -180,6 +183,15 @@ def our_epoch(model, train_loader, val_loader, data: Data, device) -> dict:
             progress=False,
         )
     return {"train": train_losses[-1], "val": val_losses[-1]}
+
+
+def lora_copy(model, rank: int = 16, alpha: float = 16.0):
+    """A copy of ``model`` with its weights frozen and LoRA adapters added (exercise 7.4)."""
+    torch.manual_seed(SEED)
+    clone = pc.GPTModel(model.cfg).to(model.out_head.weight.device)
+    clone.load_state_dict(model.state_dict())
+    apply_lora(clone, rank, alpha, quiet=True)
+    return clone.train(model.training)
 
 
 # --------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from benchmarks.workload import (
     train_step_flops,
     training_batches,
 )
-from engine import generate_batch
+from engine import generate_batch, packed_loss_batch
 from instruction_data import create_dataloaders
 
 BENCH_SCRIPT = Path(__file__).resolve().with_name("bench.py")
@@ -266,8 +266,10 @@ def memory_worker(kind: str, cfg: dict, device: torch.device, steps: int) -> dic
     data = load_data()
     batches = training_batches(data, steps, device)
     torch.manual_seed(SEED)
-    model = (pc.GPTModel(cfg) if kind == "ours" else c.hf_model(cfg)).to(device).train()
-    step = c.make_train_step(model, kind, device)
+    model = (c.hf_model(cfg) if kind == "hf" else pc.GPTModel(cfg)).to(device).train()
+    if kind == "lora":  # ours, frozen, with rank-16 adapters (exercise 7.4)
+        model = c.lora_copy(model)
+    step = c.make_train_step(model, "hf" if kind == "hf" else "ours", device)
     gc.collect()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -284,7 +286,7 @@ def memory_worker(kind: str, cfg: dict, device: torch.device, steps: int) -> dic
 def bench_memory(sizes: Sizes, device: torch.device) -> dict:
     """``memory_worker`` of each contender in a fresh ``bench.py --memory-worker`` process."""
     result = {}
-    for kind in ("ours", "hf"):
+    for kind in ("ours", "hf", "lora"):
         cmd = [sys.executable, str(BENCH_SCRIPT), "--memory-worker", kind, "--device", str(device)]
         cmd += ["--memory-steps", str(sizes.memory_steps)]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
@@ -294,3 +296,44 @@ def bench_memory(sizes: Sizes, device: torch.device) -> dict:
         "torch.cuda.max_memory_allocated" if device.type == "cuda" else "peak RSS, VmHWM"
     )
     return result
+
+
+# --------------------------------------------------------------------------------------
+# 5. LoRA (exercise 7.4) against full fine-tuning
+# --------------------------------------------------------------------------------------
+
+
+def bench_lora(initial_state: dict, cfg: dict, batches, sizes: Sizes, device) -> dict:
+    """Seconds per training step of full fine-tuning and of LoRA (rank 16, alpha 16) on the
+    same batches, from the same weights, with the same step (packed loss, fused AdamW).
+
+    Peak memory is measured by ``bench_memory`` (its "lora" worker).
+    """
+    full = pc.GPTModel(cfg).to(device)
+    full.load_state_dict(initial_state)
+    lora = c.lora_copy(full)
+    with torch.no_grad():  # B = 0: the adapters start out changing nothing
+        first = {name: packed_loss_batch(*batches[0], m, device).item()
+                 for name, m in (("full", full), ("lora", lora))}  # fmt: skip
+    if first["full"] != first["lora"]:
+        raise AssertionError(f"a fresh LoRA model changed the loss: {first}")
+    steps = {}
+    for name, model in (("full", full), ("lora", lora)):
+        model.train()
+        steps[name] = c.make_train_step(model, "ours", device)
+    contenders = {
+        name: (lambda r, step=step: lambda: step(batches[r % len(batches)]))
+        for name, step in steps.items()
+    }
+    times = alternate(contenders, sizes.train_rounds, sizes.warmup, device)
+    trainable = {
+        name: sum(p.numel() for p in m.parameters() if p.requires_grad)
+        for name, m in (("full", full), ("lora", lora))
+    }
+    return {
+        "seconds_per_step": {name: statistics.median(t) for name, t in times.items()},
+        "trainable_parameters": trainable,
+        "first_batch_loss": first["full"],
+        "rank": 16,
+        "alpha": 16.0,
+    }

@@ -214,14 +214,20 @@ def plot_response_lengths(
     return fig
 
 
-def before_after_table(entries: Sequence[dict], before: Sequence[str], after: Sequence[str]) -> Any:
+def before_after_table(
+    entries: Sequence[dict],
+    before: Sequence[str],
+    after: Sequence[str],
+    *,
+    headers: tuple[str, str] = ("before fine-tuning", "after fine-tuning"),
+) -> Any:
     """An HTML table: each instruction, its reference answer, and the model's answer before
-    and after fine-tuning."""
+    and after fine-tuning (``headers`` names those two columns)."""
     from IPython.display import HTML
 
     head = "".join(
         f"<th style='text-align:left'>{name}</th>"
-        for name in ("instruction", "reference", "before fine-tuning", "after fine-tuning")
+        for name in ("instruction", "reference", *headers)
     )
     rows = []
     for entry, old, new in zip(entries, before, after, strict=True):

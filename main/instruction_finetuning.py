@@ -14,6 +14,8 @@ generating, or while the judge was scoring.
     python main/instruction_finetuning.py            # the chapter (downloads data and GPT-2 355M)
     python main/instruction_finetuning.py --smoke    # offline: tiny random GPT, bundled sample data
     python main/instruction_finetuning.py --resume   # continue the latest run
+    python main/instruction_finetuning.py --exercise lora   # exercise 7.4 (also phi3_prompt,
+                                         # mask_instructions, alpaca_52k: 7.1-7.3)
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ if (_ROOT / "previous_chapters.py").is_file() and str(_ROOT) not in sys.path:
     sys.path.append(str(_ROOT))
 
 import argparse
+import contextlib
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -36,6 +40,16 @@ from typing import Any
 import torch
 
 import gpt_download
+from distributed import (
+    SINGLE_PROCESS,
+    Ranks,
+    broadcast,
+    main_process_first,
+    process_group,
+    rank_device,
+    ranks_from_env,
+)
+from exercises import VARIANTS, variant_settings
 from finetuning import (
     TrainingResult,
     build_model,
@@ -56,10 +70,18 @@ from instruction_data import (
     load_instruction_data,
     split_data,
 )
+from lora import (
+    adapter_file_name,
+    apply_lora,
+    load_lora_adapter,
+    save_lora_adapter,
+    save_merged_model,
+)
 from ollama_evaluate import JUDGE_APIS, score_responses
 from outputs import save_figure, save_json, save_model
 from previous_chapters import MODEL_CONFIGS
 from run_config import (
+    PRECISIONS,
     SMOKE_MODEL_OVERRIDES,
     RunConfig,
     allowed_max_length,
@@ -70,7 +92,8 @@ from run_config import (
     model_config,
     start_run,
 )
-from trainer import TrainingInterrupted
+from token_ids import token_lengths
+from trainer import NonFiniteLossError, TrainingInterrupted
 
 CHECKPOINT_FILE = "checkpoint.pt"
 TRAINING_RESULT_FILE = "training-result.json"
@@ -130,7 +153,8 @@ def prepare_tokenizer(cfg: RunConfig) -> Any:
 def report_long_entries(name: str, dataset: Any, limit: int) -> list[int]:
     """Print, once, how many entries of a split are longer than ``limit`` tokens (and are
     therefore cut); returns their indices."""
-    long = [i for i, ids in enumerate(dataset.encoded_texts) if len(ids) > limit]
+    lengths = token_lengths(dataset.encoded_texts)
+    long = [i for i, n in enumerate(lengths) if n > limit]
     if long:
         listed = ", ".join(map(str, long[:5])) + (" ..." if len(long) > 5 else "")
         print(
@@ -140,15 +164,30 @@ def report_long_entries(name: str, dataset: Any, limit: int) -> list[int]:
     return long
 
 
-def prepare_loaders(cfg: RunConfig, splits: Splits, tokenizer: Any, device: torch.device):
-    """7.3-7.4: the (train, val, test) loaders; texts are cut to the model's context."""
+def prepare_loaders(
+    cfg: RunConfig,
+    splits: Splits,
+    tokenizer: Any,
+    device: torch.device,
+    ranks: Ranks = SINGLE_PROCESS,
+):
+    """7.3-7.4: the (train, val, test) loaders; texts are cut to the model's context.
+
+    Their batches are global batches: ``cfg.batch_size`` entries for each process (torchrun's
+    ``ranks``) and each of the ``cfg.grad_accum`` micro-batches of a step.
+    """
     limit = allowed_max_length(cfg)
+    batch_size = cfg.batch_size * ranks.world_size * cfg.grad_accum
+    print(
+        f"Global batch: {batch_size} entries (batch {cfg.batch_size} x {ranks.world_size} "
+        f"process(es) x {cfg.grad_accum} accumulation step(s)), {cfg.precision}"
+    )
     loaders = create_dataloaders(
         splits.train,
         splits.val,
         splits.test,
         tokenizer,
-        batch_size=cfg.batch_size,
+        batch_size=batch_size,
         num_workers=cfg.num_workers,
         device=device,
         allowed_max_length=limit,
@@ -156,22 +195,27 @@ def prepare_loaders(cfg: RunConfig, splits: Splits, tokenizer: Any, device: torc
         mask_prompt=cfg.mask_prompt,
         seed=cfg.seed,
         group_by_length=cfg.group_by_length,
+        compact=True,  # token ids in one flat array: the 52k Alpaca data in seconds
     )
     for name, loader in zip(("training", "validation", "test"), loaders, strict=True):
         report_long_entries(name, loader.dataset, limit)
     if len(loaders[0]) == 0:
         raise DatasetError(
             f"{cfg.data}: {len(splits.train)} training entries make no full batch of "
-            f"{cfg.batch_size}; use more data or a smaller --batch-size"
+            f"{batch_size}; use more data, a smaller --batch-size or --grad-accum, or fewer "
+            "processes"
         )
     return loaders
 
 
 def prepare_model(cfg: RunConfig, device: torch.device) -> tuple[torch.nn.Module, dict]:
-    """7.5: GPT-2 with OpenAI's weights, or (smoke) a tiny random GPT; and its config."""
+    """7.5: GPT-2 with OpenAI's weights, or (smoke) a tiny random GPT; and its config.
+
+    With ``cfg.lora_rank`` (exercise 7.4) the weights are frozen and LoRA adapters added.
+    """
     size = cfg.model_size if cfg.pretrained else model_config(cfg)
     overrides = cfg.model_overrides if cfg.pretrained else None
-    return build_model(
+    model, model_cfg = build_model(
         size,
         pretrained=cfg.pretrained,
         models_dir=cfg.models_dir,
@@ -179,20 +223,38 @@ def prepare_model(cfg: RunConfig, device: torch.device) -> tuple[torch.nn.Module
         device=device,
         seed=cfg.seed,
     )
+    if cfg.lora_rank is not None:
+        torch.manual_seed(cfg.seed)  # the adapters' random A matrices
+        apply_lora(model, cfg.lora_rank, cfg.lora_alpha)
+    return model, model_cfg
 
 
 def train(
-    cfg: RunConfig, model, train_loader, val_loader, tokenizer, device, *, progress: bool = True
-) -> TrainingResult:
+    cfg: RunConfig,
+    model,
+    train_loader,
+    val_loader,
+    tokenizer,
+    device,
+    *,
+    progress: bool = True,
+    ranks: Ranks = SINGLE_PROCESS,
+) -> TrainingResult | None:
     """7.6: fine-tune with the chapter's settings, with checkpoints in the run's folder.
 
-    When an earlier session of this run finished training, its model is loaded instead;
-    when it was interrupted, training continues from its last checkpoint.
+    When an earlier session of this run finished training, its model is loaded instead
+    (under torchrun: by rank 0; the other ranks return None); when it was interrupted,
+    training continues from its last checkpoint.
     """
     run_dir = cfg.run_dir
     done, model_path = run_dir / TRAINING_RESULT_FILE, run_dir / cfg.model_file_name()
-    if done.is_file() and model_path.is_file():
-        model.load_state_dict(torch.load(model_path, map_location=device, weights_only=True))
+    if broadcast(done.is_file() and model_path.is_file(), ranks):
+        if not ranks.is_main:
+            return None
+        if cfg.lora_rank is None:
+            model.load_state_dict(torch.load(model_path, map_location=device, weights_only=True))
+        else:  # the model file holds merged weights; the adapter fits the LoRA model
+            load_lora_adapter(model, run_dir / adapter_file_name(cfg.model_file_name()))
         model.eval()
         print(f"Training finished in an earlier session of this run; loaded {model_path}")
         return TrainingResult(**json.loads(done.read_text(encoding="utf-8")))
@@ -212,19 +274,30 @@ def train(
         checkpoint_path=run_dir / CHECKPOINT_FILE,
         checkpoint_every=cfg.checkpoint_every,
         resume=True,
+        grad_accum=cfg.grad_accum,
+        ranks=ranks,
+        precision=cfg.precision,
     )
 
 
 def save_training(cfg: RunConfig, model, result: TrainingResult) -> tuple[dict[str, Path], Any]:
     """7.6: save the loss plot and the model; returns their paths and the plot's figure.
 
+    A LoRA run saves its model merged (a plain ``GPTModel`` state dict, under the usual
+    name, so that everything downstream works unchanged) and its adapter alone next to it.
     The training checkpoint (model and optimizer) is deleted once the model and the losses
     are saved: the run does not need it any more.
     """
     run_dir = cfg.run_dir
     fig = plot_training(result)
     paths = {"loss_plot": save_figure(fig, run_dir / "loss-plot.png")}
-    paths["model"] = save_model(model, run_dir / cfg.model_file_name())
+    if cfg.lora_rank is None:
+        paths["model"] = save_model(model, run_dir / cfg.model_file_name())
+    else:
+        paths["model"] = save_merged_model(model, run_dir / cfg.model_file_name())
+        adapter = run_dir / adapter_file_name(cfg.model_file_name())
+        paths["lora_adapter"] = save_lora_adapter(model, adapter)
+        print(f"LoRA adapter saved as {adapter}")
     save_json(asdict(result), run_dir / TRAINING_RESULT_FILE)
     (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
     print(f"Model saved as {paths['model']}")
@@ -319,17 +392,31 @@ def write_summary(
     return summary
 
 
-def run(cfg: RunConfig, *, progress: bool = True) -> dict:
-    """Every step of the chapter in order, in the run's own folder; returns the summary."""
+def run(cfg: RunConfig, *, progress: bool = True) -> dict | None:
+    """Every step of the chapter in order, in the run's own folder; returns the summary.
+
+    Under torchrun every process trains its share (see ``distributed``); then rank 0 alone
+    saves, answers the test set and asks the judge, and the other ranks return None.
+    """
     import matplotlib.pyplot as plt
 
-    device = check_settings(cfg)
-    splits = prepare_data(cfg)
-    tokenizer = prepare_tokenizer(cfg)
-    train_loader, val_loader, _ = prepare_loaders(cfg, splits, tokenizer, device)
-    model, model_cfg = prepare_model(cfg, device)
-    start_run(cfg)  # the first step that writes into the run's folder
-    result = train(cfg, model, train_loader, val_loader, tokenizer, device, progress=progress)
+    ranks = ranks_from_env()
+    device = rank_device(check_settings(cfg), ranks)
+    with process_group(ranks, device):
+        with main_process_first(ranks):  # (a download: once per machine)
+            splits = prepare_data(cfg)
+            tokenizer = prepare_tokenizer(cfg)
+        train_loader, val_loader, _ = prepare_loaders(cfg, splits, tokenizer, device, ranks)
+        with main_process_first(ranks):
+            model, model_cfg = prepare_model(cfg, device)
+        if ranks.is_main:
+            start_run(cfg)  # the first step that writes into the run's folder
+        cfg.run_name = broadcast(cfg.run_name, ranks)
+        result = train(
+            cfg, model, train_loader, val_loader, tokenizer, device, progress=progress, ranks=ranks
+        )
+    if not ranks.is_main:
+        return None
     outputs, fig = save_training(cfg, model, result)
     plt.close(fig)
     responses, outputs["responses"] = write_responses(
@@ -367,7 +454,19 @@ def build_arg_parser() -> argparse.ArgumentParser:
         "--model-size", help=f"one of {', '.join(MODEL_CONFIGS)}, or e.g. 355M (default: medium)"
     )
     p.add_argument("--epochs", type=int, help="default: 2")
-    p.add_argument("--batch-size", type=int, help="default: 8")
+    p.add_argument("--batch-size", type=int, help="per process and micro-batch (default: 8)")
+    p.add_argument(
+        "--grad-accum",
+        type=int,
+        metavar="K",
+        help="accumulate K micro-batches per step: the update of a K times larger batch "
+        "(default: 1)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help="fp32 (default) or bf16 (autocast; on CUDA GPUs, and on CPUs with fast bf16)",
+    )
     p.add_argument("--lr", type=float, help="AdamW learning rate (default: 5e-5)")
     p.add_argument("--weight-decay", type=float, help="default: 0.1")
     p.add_argument(
@@ -398,6 +497,30 @@ def build_arg_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="batch training entries of similar length together (less padding, faster)",
     )
+    p.add_argument(
+        "--allowed-max-length",
+        type=int,
+        help="cut entries to this many tokens (default: 1024, the model's context)",
+    )
+    p.add_argument(
+        "--lora-rank",
+        type=int,
+        nargs="?",
+        const=16,
+        metavar="RANK",
+        help="LoRA (exercise 7.4): freeze the model, train rank-RANK adapters (flag alone: 16)",
+    )
+    p.add_argument(
+        "--lora-alpha",
+        type=float,
+        help="LoRA scale: updates are scaled by alpha/rank (default: 16)",
+    )
+    p.add_argument(
+        "--exercise",
+        choices=list(VARIANTS),
+        help="run a variant of the chapter's exercises with its settings (flags given override "
+        "them): phi3_prompt 7.1, mask_instructions 7.2, alpaca_52k 7.3, lora 7.4",
+    )
     p.add_argument("--max-new-tokens", type=int, help="response length limit (default: 256)")
     p.add_argument("--seed", type=int, help="default: 123")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
@@ -409,6 +532,8 @@ _FLAG_FIELDS = (
     "model_size",
     "epochs",
     "batch_size",
+    "grad_accum",
+    "precision",
     "lr",
     "weight_decay",
     "checkpoint_every",
@@ -425,6 +550,9 @@ _FLAG_FIELDS = (
     "max_new_tokens",
     "seed",
     "device",
+    "allowed_max_length",
+    "lora_rank",
+    "lora_alpha",
 )
 
 
@@ -434,6 +562,10 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     settings["use_judge"] = False if args.no_judge else None
     settings["mask_prompt"] = True if args.mask_prompt else None
     settings["group_by_length"] = True if args.group_by_length else None
+    if args.exercise:  # the variant's settings, under the flags given
+        output_dir = args.output_dir or RunConfig.output_dir
+        variant = variant_settings(args.exercise, smoke=args.smoke, output_dir=output_dir)
+        settings = {**variant, **{k: v for k, v in settings.items() if v is not None}}
     return make_config(smoke=args.smoke, resume=args.resume, **settings)
 
 
@@ -447,15 +579,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     matplotlib.use("Agg")
     args = build_arg_parser().parse_args(argv)
-    cfg = None
+    cfg, rank = None, os.environ.get("RANK", "0")
     try:
         cfg = config_from_args(args)
-        run(cfg)
+        with _quiet_unless_rank_0(rank):
+            run(cfg)
     except TrainingInterrupted as exc:
-        print(f"error: {exc}. Resume with: {_resume_command(cfg)}", file=sys.stderr)
+        if rank == "0":  # (all ranks stopped together; rank 0 speaks for them)
+            print(f"error: {exc}. Resume with: {_resume_command(cfg)}", file=sys.stderr)
         return 130
+    except NonFiniteLossError as exc:
+        if rank == "0":
+            print(f"error: {exc}", file=sys.stderr)
+        return 2
     except ChapterError as exc:  # expected failures: one clear message, no traceback
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{'' if rank == '0' else f'[rank {rank}] '}error: {exc}", file=sys.stderr)
         return 2
     except (gpt_download.DownloadError, gpt_download.CheckpointError) as exc:
         offline = SMOKE_HINT in str(exc) or isinstance(exc, gpt_download.DiskError)
@@ -468,9 +606,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _quiet_unless_rank_0(rank: str):
+    """Under torchrun, only rank 0 prints: the other ranks' standard output is dropped (their
+    errors still reach standard error)."""
+    if rank == "0":
+        yield
+        return
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+        yield
+
+
 def _resume_command(cfg: RunConfig | None) -> str:
     if cfg is None or cfg.run_name is None:
         return "the same command again (nothing was started)"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return f"the same torchrun command with --resume {cfg.run_dir} (and as many processes)"
     return f"python main/instruction_finetuning.py --resume {cfg.run_dir}"
 
 

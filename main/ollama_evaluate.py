@@ -312,7 +312,7 @@ def _warn(index: int, reason: str, reply: str | None = None) -> None:
     warnings.warn(f"entry {index}: {reason}{shown}", JudgeReplyWarning, stacklevel=4)
 
 
-def _ask_each(
+def ask_each(
     records: list[dict],
     todo: Sequence[int],
     ask: Callable[[dict], str],
@@ -322,11 +322,15 @@ def _ask_each(
     request_failures: dict[int, str],
     save_path: str | os.PathLike | None,
     progress: bool,
+    keep: Callable[[dict, str], None] | None = None,
+    desc: str = "Scoring entries",
 ) -> None:
     """Ask the judge about each entry in ``todo``; stop after ``max_failures`` failed requests
-    in a row (``JudgeUnavailableError``). Each reply is saved into ``records`` (and the file)."""
+    in a row (``JudgeUnavailableError``). Each reply is saved into ``records`` (and the file):
+    as the judge's score, or as ``keep(entry, reply)`` stores it (``preference_data`` keeps
+    the judge's rewrites this way)."""
     in_a_row = 0
-    for i in tqdm(todo, desc="Scoring entries", disable=not progress):
+    for i in tqdm(todo, desc=desc, disable=not progress):
         try:
             reply = ask(records[i])
         except JudgeUnavailableError as exc:
@@ -340,10 +344,13 @@ def _ask_each(
                 ) from None
             continue
         in_a_row = 0
-        score = parse_score(reply)
-        records[i].update(judge_model=model, judge_score=score, judge_reply=reply)
-        if score is None:
-            _warn(i, NO_SCORE, reply)
+        if keep is not None:
+            keep(records[i], reply)
+        else:
+            score = parse_score(reply)
+            records[i].update(judge_model=model, judge_score=score, judge_reply=reply)
+            if score is None:
+                _warn(i, NO_SCORE, reply)
         if save_path is not None:
             save_json(records, save_path)
 
@@ -392,7 +399,7 @@ def judge_responses(
     try:
         if todo and check:
             check_judge(endpoint, model, api=api)
-        _ask_each(
+        ask_each(
             records,
             todo,
             ask,

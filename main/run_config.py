@@ -62,6 +62,11 @@ class RunConfig:
     seed: int = 123
     device: str | None = None  # None: cuda when available, else cpu
     checkpoint_every: int = 100  # steps between checkpoints (0: only at the end of each epoch)
+    grad_accum: int = 1  # micro-batches per step: global batch = batch_size x processes x this
+    precision: str = "fp32"  # or "bf16": autocast on CUDA GPUs (see check_precision)
+    # LoRA (exercise 7.4): train low-rank adapters on the frozen model (None: full fine-tuning)
+    lora_rank: int | None = None
+    lora_alpha: float = 16.0  # the update is scaled by lora_alpha / lora_rank
     # responses
     max_new_tokens: int = 256
     gen_batch_size: int = 8
@@ -128,7 +133,18 @@ def make_config(
             "the smoke run uses its own tiny random GPT, so it cannot take a model size; "
             "drop --model-size (MODEL_SIZE = None in the notebook) or drop --smoke"
         )
+    if "lora_alpha" in given and given.get("lora_rank") is None:
+        raise ConfigError(
+            "lora_alpha applies only to LoRA runs: add --lora-rank (LORA_RANK in the notebook), "
+            "e.g. 16, or drop --lora-alpha"
+        )
     return replace(RunConfig.smoke_preset() if smoke else RunConfig(), **given)
+
+
+def _method(cfg: RunConfig) -> str:
+    if cfg.lora_rank is None:
+        return "full fine-tuning (every weight trains)"
+    return f"LoRA rank {cfg.lora_rank}, alpha {cfg.lora_alpha:g} (the pretrained weights frozen)"
 
 
 def describe(cfg: RunConfig) -> str:
@@ -142,6 +158,7 @@ def describe(cfg: RunConfig) -> str:
             f"data:        {data} ({cfg.prompt_style} prompts, mask_prompt={cfg.mask_prompt})",
             f"training:    {cfg.epochs} epochs, batch {cfg.batch_size}, AdamW lr {cfg.lr:g}, "
             f"weight decay {cfg.weight_decay:g}, seed {cfg.seed}",
+            f"method:      {_method(cfg)}",
             f"responses:   up to {cfg.max_new_tokens} new tokens",
             f"judge:       {judge}",
             f"outputs:     {cfg.output_dir}/ (a new folder for each run)",
@@ -175,15 +192,22 @@ _RANGES = [
     ("eval_freq", lambda v: v >= 1, "at least 1"),
     ("eval_iter", lambda v: v >= 1, "at least 1"),
     ("checkpoint_every", lambda v: v >= 0, "at least 0 (0: only at the end of each epoch)"),
+    ("grad_accum", lambda v: v >= 1, "at least 1 (1: no gradient accumulation)"),
     ("allowed_max_length", lambda v: v >= 2, "at least 2"),
     ("max_new_tokens", lambda v: v >= 1, "at least 1"),
     ("gen_batch_size", lambda v: v >= 1, "at least 1"),
     ("judge_timeout", lambda v: math.isfinite(v) and v > 0, "a number of seconds above 0"),
     ("judge_max_failures", lambda v: v >= 1, "at least 1"),
+    (
+        "lora_rank",
+        lambda v: v is None or (type(v) is int and v >= 1),
+        "a whole number >= 1, e.g. 16",
+    ),
+    ("lora_alpha", lambda v: math.isfinite(v) and v > 0, "a number above 0, such as 16"),
 ]
 
 
-def _check_writable_folder(path: Path, what: str) -> None:
+def check_writable_folder(path: Path, what: str) -> None:
     """Check that ``path`` is (or can be made) a folder we can write in; creates nothing."""
     existing = path
     while not existing.exists() and existing != existing.parent:
@@ -199,7 +223,7 @@ def _check_writable_folder(path: Path, what: str) -> None:
         ) from None
 
 
-def _check_device(name: str | None) -> torch.device:
+def check_device(name: str | None) -> torch.device:
     """The device called ``name`` (None: cuda when available, else cpu), if this machine has it."""
     try:
         device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -212,6 +236,38 @@ def _check_device(name: str | None) -> torch.device:
     if device.type not in ("cpu", "cuda", "mps"):
         raise ConfigError(f"device {name!r} is not supported; use cpu or cuda")
     return device
+
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU computes bf16 matrix products in hardware (AVX512-BF16 or AMX-BF16).
+
+    Without them PyTorch emulates bf16 through fp32, slower than fp32 itself.
+    """
+    capabilities = getattr(torch.cpu, "get_capabilities", dict)()
+    return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """Refuse a precision the device cannot run well: bf16 needs a CUDA GPU with bf16 (Ampere
+    or newer) or a CPU with bf16 instructions."""
+    if precision not in PRECISIONS:
+        raise ConfigError(
+            f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}"
+        )
+    if precision == "fp32":
+        return
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("this GPU has no bf16 support (it needs Ampere or newer); use fp32")
+    if device.type == "cpu" and not cpu_has_fast_bf16():
+        raise ConfigError(
+            "bf16 on this CPU would be emulated and slower than fp32 (it lacks AVX512-BF16 and "
+            "AMX-BF16); use --precision fp32, or bf16 on a CUDA GPU"
+        )
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"bf16 autocast is supported on cpu and cuda, not {device.type}")
 
 
 def check_settings(cfg: RunConfig) -> torch.device:
@@ -238,8 +294,9 @@ def check_settings(cfg: RunConfig) -> torch.device:
         raise ConfigError(f"models folder {cfg.models_dir} is a file; choose another path")
     if cfg.use_judge:
         judge_endpoint(cfg.judge_url, cfg.judge_api)
-    device = _check_device(cfg.device)
-    _check_writable_folder(Path(cfg.output_dir), "output folder")
+    device = check_device(cfg.device)
+    check_precision(cfg.precision, device)
+    check_writable_folder(Path(cfg.output_dir), "output folder")
     return device
 
 
@@ -259,16 +316,30 @@ def latest_run(output_dir: str | os.PathLike) -> Path | None:
     return None
 
 
-def _point_latest(out: Path, name: str) -> None:
-    """Make ``out/latest`` a link to the run folder ``name`` (or write latest.txt without links)."""
-    tmp = out / f".latest-{os.getpid()}"
+def _point_latest(out: Path, name: str, link: str = "latest") -> None:
+    """Make ``out/latest`` (``out/<link>``) a link to the run folder ``name`` (or write
+    latest.txt without links)."""
+    tmp = out / f".{link}-{os.getpid()}"
     try:
         tmp.unlink(missing_ok=True)
         tmp.symlink_to(name, target_is_directory=True)
-        os.replace(tmp, out / "latest")
+        os.replace(tmp, out / link)
     except OSError:  # no symbolic links here (e.g. Windows without developer mode)
         tmp.unlink(missing_ok=True)
-        (out / "latest.txt").write_text(f"{name}\n", encoding="utf-8")
+        (out / f"{link}.txt").write_text(f"{name}\n", encoding="utf-8")
+
+
+def new_run_folder(output_dir: str | os.PathLike, tag: str, *, link: str = "latest") -> Path:
+    """A new, empty folder ``output_dir/<date>-<time>-<tag>/`` (numbered if the name is
+    taken), which ``output_dir/<link>`` then points to."""
+    out = Path(output_dir)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    name, n = f"{stamp}-{tag}", 2
+    while (out / name).exists():
+        name, n = f"{stamp}-{tag}-{n}", n + 1
+    (out / name).mkdir(parents=True)
+    _point_latest(out, name, link)
+    return out / name
 
 
 def start_run(cfg: RunConfig) -> Path:
@@ -277,16 +348,9 @@ def start_run(cfg: RunConfig) -> Path:
     if cfg.run_name is not None:
         print(f"Continuing the run in {cfg.run_dir}")
         return cfg.run_dir
-    out = Path(cfg.output_dir)
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     tag = "smoke" if cfg.smoke else cfg.model_file_name().removesuffix("-sft.pth")
-    name, n = f"{stamp}-{tag}", 2
-    while (out / name).exists():
-        name, n = f"{stamp}-{tag}-{n}", n + 1
-    (out / name).mkdir(parents=True)
-    cfg.run_name = name
+    cfg.run_name = new_run_folder(cfg.output_dir, tag).name
     save_json(asdict(cfg), cfg.run_dir / RUN_CONFIG_FILE)
-    _point_latest(out, name)
     print(f"This run's outputs go to {cfg.run_dir}")
     return cfg.run_dir
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import previous_chapters as pc
-from benchmarks import contenders, measure, workload
+from benchmarks import contenders, measure, report, workload
 from engine import generate_batch
 from gpt2_tokenizer import get_tokenizer
 from instruction_data import SAMPLE_DATA_PATH, load_instruction_data, split_data
@@ -168,3 +168,43 @@ def test_both_epochs_train_the_same_model_on_the_same_entries(sample_data):
     for losses in result["final_losses"].values():
         assert set(losses) == {"train", "val"}
         assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+
+
+def test_lora_measurement_trains_both_from_the_same_weights_on_the_same_batches(sample_data):
+    torch.manual_seed(workload.SEED)
+    initial = pc.GPTModel(CFG).state_dict()
+    batches = workload.training_batches(sample_data, 3, CPU)
+    result = measure.bench_lora(initial, CFG, batches, TINY, CPU)
+    trainable = result["trainable_parameters"]
+    assert trainable["full"] == sum(t.numel() for t in initial.values())
+    assert 0 < trainable["lora"] < trainable["full"]
+    assert set(result["seconds_per_step"]) == {"full", "lora"}
+    assert all(s > 0 for s in result["seconds_per_step"].values())
+    with torch.no_grad():
+        model = pc.GPTModel(CFG)
+        model.load_state_dict(initial)
+        expected = contenders.packed_loss_batch(*batches[0], model, CPU).item()
+    assert result["first_batch_loss"] == expected
+
+
+def test_lora_memory_worker_trains_a_frozen_model_with_adapters():
+    result = measure.memory_worker("lora", CFG, CPU, 1)
+    assert result["peak"] >= result["baseline"] > 0
+
+
+def test_lora_rows_compare_against_full_fine_tuning():
+    r = {
+        "lora": {
+            "seconds_per_step": {"full": 3.0, "lora": 2.0},
+            "trainable_parameters": {"full": 1000, "lora": 10},
+        },
+        "memory": {
+            "measure": "peak RSS, VmHWM",
+            "ours": {"training": 4 * 2**20},
+            "lora": {"training": 3 * 2**20},
+        },
+    }
+    speed, memory = report.lora_rows(r)
+    assert speed[1:4] == ["2.00", "3.00 (full fine-tuning)", "1.50x faster"]
+    assert speed[-1] == "yes" and "10 of 1,000 parameters" in speed[0]
+    assert memory[1:4] == ["3", "4 (full)", "0.75x"] and memory[-1] == "yes"

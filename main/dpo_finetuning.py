@@ -1,0 +1,497 @@
+"""DPO after chapter 7 end to end: the steps of a run, shared by the command line and the notebook.
+
+    check_dpo_settings -> load_sft (the chapter's model file) -> prepare_preferences (load, or
+    make with the judge) -> split_preferences -> prepare_preference_loaders -> start_dpo_run
+    -> train_dpo -> save_dpo -> write_both_responses -> score_both -> write_dpo_summary
+
+``run_dpo`` calls them in this order; ``main/dpo.ipynb`` calls the same functions. Each run
+writes into a folder of its own, ``outputs/<date>-<time>-dpo/`` (``outputs/latest-dpo``
+points to the newest): the DPO model, the training history and its plot, and the test-set
+responses of the SFT model and of the DPO model side by side, each scored by the judge.
+
+    python main/dpo_finetuning.py --model outputs/RUN/gpt2-medium355M-sft.pth \
+        --preferences instruction-data-with-preference.json
+    python main/dpo_finetuning.py --make-preferences ...  # the judge writes the pairs first
+    python main/dpo_finetuning.py --smoke                 # offline: tiny random GPT, sample pairs
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# `python main/dpo_finetuning.py` from a fresh clone: find the modules in the repository root
+_ROOT = Path(__file__).resolve().parents[1]
+if (_ROOT / "previous_chapters.py").is_file() and str(_ROOT) not in sys.path:
+    sys.path.append(str(_ROOT))
+
+import argparse
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+import torch
+
+from dpo import REDUCTIONS, plot_dpo_tracking, policy_and_reference, train_model_dpo_simple
+from dpo_config import (  # noqa: F401 (re-exported for the notebook)
+    DPOConfig,
+    check_dpo_settings,
+    make_dpo_config,
+    sft_model_path,
+    start_dpo_run,
+)
+from engine import make_optimizer
+from finetuning import build_model, generate_responses
+from gpt2_tokenizer import get_tokenizer
+from gpt_download import DownloadError
+from instruction_data import (
+    DATA_URL,
+    PROMPT_STYLES,
+    ChapterError,
+    DatasetError,
+    format_input,
+    load_instruction_data,
+    split_data,
+)
+from model_file import LoadedModel, load_model_file, read_run_config
+from ollama_evaluate import JUDGE_APIS, score_responses
+from outputs import save_figure, save_json, save_model
+from preference_data import (
+    PREFERENCE_FILE,
+    create_preference_loaders,
+    generate_preference_data,
+    load_preference_data,
+    usable_pairs,
+)
+from run_config import RunConfig, model_config
+
+SFT_RESPONSES_FILE = "sft-responses.json"  # the test entries answered by the SFT model
+DPO_RESPONSES_FILE = "dpo-responses.json"  # ... and by the DPO model
+CHAPTER_RESPONSES_FILE = "instruction-data-with-response.json"  # what the chapter's run wrote
+
+
+# --------------------------------------------------------------------------------------
+# The steps of a run
+# --------------------------------------------------------------------------------------
+
+
+def load_sft(cfg: DPOConfig, device: torch.device) -> tuple[LoadedModel | None, DPOConfig]:
+    """The chapter's fine-tuned model (None for a smoke run without ``--model``), and the
+    configuration with what the SFT run's ``run-config.json`` knows filled in: the prompt
+    style, the data the pairs come from, and the split (so the test set stays the same)."""
+    path = sft_model_path(cfg)
+    sft = None if path is None else load_model_file(path, prompt_style=cfg.prompt_style)
+    run = (read_run_config(path) if path is not None else None) or {}
+    if sft is not None:
+        sft.model.to(device)
+        print(f"SFT model: {path} ({sft.config['n_layers']} layers, {sft.prompt_style.name})")
+    filled = {
+        "model": None if path is None else str(path),
+        "prompt_style": sft.prompt_style.name if sft is not None else cfg.prompt_style,
+        "data": cfg.data or run.get("data") or DATA_URL,
+        "data_cache": cfg.data_cache or run.get("data_cache"),
+        "train_frac": cfg.train_frac if cfg.train_frac is not None else run.get("train_frac", 0.85),
+        "test_frac": cfg.test_frac if cfg.test_frac is not None else run.get("test_frac", 0.10),
+        "split_seed": cfg.split_seed if cfg.split_seed is not None else run.get("split_seed"),
+        "preferences": cfg.preferences or PREFERENCE_FILE,
+    }
+    filled["prompt_style"] = filled["prompt_style"] or "alpaca"
+    return sft, replace(cfg, **filled)
+
+
+def smoke_model(cfg: DPOConfig, device: torch.device) -> torch.nn.Module:
+    """The smoke run's SFT model: the chapter's smoke GPT (tiny, random weights, seeded)."""
+    model, _ = build_model(
+        model_config(RunConfig.smoke_preset()), pretrained=False, device=device, seed=cfg.seed
+    )
+    return model
+
+
+def prepare_tokenizer(cfg: DPOConfig) -> Any:
+    """GPT-2's tokenizer (the smoke run never tries the network)."""
+    return get_tokenizer(offline=True if cfg.smoke else None, models_dir=cfg.models_dir)
+
+
+def prepare_preferences(cfg: DPOConfig, *, progress: bool = True) -> list[dict]:
+    """The preference file's entries; with ``make_preferences`` the judge first writes the
+    pairs for the instruction data (or finishes an interrupted file)."""
+    if cfg.make_preferences:
+        entries = load_instruction_data(cfg.data, cache_path=cfg.data_cache)
+        print(f"Asking {cfg.judge_model} to rewrite {len(entries)} answers into {cfg.preferences}")
+        return generate_preference_data(
+            entries,
+            cfg.preferences,
+            model=cfg.judge_model,
+            url=cfg.judge_url,
+            api=cfg.judge_api,
+            timeout=cfg.judge_timeout,
+            max_failures=cfg.judge_max_failures,
+            seed=cfg.seed,
+            progress=progress,
+        )
+    return load_preference_data(cfg.preferences)
+
+
+@dataclass
+class PreferenceSplits:
+    """Training and validation pairs, and the test entries (they need no pair)."""
+
+    train: list[dict]
+    val: list[dict]
+    test: list[dict]
+
+
+def split_preferences(cfg: DPOConfig, entries: list[dict]) -> PreferenceSplits:
+    """Split as the SFT run split its data (85/10/5 in file order unless it did otherwise),
+    so the DPO model is tested on the SFT model's test entries. Entries the judge made no
+    pair for stay in the split but leave training and validation."""
+    train, test, val = split_data(entries, cfg.train_frac, cfg.test_frac, seed=cfg.split_seed)
+    train, val = usable_pairs(train), usable_pairs(val)
+    print(f"Training pairs: {len(train)}, validation pairs: {len(val)}, test entries: {len(test)}")
+    if len(train) < cfg.batch_size or not val or not test:
+        raise DatasetError(
+            f"{cfg.preferences}: {len(entries)} entries give {len(train)} training pairs, "
+            f"{len(val)} validation pairs and {len(test)} test entries; DPO needs at least one "
+            f"batch ({cfg.batch_size}) of training pairs and one of each other"
+        )
+    return PreferenceSplits(train, val, test)
+
+
+def prepare_preference_loaders(
+    cfg: DPOConfig, splits: PreferenceSplits, tokenizer: Any, context_length: int, device
+):
+    """The (train, val) loaders of pairs, each pair cut to the model's context."""
+    limit = min(cfg.allowed_max_length, context_length)
+    train_loader, val_loader = create_preference_loaders(
+        splits.train,
+        splits.val,
+        tokenizer,
+        batch_size=cfg.batch_size,
+        style=cfg.prompt_style,
+        allowed_max_length=limit,
+        device=device,
+        seed=cfg.seed,
+    )
+    for name, loader in (("training", train_loader), ("validation", val_loader)):
+        items = loader.dataset.encoded_texts
+        long = [
+            i
+            for i, item in enumerate(items)
+            if max(len(item["chosen"]), len(item["rejected"])) > limit
+        ]
+        if long:
+            print(
+                f"{len(long)} of {len(items)} {name} pairs are longer than {limit} tokens and are cut"
+            )
+    return train_loader, val_loader
+
+
+@dataclass
+class DPOResult:
+    """What training reports: the tracking history and the training time."""
+
+    tracking: dict[str, list]
+    minutes: float
+
+    def first_and_last(self, key: str) -> tuple[float | None, float | None]:
+        values = self.tracking[key]
+        return (values[0], values[-1]) if values else (None, None)
+
+
+def train_dpo(
+    cfg: DPOConfig, policy, reference, train_loader, val_loader, tokenizer, *, progress=True
+) -> DPOResult:
+    """DPO with the course's settings: AdamW (fused) on the policy's parameters only."""
+    torch.manual_seed(cfg.seed)
+    train_loader.generator.manual_seed(cfg.seed)
+    optimizer = make_optimizer(policy, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    started = time.monotonic()
+    tracking = train_model_dpo_simple(
+        policy,
+        reference,
+        train_loader,
+        val_loader,
+        optimizer,
+        num_epochs=cfg.epochs,
+        beta=cfg.beta,
+        eval_freq=cfg.eval_freq,
+        eval_iter=cfg.eval_iter,
+        start_context=format_input(val_loader.dataset.data[0], cfg.prompt_style),
+        tokenizer=tokenizer,
+        reduction=cfg.reduction,
+        progress=progress,
+    )
+    minutes = (time.monotonic() - started) / 60
+    print(f"DPO training completed in {minutes:.2f} minutes.")
+    policy.eval()
+    return DPOResult(tracking, minutes)
+
+
+def dpo_model_name(cfg: DPOConfig) -> str:
+    """``gpt2-medium355M-dpo.pth`` for ``gpt2-medium355M-sft.pth``."""
+    if cfg.model is None:
+        return "gpt-random-init-dpo.pth"
+    return Path(cfg.model).stem.removesuffix("-sft") + "-dpo.pth"
+
+
+def save_dpo(cfg: DPOConfig, policy, result: DPOResult) -> tuple[dict[str, Path], Any]:
+    """Save the DPO model, its training history and the plot of it; returns paths and figure."""
+    fig = plot_dpo_tracking(result.tracking, title=f"DPO, beta {cfg.beta:g}, lr {cfg.lr:g}")
+    paths = {
+        "plot": save_figure(fig, cfg.run_dir / "dpo-plot.png"),
+        "model": save_model(policy, cfg.run_dir / dpo_model_name(cfg)),
+        "training": save_json(asdict(result), cfg.run_dir / "dpo-training-result.json"),
+    }
+    print(f"DPO model saved as {paths['model']}")
+    return paths, fig
+
+
+def _saved_sft_responses(cfg: DPOConfig, test: list[dict]) -> list[dict] | None:
+    """The chapter run's responses to these test entries, if its folder holds them (and it
+    allowed the same response length)."""
+    if cfg.model is None:
+        return None
+    if (read_run_config(cfg.model) or {}).get("max_new_tokens") != cfg.max_new_tokens:
+        return None
+    path = Path(cfg.model).parent / CHAPTER_RESPONSES_FILE
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    keys = ("instruction", "input", "output")
+    same = isinstance(saved, list) and len(saved) == len(test)
+    same = same and all(
+        isinstance(s, dict)
+        and isinstance(s.get("model_response"), str)
+        and all(s.get(k) == t[k] for k in keys)
+        for s, t in zip(saved, test, strict=True)
+    )
+    return saved if same else None
+
+
+def write_both_responses(
+    cfg: DPOConfig, reference, policy, test: list[dict], tokenizer, *, progress: bool = True
+) -> dict[str, tuple[list[dict], Path]]:
+    """The test entries answered by the SFT model and by the DPO model, saved side by side.
+
+    The chapter run's own responses are reused when its folder holds them for these entries
+    (with any judge scores they carry, so the judge is not asked again).
+    """
+    out = {}
+    for name, model, file in (
+        ("sft", reference, SFT_RESPONSES_FILE),
+        ("dpo", policy, DPO_RESPONSES_FILE),
+    ):
+        saved = _saved_sft_responses(cfg, test) if name == "sft" else None
+        if saved is not None:
+            print(f"SFT responses: reused those of {Path(cfg.model).parent}")
+            responses = saved
+        else:
+            print(f"Generating the {name.upper()} model's responses to {len(test)} test entries")
+            responses = generate_responses(
+                model,
+                test,
+                tokenizer,
+                context_size=model.context_length,
+                style=cfg.prompt_style,
+                max_new_tokens=cfg.max_new_tokens,
+                batch_size=cfg.gen_batch_size,
+                progress=progress,
+            )
+        out[name] = (responses, save_json(responses, cfg.run_dir / file))
+    return out
+
+
+def score_both(cfg: DPOConfig, responses: dict, *, progress: bool = True) -> dict[str, dict]:
+    """The judge's scores (and the local metrics) of both models' responses, each saved into
+    its responses file as they arrive. Also each model's mean response length in words."""
+    scores = {}
+    for name, (entries, path) in responses.items():
+        print(f"--- {name.upper()} model ---")
+        scores[name] = score_responses(
+            entries,
+            use_judge=cfg.use_judge,
+            judge_url=cfg.judge_url,
+            judge_model=cfg.judge_model,
+            judge_api=cfg.judge_api,
+            timeout=cfg.judge_timeout,
+            max_failures=cfg.judge_max_failures,
+            save_path=path,
+            progress=progress,
+        )
+        words = [len(entry["model_response"].split()) for entry in entries]
+        scores[name]["mean_response_words"] = sum(words) / max(len(words), 1)
+    print(comparison_table(scores))
+    return scores
+
+
+def comparison_table(scores: dict[str, dict]) -> str:
+    """The SFT and DPO models' numbers side by side, as text."""
+
+    def judge_mean(s: dict) -> str:
+        mean = (s["judge"] or {}).get("mean_score")
+        return "n/a" if mean is None else f"{mean:.2f}"
+
+    rows = [
+        ("judge mean score", judge_mean),
+        ("ROUGE-L F1", lambda s: f"{s['local_metrics']['rouge_l_f1']:.3f}"),
+        ("exact match", lambda s: f"{s['local_metrics']['exact_match']:.3f}"),
+        ("mean response words", lambda s: f"{s['mean_response_words']:.1f}"),
+    ]
+    lines = [f"{'':22}{'SFT':>10}{'DPO':>10}"]
+    lines += [
+        f"{label:22}{cell(scores['sft']):>10}{cell(scores['dpo']):>10}" for label, cell in rows
+    ]
+    return "\n".join(lines)
+
+
+def write_dpo_summary(
+    cfg: DPOConfig,
+    device: torch.device,
+    model_cfg: dict,
+    splits: PreferenceSplits,
+    result: DPOResult,
+    outputs: dict[str, Path],
+    scores: dict[str, dict],
+) -> dict:
+    """The run's settings and numbers, saved as dpo-summary.json (and returned)."""
+    metrics = ("loss", "reward_margin", "accuracy")
+    plural = {"loss": "losses", "accuracy": "accuracies", "reward_margin": "reward_margins"}
+    summary = {
+        "config": asdict(cfg),
+        "device": str(device),
+        "model": {"sft_model": cfg.model, "config": model_cfg},
+        "data": {
+            "n_train_pairs": len(splits.train),
+            "n_val_pairs": len(splits.val),
+            "n_test": len(splits.test),
+        },
+        "first_and_last": {
+            f"{split}_{m}": result.first_and_last(f"{split}_{plural[m]}")
+            for split in ("train", "val")
+            for m in metrics
+        },
+        "tracking": result.tracking,
+        "training_minutes": result.minutes,
+        "outputs": {name: str(path) for name, path in outputs.items()},
+        "scores": scores,
+    }
+    path = save_json(summary, cfg.run_dir / "dpo-summary.json")
+    print(f"DPO summary saved as {path}")
+    return summary
+
+
+def run_dpo(cfg: DPOConfig, *, progress: bool = True) -> dict:
+    """Every step in order, in the run's own folder; returns the summary."""
+    import matplotlib.pyplot as plt
+
+    device = check_dpo_settings(cfg)
+    sft, cfg = load_sft(cfg, device)
+    entries = prepare_preferences(cfg, progress=progress)
+    splits = split_preferences(cfg, entries)
+    tokenizer = prepare_tokenizer(cfg)
+    model = sft.model if sft is not None else smoke_model(cfg, device)
+    loaders = prepare_preference_loaders(cfg, splits, tokenizer, model.context_length, device)
+    start_dpo_run(cfg)  # the first step that writes into the run's folder
+    policy, reference = policy_and_reference(model)
+    result = train_dpo(cfg, policy, reference, *loaders, tokenizer, progress=progress)
+    outputs, fig = save_dpo(cfg, policy, result)
+    plt.close(fig)
+    responses = write_both_responses(
+        cfg, reference, policy, splits.test, tokenizer, progress=progress
+    )
+    outputs |= {f"{name}_responses": path for name, (_, path) in responses.items()}
+    scores = score_both(cfg, responses, progress=progress)
+    return write_dpo_summary(cfg, device, model.cfg, splits, result, outputs, scores)
+
+
+# --------------------------------------------------------------------------------------
+# The command line
+# --------------------------------------------------------------------------------------
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dpo_finetuning.py",
+        description="Preference-tune the chapter's fine-tuned model with DPO, answer the test "
+        "set with both models and score them side by side. Each run writes into a new folder "
+        "in --output-dir.",
+    )
+    p.add_argument("--smoke", action="store_true", help="offline: tiny random GPT, 40 sample pairs")
+    p.add_argument(
+        "--model",
+        help="the SFT model (*-sft.pth) or its run folder (default: "
+        "the latest run's in --output-dir)",
+    )
+    p.add_argument("--preferences", help=f"preference file (default: {PREFERENCE_FILE})")
+    p.add_argument(
+        "--make-preferences",
+        action="store_true",
+        help="let the judge write (or finish) the preference file first",
+    )
+    p.add_argument("--data", help="instruction data the judge rewrites (default: the SFT run's)")
+    p.add_argument("--data-cache", help="where a downloaded --data file is kept")
+    p.add_argument("--beta", type=float, help="DPO's beta (default: 0.1)")
+    p.add_argument("--lr", type=float, help="AdamW learning rate (default: 5e-6)")
+    p.add_argument("--weight-decay", type=float, help="default: 0.01")
+    p.add_argument("--epochs", type=int, help="default: 1")
+    p.add_argument("--batch-size", type=int, help="default: 8")
+    p.add_argument(
+        "--reduction",
+        choices=REDUCTIONS,
+        help="an answer's log-probability: sum of its tokens' (default) or mean (course)",
+    )
+    p.add_argument("--prompt-style", choices=list(PROMPT_STYLES), help="default: the SFT run's")
+    p.add_argument("--max-new-tokens", type=int, help="response length limit (default: 256)")
+    p.add_argument("--seed", type=int, help="default: 123")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--output-dir", help="where run folders go (default: outputs)")
+    p.add_argument("--models-dir", help="where GPT-2's files are kept (default: gpt2)")
+    p.add_argument("--judge-url", help="judge host or endpoint (default: $OLLAMA_HOST)")
+    p.add_argument("--judge-model", help="judge model (default: llama3)")
+    p.add_argument("--judge-api", choices=JUDGE_APIS, help="default: ollama")
+    p.add_argument("--judge-timeout", type=float, help="seconds per judge reply (default: 120)")
+    p.add_argument(
+        "--judge-max-failures",
+        type=int,
+        help="failed judge requests in a row before giving up (default: 3)",
+    )
+    p.add_argument("--no-judge", action="store_true", help="skip scoring: local metrics only")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> DPOConfig:
+    """The DPO configuration of parsed command-line flags (see ``make_dpo_config``)."""
+    names = {f.name for f in fields(DPOConfig)} - {"smoke", "make_preferences"}
+    settings = {name: value for name, value in vars(args).items() if name in names}
+    settings["use_judge"] = False if args.no_judge else None
+    settings["make_preferences"] = True if args.make_preferences else None
+    return make_dpo_config(smoke=args.smoke, **settings)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line entry point: 0 when done; one ``error:`` line and 2 on an expected
+    failure; 130 on Ctrl-C (what was saved stays; DPO training itself keeps no checkpoint)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    args = build_arg_parser().parse_args(argv)
+    try:
+        run_dpo(config_from_args(args))
+    except (ChapterError, DownloadError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "\ninterrupted: the files written so far stay; DPO training keeps no checkpoint, "
+            "so run the command again (a preference file the judge was writing continues)",
+            file=sys.stderr,
+        )
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,254 @@
+"""dpo_finetuning.py: the DPO run's settings, its checks before any work, the SFT model it
+starts from, and the command line end to end (smoke runs, a judge on loopback)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+import pytest
+import torch
+
+import dpo_finetuning as dft
+import instruction_finetuning as ift
+from helpers import FakeJudge, closed_port
+from instruction_data import SAMPLE_DATA_PATH, ConfigError, DatasetError
+from outputs import save_json, save_model
+from preference_data import SAMPLE_PREFERENCE_PATH
+from previous_chapters import GPTModel
+from run_config import RunConfig, model_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only add hand-offs
+
+
+def rewriter_and_scorer(prompt: str) -> str:
+    """A judge for both jobs: rewrites an answer when asked to, else gives a score."""
+    if "rewrite the output" in prompt:
+        answer = prompt.split("correct output `")[1].split("`")[0]
+        return f"Please note: {answer}" if "more polite." in prompt else f"{answer} Duh."
+    return "Score: 60"
+
+
+@pytest.fixture
+def judge():
+    server = FakeJudge(rewriter_and_scorer)
+    yield server
+    server.close()
+
+
+def dead_judge() -> str:
+    return f"127.0.0.1:{closed_port()}"
+
+
+def fake_sft_run(tmp_path, **settings) -> tuple:
+    """A chapter run's folder as the chapter leaves it: run-config.json and a smoke-sized
+    model file (random weights: what matters here is the shapes and the settings)."""
+    cfg = RunConfig.smoke_preset(output_dir=str(tmp_path), run_name="sft-run", **settings)
+    folder = tmp_path / "sft-run"
+    save_json(asdict(cfg), folder / "run-config.json")
+    torch.manual_seed(0)
+    model = GPTModel(model_config(cfg))
+    path = save_model(model, folder / cfg.model_file_name())
+    return path, model
+
+
+# --- settings -------------------------------------------------------------------------------
+
+
+def test_defaults_are_the_courses():
+    cfg = dft.DPOConfig()
+    assert (cfg.beta, cfg.lr, cfg.weight_decay, cfg.epochs, cfg.batch_size) == (
+        0.1,
+        5e-6,
+        0.01,
+        1,
+        8,
+    )
+    assert (cfg.eval_freq, cfg.eval_iter, cfg.reduction, cfg.judge_model) == (5, 5, "sum", "llama3")
+    smoke = dft.make_dpo_config(smoke=True, beta=0.5, lr=None)
+    assert smoke.smoke and smoke.beta == 0.5 and smoke.lr == dft.DPOConfig.smoke_preset().lr
+    assert smoke.preferences == str(SAMPLE_PREFERENCE_PATH)
+    with pytest.raises(ConfigError, match="unknown DPO setting"):
+        dft.make_dpo_config(betaa=1)
+
+
+def test_flags_become_settings():
+    args = dft.build_arg_parser().parse_args(
+        ["--smoke", "--beta", "0.3", "--reduction", "mean", "--no-judge", "--make-preferences"]
+    )
+    cfg = dft.config_from_args(args)
+    assert (cfg.beta, cfg.reduction, cfg.use_judge, cfg.make_preferences) == (
+        0.3,
+        "mean",
+        False,
+        True,
+    )
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--beta", "0"], "beta = 0.0 is out of range"),
+        (["--lr", "-1"], "lr = -1.0 is out of range"),
+        (["--epochs", "0"], "epochs = 0 is out of range"),
+        (["--device", "foo"], "unknown device 'foo'"),
+        (["--model", "no/such/model.pth"], "no/such/model.pth: no such file"),
+        (["--preferences", "no-such-prefs.json"], "Add --make-preferences"),
+        (["--judge-api", "openai", "--judge-url", "http://:80"], "no host name"),
+    ],
+)
+def test_bad_settings_stop_before_any_work_with_one_line(tmp_path, capsys, flags, message):
+    out = tmp_path / "out"
+    argv = ["--smoke", "--output-dir", str(out), "--judge-url", dead_judge(), *flags]
+    assert dft.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert not out.exists()  # nothing was written
+
+
+def test_without_a_model_and_without_a_chapter_run_the_error_says_how_to_make_one(tmp_path, capsys):
+    argv = ["--preferences", str(SAMPLE_PREFERENCE_PATH), "--output-dir", str(tmp_path)]
+    assert dft.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "no model file found" in err and "instruction_finetuning.py" in err
+
+
+# --- the SFT model ----------------------------------------------------------------------------
+
+
+def test_the_sft_model_and_its_run_settings_are_loaded(tmp_path):
+    path, model = fake_sft_run(tmp_path, prompt_style="phi3", split_seed=7, test_frac=0.2)
+    cfg = dft.make_dpo_config(model=str(path.parent))  # the run's folder finds its model
+    sft, filled = dft.load_sft(cfg, torch.device("cpu"))
+    assert filled.model == str(path)
+    assert (filled.prompt_style, filled.split_seed, filled.test_frac) == ("phi3", 7, 0.2)
+    assert filled.data == str(SAMPLE_DATA_PATH)  # the data the chapter run trained on
+    assert sft.config["n_heads"] == model_config(RunConfig.smoke_preset())["n_heads"]
+    for (name, got), want in zip(
+        sft.model.state_dict().items(), model.state_dict().values(), strict=True
+    ):
+        assert torch.equal(got, want), name
+    # settings given now win over the run's
+    _, given = dft.load_sft(dft.make_dpo_config(model=str(path), prompt_style="alpaca"), "cpu")
+    assert given.prompt_style == "alpaca"
+
+
+def test_a_run_folder_with_two_models_asks_for_the_file(tmp_path):
+    path, model = fake_sft_run(tmp_path)
+    save_model(model, path.with_name("other-sft.pth"))
+    with pytest.raises(ConfigError, match="holds 2 \\*-sft.pth files"):
+        dft.sft_model_path(dft.make_dpo_config(model=str(path.parent)))
+
+
+def test_the_dpo_model_is_named_after_the_sft_model():
+    assert dft.dpo_model_name(dft.DPOConfig(model="r/gpt2-medium355M-sft.pth")) == (
+        "gpt2-medium355M-dpo.pth"
+    )
+    assert dft.dpo_model_name(dft.DPOConfig(smoke=True)) == "gpt-random-init-dpo.pth"
+
+
+def test_the_split_follows_the_chapter_and_unpaired_entries_stay_in_the_test_set():
+    entries = [
+        {
+            "instruction": f"Task {i}.",
+            "input": "",
+            "output": f"Answer {i}.",
+            "chosen": f"Kindly: Answer {i}.",
+            "rejected": f"Answer {i}.",
+        }
+        for i in range(20)
+    ]
+    for i in (0, 12, 19):  # no pair: a training entry, a test entry, a validation entry
+        del entries[i]["chosen"], entries[i]["rejected"]
+        entries[i]["preference_error"] = "empty rewrite"
+    cfg = dft.make_dpo_config(train_frac=0.5, test_frac=0.4, batch_size=2, smoke=True)
+    splits = dft.split_preferences(cfg, entries)  # 10 / 8 / 2 entries in file order
+    assert [e["instruction"] for e in splits.train] == [f"Task {i}." for i in range(1, 10)]
+    assert [e["instruction"] for e in splits.test] == [f"Task {i}." for i in range(10, 18)]
+    assert [e["instruction"] for e in splits.val] == ["Task 18."]
+    with pytest.raises(DatasetError, match="0 validation pairs"):  # val: entry 19 only
+        dft.split_preferences(dft.make_dpo_config(train_frac=0.5, test_frac=0.45), entries)
+
+
+def test_ctrl_c_exits_130_saying_what_stays(tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dft, "train_model_dpo_simple", interrupted)
+    argv = ["--smoke", "--output-dir", str(tmp_path), "--judge-url", dead_judge()]
+    assert dft.main(argv) == 130
+    assert "keeps no checkpoint, so run the command again" in capsys.readouterr().err
+
+
+# --- end to end -------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_smoke_run_writes_the_model_both_responses_the_plot_and_the_scores(tmp_path, judge, capsys):
+    out = tmp_path / "out"
+    assert dft.main(["--smoke", "--output-dir", str(out), "--judge-url", judge.base]) == 0
+    run = (out / "latest-dpo").resolve()
+    assert run.name.endswith("-dpo-smoke")
+    summary = json.loads((run / "dpo-summary.json").read_text())
+    # the DPO model: a plain GPTModel state dict of the smoke model's shape
+    state = torch.load(run / "gpt-random-init-dpo.pth", weights_only=True)
+    GPTModel(summary["model"]["config"]).load_state_dict(state)
+    assert (run / "dpo-plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # training raised the reward margin on the training pairs
+    first, last = summary["first_and_last"]["train_reward_margin"]
+    assert last > first and summary["first_and_last"]["train_loss"][1] < 0.6931
+    # both models answered the same 4 test entries, and the judge scored both files
+    sft = json.loads((run / "sft-responses.json").read_text())
+    dpo = json.loads((run / "dpo-responses.json").read_text())
+    assert [e["instruction"] for e in sft] == [e["instruction"] for e in dpo]
+    assert len(sft) == summary["data"]["n_test"] == 4
+    assert all(e["judge_score"] == 60 for e in sft + dpo)
+    for name in ("sft", "dpo"):
+        assert summary["scores"][name]["judge"]["mean_score"] == 60
+    assert len(judge.bodies) == 8
+    printed = capsys.readouterr().out
+    assert "SFT" in printed and "DPO" in printed and "judge mean score" in printed
+    assert json.loads((run / "dpo-config.json").read_text())["beta"] == 0.1
+
+
+@pytest.mark.slow
+def test_from_a_chapter_run_its_responses_and_scores_are_reused(tmp_path, judge, capsys):
+    out = tmp_path / "out"
+    assert ift.main(["--smoke", "--output-dir", str(out), "--judge-url", judge.base]) == 0
+    sft_run = (out / "latest").resolve()
+    scored = len(judge.bodies)
+    argv = ["--smoke", "--model", str(sft_run), "--output-dir", str(out), "--judge-url", judge.base]
+    assert dft.main(argv) == 0
+    assert "SFT responses: reused" in capsys.readouterr().out
+    assert len(judge.bodies) - scored == 4  # only the DPO model's responses were scored
+    run = (out / "latest-dpo").resolve()
+    chapter = json.loads((sft_run / "instruction-data-with-response.json").read_text())
+    assert json.loads((run / "sft-responses.json").read_text()) == chapter
+    assert (out / "latest").resolve() == sft_run  # the chapter's --resume still finds its run
+    summary = json.loads((run / "dpo-summary.json").read_text())
+    assert summary["model"]["sft_model"] == str(sft_run / "gpt-random-init-sft.pth")
+    assert (run / "gpt-random-init-dpo.pth").is_file()
+
+
+@pytest.mark.slow
+def test_make_preferences_lets_the_judge_write_the_pairs_first(tmp_path, judge):
+    prefs = tmp_path / "prefs.json"
+    argv = [
+        "--smoke",
+        "--make-preferences",
+        "--data",
+        str(SAMPLE_DATA_PATH),
+        "--preferences",
+        str(prefs),
+        "--output-dir",
+        str(tmp_path / "out"),
+        "--judge-url",
+        judge.base,
+        "--no-judge",
+    ]
+    assert dft.main(argv) == 0
+    pairs = json.loads(prefs.read_text())
+    assert len(pairs) == 40 and all(p["preference_model"] == "llama3" for p in pairs)
+    assert len(judge.bodies) == 40  # 40 rewrites; --no-judge: no scores
+    summary = json.loads(((tmp_path / "out") / "latest-dpo" / "dpo-summary.json").read_text())
+    assert summary["scores"]["dpo"]["judge"] is None
