@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import socket
 import threading
@@ -380,6 +381,39 @@ def numbered_entries(n: int) -> list[dict]:
     ]
 
 
+# The shape of the fine-tuned models that the export and chat tests use: GPT-2's vocabulary
+# (the exports carry its tokenizer), everything else tiny
+TINY_GPT2_VOCAB = {
+    "vocab_size": 50257,
+    "emb_dim": 64,
+    "n_heads": 4,
+    "n_layers": 2,
+    "context_length": 512,
+}
+
+
+def tiny_model_file(
+    folder: Path, *, prompt_style: str = "alpaca", seed: int = 0, run_config: bool = True
+) -> Path:
+    """A fine-tuned model file as a smoke run leaves it: a sharpened tiny GPT with GPT-2's
+    vocabulary saved as ``gpt-random-init-sft.pth``, with the run's ``run-config.json``
+    (its prompt style and model shape) beside it unless ``run_config=False``."""
+    from dataclasses import asdict
+
+    from outputs import save_json, save_model
+    from run_config import RunConfig
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model = tiny_model(seed, sharpen=0.3, **TINY_GPT2_VOCAB).eval()
+    path = save_model(model, folder / "gpt-random-init-sft.pth")
+    if run_config:
+        cfg = RunConfig.smoke_preset(
+            model_overrides=dict(TINY_GPT2_VOCAB), prompt_style=prompt_style
+        )
+        save_json(asdict(cfg), folder / "run-config.json")
+    return path
+
+
 # --------------------------------------------------------------------------------------
 # Hugging Face transformers
 # --------------------------------------------------------------------------------------
@@ -410,3 +444,69 @@ def hf_to_course_params(hf_model) -> dict:
         "g": sd["transformer.ln_f.weight"],
         "b": sd["transformer.ln_f.bias"],
     }
+
+
+# --------------------------------------------------------------------------------------
+# Notebooks run headless (main.ipynb, exercises.ipynb, dpo.ipynb)
+# --------------------------------------------------------------------------------------
+
+
+def run_notebook_offline(notebook: Path, folder: Path, **parameters: Any):
+    """``notebook`` run headless by papermill with ``parameters``, saved into ``folder`` and
+    returned: offline (the tokenizer from local files) and with no judge listening.
+
+    The kernel is another process, so it gets these settings through the environment,
+    which is restored afterwards.
+    """
+    import nbformat
+    import papermill
+
+    env = {
+        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "main")]),
+        "GPT2_TOKENIZER_OFFLINE": "1",
+        "OLLAMA_HOST": f"127.0.0.1:{closed_port()}",
+    }
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        papermill.execute_notebook(
+            str(notebook),
+            str(folder / "executed.ipynb"),
+            parameters=parameters,
+            cwd=str(notebook.parent),
+            kernel_name="python3",
+            progress_bar=False,
+        )
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return nbformat.read(folder / "executed.ipynb", as_version=4)
+
+
+class NotebookOutputs:
+    """What an executed notebook's code cells showed, sorted for the tests' checks."""
+
+    def __init__(self, nb) -> None:
+        self.all = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+        self.errors = [o for o in self.all if o.output_type == "error"]
+        self.images = [o for o in self.all if "image/png" in o.get("data", {})]
+        # the code listings of figures.show_source (HTML, with the source as plain text)
+        self.listings = "\n".join(
+            o["data"]["text/plain"]
+            for o in self.all
+            if o.output_type in ("display_data", "execute_result")
+            and "text/html" in o.get("data", {})
+        )
+
+    def stream(self, name: str) -> str:
+        """Everything printed to ``name`` ("stdout" or "stderr")."""
+        return "".join(o.text for o in self.all if o.output_type == "stream" and o.name == name)
+
+    def problems(self) -> str:
+        """Warnings and errors a reader would see ("" when there are none)."""
+        stderr = self.stream("stderr")
+        found = re.search(r"warn|error|traceback", stderr, flags=re.I)
+        return "\n".join(str(e) for e in self.errors) + (stderr[:2000] if found else "")

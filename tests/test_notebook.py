@@ -8,13 +8,10 @@ losses as the command line for the same settings.
 from __future__ import annotations
 
 import json
-import os
 import re
-import socket
 from pathlib import Path
 
 import nbformat
-import papermill
 import pytest
 
 import collate_drafts
@@ -24,6 +21,7 @@ import instruction_data
 import instruction_finetuning as ift
 import ollama_evaluate
 import previous_chapters as pc
+from helpers import NotebookOutputs, closed_port, run_notebook_offline
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO_ROOT / "main" / "main.ipynb"
@@ -46,12 +44,6 @@ LISTED = [
     ollama_evaluate.judge_prompt,
     ollama_evaluate.query_model,
 ]
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _code_cells(nb) -> list:
@@ -82,66 +74,32 @@ def test_notebook_sections_follow_the_chapter() -> None:
 
 
 @pytest.fixture(scope="module")
-def executed(tmp_path_factory: pytest.TempPathFactory) -> tuple[nbformat.NotebookNode, Path]:
+def executed(tmp_path_factory: pytest.TempPathFactory) -> tuple[NotebookOutputs, Path]:
     """The notebook run headless in smoke mode, offline, with no judge listening."""
     tmp = tmp_path_factory.mktemp("notebook")
-    out_dir = tmp / "outputs"
-    env = {
-        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "main")]),
-        "GPT2_TOKENIZER_OFFLINE": "1",
-        "OLLAMA_HOST": f"127.0.0.1:{_closed_port()}",
-    }
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)  # the kernel is another process: it inherits these
-    try:
-        papermill.execute_notebook(
-            str(NOTEBOOK),
-            str(tmp / "executed.ipynb"),
-            parameters={"SMOKE": True, "OUTPUT_DIR": str(out_dir)},
-            cwd=str(NOTEBOOK.parent),
-            kernel_name="python3",
-            progress_bar=False,
-        )
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-    return nbformat.read(tmp / "executed.ipynb", as_version=4), out_dir
-
-
-def _outputs(nb) -> list:
-    return [o for c in _code_cells(nb) for o in c.outputs]
+    nb = run_notebook_offline(NOTEBOOK, tmp, SMOKE=True, OUTPUT_DIR=str(tmp / "outputs"))
+    return NotebookOutputs(nb), tmp / "outputs"
 
 
 @pytest.mark.slow
 def test_smoke_run_shows_the_code_it_runs(executed) -> None:
-    nb, _ = executed
-    listings = [
-        o["data"]["text/plain"]
-        for o in _outputs(nb)
-        if o.output_type in ("display_data", "execute_result") and "text/html" in o.get("data", {})
-    ]
-    text = "\n".join(listings)
+    outputs, _ = executed
     positions = []
     for obj in LISTED:
         source = figures.source_of(obj).rstrip("\n")
-        assert source in text, f"the notebook does not show the source of {obj.__name__}"
-        positions.append(text.index(source))
+        assert source in outputs.listings, (
+            f"the notebook does not show the source of {obj.__name__}"
+        )
+        positions.append(outputs.listings.index(source))
     assert positions == sorted(positions), "the listings are not in the chapter's order"
 
 
 @pytest.mark.slow
 def test_smoke_run_is_clean_and_has_figures(executed) -> None:
-    nb, _ = executed
-    outputs = _outputs(nb)
-    assert not [o for o in outputs if o.output_type == "error"]
-    stderr = "".join(o.text for o in outputs if o.output_type == "stream" and o.name == "stderr")
-    assert not re.search(r"warn|error|traceback", stderr, flags=re.I), stderr[:2000]
-    images = [o for o in outputs if "image/png" in o.get("data", {})]
-    assert len(images) >= 6
-    stdout = "".join(o.text for o in outputs if o.output_type == "stream" and o.name == "stdout")
+    outputs, _ = executed
+    assert not outputs.problems()
+    assert len(outputs.images) >= 6
+    stdout = outputs.stream("stdout")
     assert "identical to draft 3: True" in stdout
     assert "ollama serve" in stdout and "NOT the judge's score" in stdout  # says there is no judge
 
@@ -163,7 +121,7 @@ def test_smoke_run_writes_the_outputs_and_matches_the_command_line(
     assert notebook["judge"] is None and "NOT the LLM judge" in notebook["local_metrics"]["note"]
 
     cli_out = tmp_path / "cli"
-    monkeypatch.setenv("OLLAMA_HOST", f"127.0.0.1:{_closed_port()}")
+    monkeypatch.setenv("OLLAMA_HOST", f"127.0.0.1:{closed_port()}")
     assert ift.main(["--smoke", "--output-dir", str(cli_out)]) == 0
     cli = json.loads((cli_out / "latest" / "run-summary.json").read_text())
     for key in ("initial_losses", "final_losses", "loss_history", "data", "model"):
