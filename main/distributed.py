@@ -119,6 +119,17 @@ def barrier(ranks: Ranks) -> None:
 
 
 @contextlib.contextmanager
+def quiet_unless_main(ranks: Ranks) -> Iterator[None]:
+    """Only rank 0 prints: the other ranks' standard output is dropped inside this block
+    (their errors still reach standard error)."""
+    if ranks.is_main:
+        yield
+        return
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+        yield
+
+
+@contextlib.contextmanager
 def main_process_first(ranks: Ranks) -> Iterator[None]:
     """Run the block on each machine's first process, then on the others: a download is made
     once per machine, and the other processes find it done."""

@@ -30,7 +30,6 @@ if (_ROOT / "previous_chapters.py").is_file() and str(_ROOT) not in sys.path:
     sys.path.append(str(_ROOT))
 
 import argparse
-import contextlib
 import json
 import os
 from collections.abc import Sequence
@@ -46,6 +45,7 @@ from distributed import (
     broadcast,
     main_process_first,
     process_group,
+    quiet_unless_main,
     rank_device,
     ranks_from_env,
 )
@@ -582,7 +582,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg, rank = None, os.environ.get("RANK", "0")
     try:
         cfg = config_from_args(args)
-        with _quiet_unless_rank_0(rank):
+        with quiet_unless_main(ranks_from_env()):
             run(cfg)
     except TrainingInterrupted as exc:
         if rank == "0":  # (all ranks stopped together; rank 0 speaks for them)
@@ -604,17 +604,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\ninterrupted. Resume with: {_resume_command(cfg)}", file=sys.stderr)
         return 130
     return 0
-
-
-@contextlib.contextmanager
-def _quiet_unless_rank_0(rank: str):
-    """Under torchrun, only rank 0 prints: the other ranks' standard output is dropped (their
-    errors still reach standard error)."""
-    if rank == "0":
-        yield
-        return
-    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
-        yield
 
 
 def _resume_command(cfg: RunConfig | None) -> str:

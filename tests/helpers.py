@@ -21,6 +21,7 @@ import importlib.util
 import json
 import os
 import re
+import signal
 import socket
 import threading
 from collections.abc import Callable, Iterable
@@ -449,6 +450,12 @@ def hf_to_course_params(hf_model) -> dict:
 # --------------------------------------------------------------------------------------
 # Notebooks run headless (main.ipynb, exercises.ipynb, dpo.ipynb)
 # --------------------------------------------------------------------------------------
+
+
+def default_sigint() -> None:
+    """For ``Popen(preexec_fn=...)``: the child reacts to SIGINT as usual (Ctrl-C), even when
+    this process was started with SIGINT ignored, as a shell starts a background job."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def run_notebook_offline(notebook: Path, folder: Path, **parameters: Any):

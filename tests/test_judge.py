@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import ollama_evaluate as oe
-from helpers import REPO_ROOT, FakeJudge, closed_port
+from helpers import REPO_ROOT, FakeJudge, closed_port, default_sigint
 from instruction_data import format_input
 
 
@@ -665,6 +665,7 @@ def test_cli_real_process_interrupted_by_sigint_exits_130_and_a_rerun_finishes(
         stderr=subprocess.PIPE,
         text=True,
         env=env,
+        preexec_fn=default_sigint,  # (a shell's background job would start with SIGINT ignored)
     )
     try:
         for _ in range(1200):  # up to a minute for the first two scores to be saved

@@ -110,6 +110,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, group_by_length
 
     path = tmp_path / "checkpoint.pt"
     model, train_loader, val_loader, optimizer = setup(group_by_length=group_by_length)
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     # stop_at counts loss calls: 2+2 initial evaluation batches, then training and evaluations
     with pytest.raises(trainer.TrainingInterrupted, match="checkpoint saved to") as err:
         run(
@@ -121,7 +122,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, group_by_length
             loss_fn=StopAfter(stop_at, signum),
         )
     assert signal.Signals(signum).name in str(err.value) and path.is_file()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
 
     model, train_loader, val_loader, optimizer = setup(seed=1, group_by_length=group_by_length)
     resumed = run(model, train_loader, val_loader, optimizer, checkpoint_path=path, resume=True)
