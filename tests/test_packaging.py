@@ -17,3 +17,18 @@ def test_the_wheel_includes_every_module_and_ruff_knows_them_as_first_party() ->
     assert included == modules
     first_party = set(config["tool"]["ruff"]["lint"]["isort"]["known-first-party"])
     assert {name.split("/")[-1].removesuffix(".py") for name in modules} <= first_party
+
+
+def test_every_command_line_script_has_a_console_script_that_points_at_its_main() -> None:
+    import importlib
+
+    scripts = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    for name, target in scripts.items():
+        module, function = target.split(":")
+        assert callable(getattr(importlib.import_module(module), function)), name
+    with_main = {
+        p.stem
+        for p in (REPO_ROOT / "main").glob("*.py")
+        if 'if __name__ == "__main__":' in p.read_text(encoding="utf-8")
+    }
+    assert with_main == {target.split(":")[0] for target in scripts.values()}
