@@ -23,7 +23,7 @@ from model_file import find_model_file
 from ollama_evaluate import judge_endpoint
 from outputs import save_json
 from preference_data import PREFERENCE_FILE, SAMPLE_PREFERENCE_PATH
-from run_config import check_device, check_writable_folder, new_run_folder
+from run_config import check_device, check_ranges, check_writable_folder, new_run_folder
 
 DPO_CONFIG_FILE = "dpo-config.json"
 
@@ -118,9 +118,7 @@ _RANGES = [
 
 def check_dpo_settings(cfg: DPOConfig) -> torch.device:
     """Check every setting and path before any work; returns the device. Writes nothing."""
-    for name, ok, rule in _RANGES:
-        if not ok(getattr(cfg, name)):
-            raise ConfigError(f"{name} = {getattr(cfg, name)} is out of range: it must be {rule}")
+    check_ranges(cfg, _RANGES)
     if cfg.prompt_style is not None and cfg.prompt_style not in PROMPT_STYLES:
         raise ConfigError(
             f"unknown prompt style {cfg.prompt_style!r}; choose one of: {', '.join(PROMPT_STYLES)}"

@@ -16,6 +16,7 @@ import math
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -207,6 +208,14 @@ _RANGES = [
 ]
 
 
+def check_ranges(cfg: Any, ranges: list[tuple[str, Callable[[Any], bool], str]]) -> None:
+    """Refuse the first setting of ``cfg`` outside its range: ``ranges`` holds (setting,
+    test, what it must be), and the error names the setting, its value and the rule."""
+    for name, ok, rule in ranges:
+        if not ok(getattr(cfg, name)):
+            raise ConfigError(f"{name} = {getattr(cfg, name)} is out of range: it must be {rule}")
+
+
 def check_writable_folder(path: Path, what: str) -> None:
     """Check that ``path`` is (or can be made) a folder we can write in; creates nothing."""
     existing = path
@@ -276,9 +285,7 @@ def check_settings(cfg: RunConfig) -> torch.device:
     Each problem is a ``ConfigError`` of one line that says what is wrong and what to do.
     Nothing is written.
     """
-    for name, ok, rule in _RANGES:
-        if not ok(getattr(cfg, name)):
-            raise ConfigError(f"{name} = {getattr(cfg, name)} is out of range: it must be {rule}")
+    check_ranges(cfg, _RANGES)
     if cfg.model_size is None and cfg.pretrained:
         raise ConfigError("a pretrained run needs a model size, e.g. 'gpt2-medium (355M)'")
     model_config(cfg)

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import FakeJudge
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = REPO_ROOT.parent / "shared"
 
@@ -126,3 +128,18 @@ def request_timeouts(monkeypatch: pytest.MonkeyPatch) -> list:
 
     monkeypatch.setattr(requests.Session, "get", recording_get)
     return timeouts
+
+
+@pytest.fixture
+def judge_server():
+    """``judge_server(reply, **kw)`` starts a ``FakeJudge`` (Ollama's and OpenAI's chat APIs on
+    loopback) that answers with ``reply``; every one started is closed after the test."""
+    servers = []
+
+    def start(reply, **kw) -> FakeJudge:
+        servers.append(FakeJudge(reply, **kw))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()

@@ -19,21 +19,8 @@ from pathlib import Path
 import pytest
 
 import ollama_evaluate as oe
-from helpers import REPO_ROOT, FakeJudge, closed_port, default_sigint
+from helpers import REPO_ROOT, closed_port, default_sigint
 from instruction_data import format_input
-
-
-@pytest.fixture
-def judge_server():
-    servers = []
-
-    def start(reply, **kw) -> FakeJudge:
-        servers.append(FakeJudge(reply, **kw))
-        return servers[-1]
-
-    yield start
-    for s in servers:
-        s.close()
 
 
 def entries(*responses: str) -> list[dict]:

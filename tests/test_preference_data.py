@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import preference_data as pd
-from helpers import FakeJudge, closed_port
+from helpers import closed_port
 from instruction_data import DatasetError, format_input, read_instruction_file
 from ollama_evaluate import JudgeReplyWarning, JudgeUnavailableError
 
@@ -36,19 +36,6 @@ class CharTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return [ord(c) for c in text]
-
-
-@pytest.fixture
-def judge_server():
-    servers = []
-
-    def start(reply, **kw) -> FakeJudge:
-        servers.append(FakeJudge(reply, **kw))
-        return servers[-1]
-
-    yield start
-    for server in servers:
-        server.close()
 
 
 def rewriter(prompt: str) -> str:
