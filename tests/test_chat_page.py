@@ -114,6 +114,26 @@ def wait_for_answer(bot, expected: str, seconds: float = 120.0) -> str:
     return shown
 
 
+def set_number(page, label: str, value: int, seconds: float = 30.0) -> None:
+    """Type ``value`` into a slider's number box until its range slider shows it too.
+
+    The accordion mounts its sliders as it opens, and a slider that is still starting up
+    can put its first value back over what was typed; the page would then answer with the
+    old setting. Typing again until the slider holds the value (and leaving the box, which
+    Gradio takes as "done") makes the setting stick before the message is sent."""
+    box = page.get_by_label(f"number input for {label}")
+    slider = page.get_by_label(f"range slider for {label}")
+    deadline = time.monotonic() + seconds
+    while True:
+        box.fill(str(value))
+        box.press("Tab")
+        page.wait_for_timeout(300)
+        if slider.input_value() == box.input_value() == str(value):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the page's {label!r} setting would not take {value}")
+
+
 @pytest.mark.slow
 def test_the_chat_page_answers_in_a_real_browser(
     sync_playwright, network_attempts, tmp_path, capsys
@@ -136,7 +156,7 @@ def test_the_chat_page_answers_in_a_real_browser(
             page = browser.new_page()
             page.goto(url)
             page.get_by_text("Generation settings").click()
-            page.get_by_label("number input for Max new tokens").fill("12")  # 40 -> 12
+            set_number(page, "Max new tokens", 12)  # 40 -> 12
             page.get_by_role("textbox").first.fill(INSTRUCTION)
             page.keyboard.press("Enter")
             shown = wait_for_answer(page.locator('[data-testid="bot"]'), expected)
