@@ -19,7 +19,7 @@ import torch
 
 from dpo import REDUCTIONS
 from instruction_data import PROMPT_STYLES, ConfigError
-from model_file import find_model_file
+from model_file import find_model_file, model_in_folder
 from ollama_evaluate import judge_endpoint
 from outputs import save_json
 from preference_data import PREFERENCE_FILE, SAMPLE_PREFERENCE_PATH
@@ -153,16 +153,7 @@ def sft_model_path(cfg: DPOConfig) -> Path | None:
     if cfg.model is None:
         return None if cfg.smoke else find_model_file(cfg.output_dir).resolve()
     path = Path(cfg.model)
-    return _only_model(path.resolve()) if path.is_dir() else path
-
-
-def _only_model(folder: Path) -> Path:
-    found = sorted(folder.glob("*-sft.pth"))
-    if len(found) != 1:
-        raise ConfigError(
-            f"--model {folder}: holds {len(found)} *-sft.pth files; pass the model file itself"
-        )
-    return found[0]
+    return model_in_folder(path.resolve()) if path.is_dir() else path
 
 
 def start_dpo_run(cfg: DPOConfig) -> Path:

@@ -59,12 +59,22 @@ class LoadedModel:
 
 def find_model_file(output_dir: str | os.PathLike = "outputs") -> Path:
     """The fine-tuned model of the latest run in ``output_dir`` (``outputs/latest/*-sft.pth``)."""
-    latest = Path(output_dir) / "latest"
-    found = sorted(latest.glob(MODEL_FILE_GLOB)) if latest.is_dir() else []
+    return model_in_folder(Path(output_dir) / "latest")
+
+
+def model_in_folder(folder: str | os.PathLike) -> Path:
+    """The one ``*-sft.pth`` in a run folder; none, or several, is an error that says what to do."""
+    folder = Path(folder)
+    found = sorted(folder.glob(MODEL_FILE_GLOB)) if folder.is_dir() else []
     if not found:
         raise ModelFileError(
-            f"no model file found: {latest}/ holds no {MODEL_FILE_GLOB}; pass --model FILE, or "
+            f"no model file found: {folder}/ holds no {MODEL_FILE_GLOB}; pass --model FILE, or "
             + MAKE_ONE
+        )
+    if len(found) > 1:
+        raise ModelFileError(
+            f"{folder}/ holds {len(found)} {MODEL_FILE_GLOB} files: pass the model file itself "
+            "with --model"
         )
     return found[0]
 

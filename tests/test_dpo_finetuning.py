@@ -13,6 +13,7 @@ import dpo_finetuning as dft
 import instruction_finetuning as ift
 from helpers import FakeJudge, closed_port
 from instruction_data import SAMPLE_DATA_PATH, ConfigError, DatasetError
+from model_file import ModelFileError
 from outputs import save_json, save_model
 from preference_data import SAMPLE_PREFERENCE_PATH
 from previous_chapters import GPTModel
@@ -136,7 +137,7 @@ def test_the_sft_model_and_its_run_settings_are_loaded(tmp_path):
 def test_a_run_folder_with_two_models_asks_for_the_file(tmp_path):
     path, model = fake_sft_run(tmp_path)
     save_model(model, path.with_name("other-sft.pth"))
-    with pytest.raises(ConfigError, match="holds 2 \\*-sft.pth files"):
+    with pytest.raises(ModelFileError, match=r"holds 2 \*-sft.pth files: pass the model file"):
         dft.sft_model_path(dft.make_dpo_config(model=str(path.parent)))
 
 

@@ -100,6 +100,11 @@ def test_a_missing_model_file_says_how_to_make_one(tmp_path):
         load_model_file(tmp_path / "nothing.pth")
     with pytest.raises(ModelFileError, match=r"latest/ holds no \*-sft.pth; pass --model"):
         find_model_file(tmp_path)
+    (tmp_path / "latest").mkdir()
+    for name in ("a-sft.pth", "b-sft.pth"):  # which one? the user says
+        (tmp_path / "latest" / name).write_bytes(b"")
+    with pytest.raises(ModelFileError, match=r"latest/ holds 2 \*-sft.pth files: pass the model"):
+        find_model_file(tmp_path)
 
 
 @pytest.mark.parametrize(
