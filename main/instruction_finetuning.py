@@ -31,7 +31,6 @@ if (_ROOT / "previous_chapters.py").is_file() and str(_ROOT) not in sys.path:
 
 import argparse
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -579,21 +578,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     matplotlib.use("Agg")
     args = build_arg_parser().parse_args(argv)
-    cfg, rank = None, os.environ.get("RANK", "0")
+    cfg, ranks = None, SINGLE_PROCESS
     try:
+        ranks = ranks_from_env()  # (first: under torchrun each error line says its rank)
         cfg = config_from_args(args)
-        with quiet_unless_main(ranks_from_env()):
+        with quiet_unless_main(ranks):
             run(cfg)
     except TrainingInterrupted as exc:
-        if rank == "0":  # (all ranks stopped together; rank 0 speaks for them)
-            print(f"error: {exc}. Resume with: {_resume_command(cfg)}", file=sys.stderr)
+        if ranks.is_main:  # (all ranks stopped together; rank 0 speaks for them)
+            print(f"error: {exc}. Resume with: {_resume_command(cfg, ranks)}", file=sys.stderr)
         return 130
     except NonFiniteLossError as exc:
-        if rank == "0":
+        if ranks.is_main:
             print(f"error: {exc}", file=sys.stderr)
         return 2
     except ChapterError as exc:  # expected failures: one clear message, no traceback
-        print(f"{'' if rank == '0' else f'[rank {rank}] '}error: {exc}", file=sys.stderr)
+        print(f"{'' if ranks.is_main else f'[rank {ranks.rank}] '}error: {exc}", file=sys.stderr)
         return 2
     except (gpt_download.DownloadError, gpt_download.CheckpointError) as exc:
         offline = SMOKE_HINT in str(exc) or isinstance(exc, gpt_download.DiskError)
@@ -601,15 +601,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}{hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # outside training: whatever was saved stays; resume finishes it
-        print(f"\ninterrupted. Resume with: {_resume_command(cfg)}", file=sys.stderr)
+        print(f"\ninterrupted. Resume with: {_resume_command(cfg, ranks)}", file=sys.stderr)
         return 130
     return 0
 
 
-def _resume_command(cfg: RunConfig | None) -> str:
+def _resume_command(cfg: RunConfig | None, ranks: Ranks) -> str:
     if cfg is None or cfg.run_name is None:
         return "the same command again (nothing was started)"
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if ranks.distributed:
         return f"the same torchrun command with --resume {cfg.run_dir} (and as many processes)"
     return f"python main/instruction_finetuning.py --resume {cfg.run_dir}"
 

@@ -213,6 +213,23 @@ def test_a_gpu_rank_without_its_gpu_is_a_clear_error():
     assert distributed.rank_device(torch.device("cpu"), distributed.Ranks(1, 2, 1)).type == "cpu"
 
 
+def test_the_command_says_which_rank_found_a_problem(monkeypatch, capsys):
+    """Under torchrun every rank checks the settings; each error line names its rank (rank 0's
+    line is the plain one), and environment variables torchrun would never set are an error."""
+    import instruction_finetuning
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, prefix in (("0", "error: "), ("1", "[rank 1] error: ")):
+        monkeypatch.setenv("RANK", rank)
+        assert instruction_finetuning.main(["--smoke", "--epochs", "0"]) == 2
+        assert capsys.readouterr().err.startswith(prefix + "epochs = 0 is out of range")
+    monkeypatch.setenv("RANK", "one")
+    assert instruction_finetuning.main(["--smoke"]) == 2
+    assert (
+        capsys.readouterr().err == "error: RANK, WORLD_SIZE and LOCAL_RANK must be whole numbers\n"
+    )
+
+
 # --- two processes with Gloo -----------------------------------------------------------------
 
 
