@@ -53,6 +53,7 @@ from instruction_data import (
     DatasetError,
     format_input,
     load_instruction_data,
+    report_long_entries,
     split_data,
 )
 from model_file import LoadedModel, load_model_file, read_run_config
@@ -175,16 +176,9 @@ def prepare_preference_loaders(
         seed=cfg.seed,
     )
     for name, loader in (("training", train_loader), ("validation", val_loader)):
-        items = loader.dataset.encoded_texts
-        long = [
-            i
-            for i, item in enumerate(items)
-            if max(len(item["chosen"]), len(item["rejected"])) > limit
-        ]
-        if long:
-            print(
-                f"{len(long)} of {len(items)} {name} pairs are longer than {limit} tokens and are cut"
-            )
+        pairs = loader.dataset.encoded_texts
+        lengths = [max(len(pair["chosen"]), len(pair["rejected"])) for pair in pairs]
+        report_long_entries(name, lengths, limit, kind="pairs")
     return train_loader, val_loader
 
 

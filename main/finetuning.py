@@ -23,6 +23,7 @@ from engine import generate_batch, make_optimizer, packed_loss_batch
 from instruction_data import (
     EOS_TOKEN_ID,
     PromptStyle,
+    first_few,
     format_input,
     get_prompt_style,
 )
@@ -254,10 +255,10 @@ def generate_responses(
     fitted = [fit_prompt(entry, tokenizer, style, budget) for entry in test_data]
     shortened = [i for i, (_, cut) in enumerate(fitted) if cut]
     if shortened:
-        listed = ", ".join(map(str, shortened[:10])) + (" ..." if len(shortened) > 10 else "")
         print(
             f"{len(shortened)} of {len(test_data)} prompts are longer than {budget} tokens (the "
-            f"context minus max_new_tokens); their input was shortened to fit: entries {listed}"
+            "context minus max_new_tokens); their input was shortened to fit: entries "
+            + first_few(shortened)
         )
     model.eval()
     new_tokens = generate_batch(

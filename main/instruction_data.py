@@ -52,6 +52,11 @@ class ConfigError(ChapterError, ValueError):
     """A setting that cannot work: an unknown model size, prompt style, device or judge API."""
 
 
+def first_few(indices: Sequence[int], n: int = 10) -> str:
+    """The first ``n`` indices for a message: ``"3, 8, 41"``, and ``" ..."`` if there are more."""
+    return ", ".join(map(str, indices[:n])) + (" ..." if len(indices) > n else "")
+
+
 # --------------------------------------------------------------------------------------
 # 7.2 The dataset
 # --------------------------------------------------------------------------------------
@@ -70,16 +75,19 @@ def _entry_problems(entry: Any) -> list[str]:
     return problems
 
 
-def _raise_problems(source: str, problems: list[str], checked: str, max_listed: int) -> None:
-    """Raise one ``DatasetError`` listing the first ``max_listed`` problems, if there are any."""
+def raise_problems(
+    source: str, problems: list[str], checked: str, max_listed: int, needs: str = ""
+) -> None:
+    """Raise one ``DatasetError`` listing the first ``max_listed`` problems, if there are any;
+    ``needs`` says what each entry needs (default: the instruction keys)."""
     if not problems:
         return
+    needs = needs or f"string keys {', '.join(REQUIRED_KEYS)}"
     listed = "\n".join(f"{source}: {p}" for p in problems[:max_listed])
     more = len(problems) - max_listed
     tail = f"\n... and {more} more" if more > 0 else ""
     raise DatasetError(
-        f"{source}: {len(problems)} problem(s) in {checked} "
-        f"(each needs string keys {', '.join(REQUIRED_KEYS)}):\n{listed}{tail}"
+        f"{source}: {len(problems)} problem(s) in {checked} (each needs {needs}):\n{listed}{tail}"
     )
 
 
@@ -97,7 +105,7 @@ def validate_instruction_data(data: Any, source: str = "data", *, max_listed: in
     if not data:
         raise DatasetError(f"{source}: the list of entries is empty")
     problems = [f"entry {i}: {p}" for i, entry in enumerate(data) for p in _entry_problems(entry)]
-    _raise_problems(source, problems, f"{len(data)} entries", max_listed)
+    raise_problems(source, problems, f"{len(data)} entries", max_listed)
 
 
 def _read_json_lines(text: str, source: str, *, max_listed: int = 10) -> list[dict]:
@@ -117,7 +125,7 @@ def _read_json_lines(text: str, source: str, *, max_listed: int = 10) -> list[di
         entries.append(entry)
     if not lines:
         raise DatasetError(f"{source}: the file holds no entries")
-    _raise_problems(source, problems, f"{lines} lines", max_listed)
+    raise_problems(source, problems, f"{lines} lines", max_listed)
     return entries
 
 
@@ -469,3 +477,17 @@ def create_dataloaders(
         )
 
     return loader(train_data, True), loader(val_data, False), loader(test_data, False)
+
+
+def report_long_entries(
+    name: str, lengths: Sequence[int], limit: int, *, kind: str = "entries"
+) -> list[int]:
+    """Print, once, how many of a split's ``kind`` are longer than ``limit`` tokens (and are
+    therefore cut), with the first few of their indices; returns the indices."""
+    long = [i for i, n in enumerate(lengths) if n > limit]
+    if long:
+        print(
+            f"{len(long)} of {len(lengths)} {name} {kind} are longer than {limit} tokens and "
+            f"are cut to {limit} ({kind} {first_few(long, 5)})"
+        )
+    return long

@@ -67,6 +67,7 @@ from instruction_data import (
     DatasetError,
     create_dataloaders,
     load_instruction_data,
+    report_long_entries,
     split_data,
 )
 from lora import (
@@ -149,20 +150,6 @@ def prepare_tokenizer(cfg: RunConfig) -> Any:
     return get_tokenizer(offline=True if cfg.smoke else None, models_dir=cfg.models_dir)
 
 
-def report_long_entries(name: str, dataset: Any, limit: int) -> list[int]:
-    """Print, once, how many entries of a split are longer than ``limit`` tokens (and are
-    therefore cut); returns their indices."""
-    lengths = token_lengths(dataset.encoded_texts)
-    long = [i for i, n in enumerate(lengths) if n > limit]
-    if long:
-        listed = ", ".join(map(str, long[:5])) + (" ..." if len(long) > 5 else "")
-        print(
-            f"{len(long)} of {len(dataset)} {name} entries are longer than {limit} tokens and "
-            f"are cut to {limit} (entries {listed})"
-        )
-    return long
-
-
 def prepare_loaders(
     cfg: RunConfig,
     splits: Splits,
@@ -197,7 +184,7 @@ def prepare_loaders(
         compact=True,  # token ids in one flat array: the 52k Alpaca data in seconds
     )
     for name, loader in zip(("training", "validation", "test"), loaders, strict=True):
-        report_long_entries(name, loader.dataset, limit)
+        report_long_entries(name, token_lengths(loader.dataset.encoded_texts), limit)
     if len(loaders[0]) == 0:
         raise DatasetError(
             f"{cfg.data}: {len(splits.train)} training entries make no full batch of "

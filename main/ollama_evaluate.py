@@ -46,6 +46,7 @@ from instruction_data import (
     ChapterError,
     ConfigError,
     DatasetError,
+    first_few,
     format_input,
     read_instruction_file,
 )
@@ -521,10 +522,9 @@ def read_responses(path: str | os.PathLike, json_key: str = "model_response") ->
     entries = read_instruction_file(path)
     missing = [i for i, e in enumerate(entries) if not isinstance(e.get(json_key), str)]
     if missing:
-        shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
         raise DatasetError(
             f"{path}: {len(missing)} of {len(entries)} entries have no string {json_key!r} "
-            f"(entries {shown}); generate the responses first (section 7.7)"
+            f"(entries {first_few(missing)}); generate the responses first (section 7.7)"
         )
     return entries
 

@@ -46,10 +46,12 @@ from instruction_data import (
     ChapterError,
     DatasetError,
     PromptStyle,
+    first_few,
     format_input,
     format_response,
     get_prompt_style,
     load_instruction_data,
+    raise_problems,
     read_instruction_file,
 )
 from ollama_evaluate import (
@@ -111,14 +113,8 @@ def validate_preference_data(data: Sequence[dict], source: str, *, max_listed: i
     for i, entry in enumerate(data):
         words = entry["instruction"][:40] + ("..." if len(entry["instruction"]) > 40 else "")
         problems += [f"entry {i} ({words!r}): {p}" for p in _pair_problems(entry)]
-    if not problems:
-        return
-    listed = "\n".join(f"{source}: {p}" for p in problems[:max_listed])
-    more = f"\n... and {len(problems) - max_listed} more" if len(problems) > max_listed else ""
-    raise DatasetError(
-        f"{source}: {len(problems)} problem(s) in {len(data)} entries (each needs string keys "
-        f"chosen and rejected, neither empty, not the same text; or {MAKE_HINT}):\n{listed}{more}"
-    )
+    needs = f"string keys chosen and rejected, neither empty, not the same text; or {MAKE_HINT}"
+    raise_problems(source, problems, f"{len(data)} entries", max_listed, needs)
 
 
 def load_preference_data(path: str | os.PathLike) -> list[dict]:
@@ -283,10 +279,9 @@ def _report(records: Sequence[dict], save_path: Path) -> None:
     failed = [i for i, record in enumerate(records) if "preference_error" in record]
     print(f"{len(records) - len(failed)} preference pairs saved in {save_path}")
     if failed:
-        listed = ", ".join(map(str, failed[:10])) + (" ..." if len(failed) > 10 else "")
         print(
             f"{len(failed)} of {len(records)} entries got no usable rewrite and have no pair "
-            f"(entries {listed}; see their preference_reply)"
+            f"(entries {first_few(failed)}; see their preference_reply)"
         )
 
 

@@ -326,13 +326,17 @@ def tokenizer():
     return gpt2_tokenizer.get_tokenizer(offline=True)
 
 
-def test_prepare_loaders_cut_texts_to_the_model_context(tokenizer):
+def test_prepare_loaders_cut_texts_to_the_model_context(tokenizer, capsys):
     entries = [{**e, "output": "word " * 300} for e in numbered_entries(12)]
     cfg = ift.RunConfig.smoke_preset(model_overrides=TINY, batch_size=4)
     splits = ift.Splits(entries, entries[:8], entries[8:10], entries[10:])
     train, val, test = ift.prepare_loaders(cfg, splits, tokenizer, torch.device("cpu"))
     assert (len(train), len(val), len(test)) == (2, 1, 1)
     assert all(x.shape[1] == TINY["context_length"] for x, _ in train)
+    n = TINY["context_length"]
+    out = capsys.readouterr().out  # each split says so, once
+    assert f"8 of 8 training entries are longer than {n} tokens and are cut to {n} " in out
+    assert "(entries 0, 1, 2, 3, 4 ...)" in out and "2 of 2 test entries" in out
 
 
 def test_prepare_loaders_needs_a_full_training_batch(tokenizer):

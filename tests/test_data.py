@@ -399,3 +399,19 @@ def test_blocked_internet_fails_on_the_course_url_with_the_smoke_hint(tmp_path, 
         data.load_instruction_data(data.DATA_URL, cache_path=tmp_path / "d.json")
     assert data.DATA_URL in str(err.value) and "test network guard" in str(err.value)
     assert len(download_sleeps) == 1 and download_sleeps[0] <= 1.0
+
+
+def test_first_few_lists_the_first_indices_and_says_when_there_are_more():
+    assert data.first_few([4, 9, 12]) == "4, 9, 12"
+    assert data.first_few(list(range(12))) == "0, 1, 2, 3, 4, 5, 6, 7, 8, 9 ..."
+    assert data.first_few([7, 8, 9], 2) == "7, 8 ..."
+
+
+def test_long_entries_are_reported_once_with_their_first_indices(capsys):
+    assert data.report_long_entries("training", [3, 9, 4, 12, 9, 9, 9, 9], 8) == [1, 3, 4, 5, 6, 7]
+    assert capsys.readouterr().out == (
+        "6 of 8 training entries are longer than 8 tokens and are cut to 8 "
+        "(entries 1, 3, 4, 5, 6 ...)\n"
+    )
+    assert data.report_long_entries("validation", [8, 2], 8, kind="pairs") == []
+    assert capsys.readouterr().out == ""  # nothing cut: nothing said

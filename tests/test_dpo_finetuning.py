@@ -171,6 +171,22 @@ def test_the_split_follows_the_chapter_and_unpaired_entries_stay_in_the_test_set
         dft.split_preferences(dft.make_dpo_config(train_frac=0.5, test_frac=0.45), entries)
 
 
+def test_pairs_longer_than_the_context_are_reported_once_per_split(capsys):
+    pair = {"instruction": "Task.", "input": "", "output": "Fine.", "chosen": "Fine, thanks."}
+    pairs = [
+        {**pair, "rejected": "no " * (60 if i in (1, 3) else 2)}  # pairs 1 and 3 are long
+        for i in range(4)
+    ]
+    splits = dft.PreferenceSplits(train=pairs, val=pairs[:1], test=pairs[:1])
+    cfg = dft.make_dpo_config(batch_size=2, smoke=True, prompt_style="alpaca")
+    tokenizer = dft.prepare_tokenizer(cfg)
+    train, val = dft.prepare_preference_loaders(cfg, splits, tokenizer, 40, "cpu")
+    assert capsys.readouterr().out == (
+        "2 of 4 training pairs are longer than 40 tokens and are cut to 40 (pairs 1, 3)\n"
+    )
+    assert max(batch["chosen"].shape[1] for batch in train) <= 40
+
+
 def test_ctrl_c_exits_130_saying_what_stays(tmp_path, capsys, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
