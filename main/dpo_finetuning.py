@@ -66,11 +66,10 @@ from preference_data import (
     load_preference_data,
     usable_pairs,
 )
-from run_config import RunConfig, model_config
+from run_config import RESPONSES_FILE, RunConfig, model_config
 
 SFT_RESPONSES_FILE = "sft-responses.json"  # the test entries answered by the SFT model
 DPO_RESPONSES_FILE = "dpo-responses.json"  # ... and by the DPO model
-CHAPTER_RESPONSES_FILE = "instruction-data-with-response.json"  # what the chapter's run wrote
 
 
 # --------------------------------------------------------------------------------------
@@ -249,7 +248,7 @@ def _saved_sft_responses(cfg: DPOConfig, test: list[dict]) -> list[dict] | None:
         return None
     if (read_run_config(cfg.model) or {}).get("max_new_tokens") != cfg.max_new_tokens:
         return None
-    path = Path(cfg.model).parent / CHAPTER_RESPONSES_FILE
+    path = Path(cfg.model).parent / RESPONSES_FILE
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):

@@ -82,6 +82,7 @@ from outputs import save_figure, save_json, save_model
 from previous_chapters import MODEL_CONFIGS
 from run_config import (
     PRECISIONS,
+    RESPONSES_FILE,
     SMOKE_MODEL_OVERRIDES,
     RunConfig,
     allowed_max_length,
@@ -97,7 +98,6 @@ from trainer import NonFiniteLossError, TrainingInterrupted
 
 CHECKPOINT_FILE = "checkpoint.pt"
 TRAINING_RESULT_FILE = "training-result.json"
-RESPONSES_FILE = "instruction-data-with-response.json"
 
 __all__ = [  # the settings, re-exported for the notebook and the command line
     "DATA_URL",

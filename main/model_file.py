@@ -29,8 +29,8 @@ import torch
 
 from instruction_data import PROMPT_STYLES, ChapterError, PromptStyle, get_prompt_style
 from previous_chapters import MODEL_CONFIGS, GPTModel, gpt2_config
+from run_config import RUN_CONFIG_FILE
 
-RUN_CONFIG_FILE = "run-config.json"  # (the same name as run_config.RUN_CONFIG_FILE)
 MODEL_FILE_GLOB = "*-sft.pth"
 MAKE_ONE = (
     "fine-tune one with `python main/instruction_finetuning.py` "

@@ -30,7 +30,9 @@ from previous_chapters import gpt2_config, resolve_model_name
 
 # The smoke run's model: GPT-2's vocabulary and layout, tiny sizes, random weights.
 SMOKE_MODEL_OVERRIDES = {"emb_dim": 64, "n_layers": 2, "n_heads": 4, "context_length": 256}
+# A chapter run's folder holds these files (and its model, ``RunConfig.model_file_name``)
 RUN_CONFIG_FILE = "run-config.json"
+RESPONSES_FILE = "instruction-data-with-response.json"  # 7.7: the test set, answered
 
 
 @dataclass
