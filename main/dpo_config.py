@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from dpo import REDUCTIONS
-from instruction_data import PROMPT_STYLES, ConfigError
+from instruction_data import ConfigError, check_prompt_style
 from model_file import find_model_file, model_in_folder
 from ollama_evaluate import judge_endpoint
 from outputs import save_json
@@ -119,10 +119,8 @@ _RANGES = [
 def check_dpo_settings(cfg: DPOConfig) -> torch.device:
     """Check every setting and path before any work; returns the device. Writes nothing."""
     check_ranges(cfg, _RANGES)
-    if cfg.prompt_style is not None and cfg.prompt_style not in PROMPT_STYLES:
-        raise ConfigError(
-            f"unknown prompt style {cfg.prompt_style!r}; choose one of: {', '.join(PROMPT_STYLES)}"
-        )
+    if cfg.prompt_style is not None:
+        check_prompt_style(cfg.prompt_style)
     if cfg.model is not None and not Path(cfg.model).exists():
         raise ConfigError(f"--model {cfg.model}: no such file or folder; pass an *-sft.pth file")
     sft_model_path(cfg)  # a chapter model to start from is there (or the smoke run makes one)

@@ -45,7 +45,13 @@ import torch
 
 # (gpt2_tokenizer's own search for GPT-2's BPE files on disk, and its checksum)
 from gpt2_tokenizer import ENDOFTEXT, find_bpe_files
-from instruction_data import EOS_TOKEN_ID, PROMPT_STYLES, ChapterError, PromptStyle
+from instruction_data import (
+    EOS_TOKEN_ID,
+    PROMPT_STYLES,
+    ChapterError,
+    PromptStyle,
+    check_prompt_style,
+)
 from model_file import LoadedModel, find_model_file, load_model_file
 from outputs import write_folder_atomically
 from previous_chapters import MODEL_CONFIGS
@@ -293,10 +299,8 @@ def export_model(
     dtype = dtype or DEFAULT_DTYPE[fmt]
     if dtype not in DTYPES:
         raise ExportError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
-    if prompt_style is not None and prompt_style not in PROMPT_STYLES:
-        raise ExportError(
-            f"unknown prompt style {prompt_style!r}; choose one of: {', '.join(PROMPT_STYLES)}"
-        )
+    if prompt_style is not None:
+        check_prompt_style(prompt_style)
     out = Path(output) if output is not None else default_output(model_path, fmt)
     if (out.exists() or out.is_symlink()) and not overwrite:
         raise ExportError(

@@ -302,15 +302,20 @@ PROMPT_STYLES: dict[str, PromptStyle] = {
 }
 
 
+def check_prompt_style(name: Any) -> str:
+    """``name`` if it names a prompt style; else a ``ConfigError`` that lists them."""
+    if name not in PROMPT_STYLES:
+        raise ConfigError(
+            f"unknown prompt style {name!r}; choose one of: {', '.join(PROMPT_STYLES)}"
+        )
+    return name
+
+
 def get_prompt_style(style: str | PromptStyle) -> PromptStyle:
     """A prompt style by name (a ``PromptStyle`` passes through)."""
     if isinstance(style, PromptStyle):
         return style
-    if style not in PROMPT_STYLES:
-        raise ValueError(
-            f"unknown prompt style {style!r}; choose one of: {', '.join(PROMPT_STYLES)}"
-        )
-    return PROMPT_STYLES[style]
+    return PROMPT_STYLES[check_prompt_style(style)]
 
 
 def format_input(entry: dict, style: str | PromptStyle = "alpaca") -> str:

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from instruction_data import PROMPT_STYLES, ChapterError, PromptStyle, get_prompt_style
+from instruction_data import ChapterError, PromptStyle, get_prompt_style
 from previous_chapters import MODEL_CONFIGS, GPTModel, gpt2_config
 from run_config import RUN_CONFIG_FILE
 
@@ -228,12 +228,7 @@ def _check_size(cfg: dict, expected: dict, path: Path, said_by: str) -> None:
 
 def resolve_prompt_style(given: str | None, run_config: dict | None) -> PromptStyle:
     """The prompt style: the one given, else the run's, else the course's Alpaca style."""
-    name = given or (run_config or {}).get("prompt_style") or "alpaca"
-    if name not in PROMPT_STYLES:
-        raise ModelFileError(
-            f"unknown prompt style {name!r}; choose one of: {', '.join(PROMPT_STYLES)}"
-        )
-    return get_prompt_style(name)
+    return get_prompt_style(given or (run_config or {}).get("prompt_style") or "alpaca")
 
 
 def load_model_file(

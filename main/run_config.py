@@ -23,7 +23,12 @@ from typing import Any
 
 import torch
 
-from instruction_data import DATA_URL, PROMPT_STYLES, SAMPLE_DATA_PATH, ConfigError
+from instruction_data import (
+    DATA_URL,
+    SAMPLE_DATA_PATH,
+    ConfigError,
+    check_prompt_style,
+)
 from ollama_evaluate import judge_endpoint
 from outputs import save_json
 from previous_chapters import gpt2_config, resolve_model_name
@@ -291,10 +296,7 @@ def check_settings(cfg: RunConfig) -> torch.device:
     if cfg.model_size is None and cfg.pretrained:
         raise ConfigError("a pretrained run needs a model size, e.g. 'gpt2-medium (355M)'")
     model_config(cfg)
-    if cfg.prompt_style not in PROMPT_STYLES:
-        raise ConfigError(
-            f"unknown prompt style {cfg.prompt_style!r}; choose one of: {', '.join(PROMPT_STYLES)}"
-        )
+    check_prompt_style(cfg.prompt_style)
     if not cfg.data.startswith(("http://", "https://")) and not Path(cfg.data).is_file():
         raise ConfigError(f"data {cfg.data}: no such file; pass a JSON file or an http(s) URL")
     if cfg.data_cache is not None and Path(cfg.data_cache).is_dir():

@@ -24,7 +24,7 @@ import previous_chapters as pc
 from chat import chat_prompt
 from gpt2_tokenizer import get_tokenizer
 from helpers import REPO_ROOT, TINY_GPT2_VOCAB, needs_transformers, tiny_model, tiny_model_file
-from instruction_data import PROMPT_STYLES
+from instruction_data import PROMPT_STYLES, ConfigError
 from model_file import (
     ModelFileError,
     config_from_state_dict,
@@ -86,6 +86,15 @@ def test_the_prompt_style_comes_from_the_run_unless_given(tmp_path):
     path = tiny_model_file(tmp_path, prompt_style="phi3")
     assert load_model_file(path).prompt_style is PROMPT_STYLES["phi3"]
     assert load_model_file(path, prompt_style="alpaca").prompt_style is PROMPT_STYLES["alpaca"]
+
+
+def test_an_unknown_prompt_style_is_a_setting_error_that_lists_the_styles(tmp_path):
+    path = tiny_model_file(tmp_path, prompt_style="phi3")
+    with pytest.raises(ConfigError, match=r"unknown prompt style 'chatml'; .*alpaca, phi3"):
+        load_model_file(path, prompt_style="chatml")
+    with pytest.raises(ConfigError, match=r"unknown prompt style 'chatml'"):
+        ex.export_model(path, "hf", tmp_path / "hf", prompt_style="chatml")
+    assert not (tmp_path / "hf").exists()  # refused before any work
 
 
 def test_a_width_that_is_no_gpt2_size_needs_the_runs_settings_or_n_heads(tmp_path):
