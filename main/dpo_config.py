@@ -11,7 +11,7 @@ stays the chapter's run, which ``--resume`` and the DPO run itself look for).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,14 @@ from model_file import find_model_file, model_in_folder
 from ollama_evaluate import judge_endpoint
 from outputs import save_json
 from preference_data import PREFERENCE_FILE, SAMPLE_PREFERENCE_PATH
-from run_config import check_device, check_ranges, check_writable_folder, new_run_folder
+from run_config import (
+    COMMON_RANGES,
+    check_device,
+    check_ranges,
+    check_writable_folder,
+    given_settings,
+    new_run_folder,
+)
 
 DPO_CONFIG_FILE = "dpo-config.json"
 
@@ -91,28 +98,16 @@ class DPOConfig:
 def make_dpo_config(*, smoke: bool = False, **settings: Any) -> DPOConfig:
     """The course's defaults (or the smoke preset) with every setting that is not None on top;
     the command line and the notebook both build their configuration here."""
-    given = {name: value for name, value in settings.items() if value is not None}
-    unknown = set(given) - {f.name for f in fields(DPOConfig)}
-    if unknown:
-        raise ConfigError(f"unknown DPO setting(s) {sorted(unknown)}")
+    given = given_settings(settings, DPOConfig, "DPO setting")
     return replace(DPOConfig.smoke_preset() if smoke else DPOConfig(), **given)
 
 
-# (setting, test, what it must be)
+# (setting, test, what it must be): the chapter run's rules, and DPO's own
 _RANGES = [
+    *COMMON_RANGES,
     ("beta", lambda v: math.isfinite(v) and v > 0, "a number above 0, such as 0.1"),
     ("lr", lambda v: math.isfinite(v) and v > 0, "a number above 0, such as 5e-6"),
-    ("weight_decay", lambda v: math.isfinite(v) and v >= 0, "a number of at least 0"),
-    ("epochs", lambda v: v >= 1, "at least 1"),
-    ("batch_size", lambda v: v >= 1, "at least 1"),
-    ("eval_freq", lambda v: v >= 1, "at least 1"),
-    ("eval_iter", lambda v: v >= 1, "at least 1"),
     ("reduction", lambda v: v in REDUCTIONS, f"one of {', '.join(REDUCTIONS)}"),
-    ("allowed_max_length", lambda v: v >= 2, "at least 2"),
-    ("max_new_tokens", lambda v: v >= 1, "at least 1"),
-    ("gen_batch_size", lambda v: v >= 1, "at least 1"),
-    ("judge_timeout", lambda v: math.isfinite(v) and v > 0, "a number of seconds above 0"),
-    ("judge_max_failures", lambda v: v >= 1, "at least 1"),
 ]
 
 

@@ -120,6 +120,15 @@ class RunConfig:
         return Path(self.output_dir) / self.run_name
 
 
+def given_settings(settings: dict[str, Any], config_class: type, what: str = "setting") -> dict:
+    """The settings that are not None; a name ``config_class`` has no field for is an error."""
+    given = {name: value for name, value in settings.items() if value is not None}
+    unknown = set(given) - {f.name for f in fields(config_class)}
+    if unknown:
+        raise ConfigError(f"unknown {what}(s) {sorted(unknown)}")
+    return given
+
+
 def make_config(
     *, smoke: bool = False, resume: bool | str | None = None, **settings: Any
 ) -> RunConfig:
@@ -130,10 +139,7 @@ def make_config(
     the latest run in the output folder, or a run folder) continues an earlier run with the
     settings it started with; other settings may only repeat them (``device`` may change).
     """
-    given = {name: value for name, value in settings.items() if value is not None}
-    unknown = set(given) - {f.name for f in fields(RunConfig)}
-    if unknown:
-        raise ConfigError(f"unknown setting(s) {sorted(unknown)}")
+    given = given_settings(settings, RunConfig)
     if resume not in (None, False):
         return _resume_config(resume, {**given, **({"smoke": True} if smoke else {})})
     if smoke and "model_size" in given:
@@ -191,21 +197,25 @@ def allowed_max_length(cfg: RunConfig) -> int:
 # Checks before any work
 # --------------------------------------------------------------------------------------
 
-# (setting, test, what it must be)
-_RANGES = [
+# (setting, test, what it must be): the settings a chapter run and a DPO run share ...
+COMMON_RANGES = [
     ("epochs", lambda v: v >= 1, "at least 1"),
     ("batch_size", lambda v: v >= 1, "at least 1"),
-    ("lr", lambda v: math.isfinite(v) and v > 0, "a number above 0, such as 5e-5"),
     ("weight_decay", lambda v: math.isfinite(v) and v >= 0, "a number of at least 0"),
     ("eval_freq", lambda v: v >= 1, "at least 1"),
     ("eval_iter", lambda v: v >= 1, "at least 1"),
-    ("checkpoint_every", lambda v: v >= 0, "at least 0 (0: only at the end of each epoch)"),
-    ("grad_accum", lambda v: v >= 1, "at least 1 (1: no gradient accumulation)"),
     ("allowed_max_length", lambda v: v >= 2, "at least 2"),
     ("max_new_tokens", lambda v: v >= 1, "at least 1"),
     ("gen_batch_size", lambda v: v >= 1, "at least 1"),
     ("judge_timeout", lambda v: math.isfinite(v) and v > 0, "a number of seconds above 0"),
     ("judge_max_failures", lambda v: v >= 1, "at least 1"),
+]
+# ... and the chapter run's own
+_RANGES = [
+    *COMMON_RANGES,
+    ("lr", lambda v: math.isfinite(v) and v > 0, "a number above 0, such as 5e-5"),
+    ("checkpoint_every", lambda v: v >= 0, "at least 0 (0: only at the end of each epoch)"),
+    ("grad_accum", lambda v: v >= 1, "at least 1 (1: no gradient accumulation)"),
     (
         "lora_rank",
         lambda v: v is None or (type(v) is int and v >= 1),
