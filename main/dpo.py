@@ -24,6 +24,7 @@ paper (and this module, by default) sums them; ``reduction="mean"`` gives the co
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -32,12 +33,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from engine import causal_attention, hidden_states
+from engine import attention_dropout, causal_attention, ends_after_last, hidden_states
 from previous_chapters import generate_and_print_sample
 from trainer import NonFiniteLossError
 
 REDUCTIONS = ("sum", "mean")
 METRICS = ("loss", "chosen_reward", "rejected_reward", "reward_margin", "accuracy")
+LN2 = math.log(2)  # the DPO loss while the policy equals the reference
 
 
 # --------------------------------------------------------------------------------------
@@ -119,11 +121,9 @@ def sequence_logprobs(
     mask = (
         torch.ones_like(token_ids, dtype=torch.bool) if selection_mask is None else selection_mask
     )
-    steps = torch.arange(1, mask.shape[1] + 1, device=mask.device)
-    end = max(int((mask * steps).amax()), 1)  # 1 + the last selected position
+    end = max(int(ends_after_last(mask).amax()), 1)  # 1 + the last selected position
     ids, mask = token_ids[:, :end], mask[:, 1:end]  # mask[:, t - 1]: is token t scored?
-    dropout_p = model.trf_blocks[0].att.dropout if model.training else 0.0
-    hidden = hidden_states(model, ids, None, causal_attention(dropout_p))[:, :-1]
+    hidden = hidden_states(model, ids, None, causal_attention(attention_dropout(model)))[:, :-1]
     picked = model.out_head(hidden[mask])  # [selected tokens, vocab]
     token_logprobs = torch.zeros(mask.shape, dtype=picked.dtype, device=picked.device)
     chosen = F.log_softmax(picked, dim=-1).gather(-1, ids[:, 1:][mask].unsqueeze(-1))
@@ -252,16 +252,19 @@ def new_tracking() -> dict[str, list]:
     """The history ``train_model_dpo_simple`` fills: each metric on train and validation
     (the course's "train_losses", "val_chosen_rewards", ... and the margins and accuracies),
     and the step and the number of tokens seen at each evaluation."""
-    plural = {"loss": "losses", "accuracy": "accuracies"}
-    keys = [f"{s}_{plural.get(m, m + 's')}" for s in ("train", "val") for m in METRICS]
+    keys = [history_key(split, m) for split in ("train", "val") for m in METRICS]
     return {key: [] for key in [*keys, "tokens_seen", "steps"]}
 
 
-def _record(tracking: dict[str, list], metrics: dict[str, float], step: int, tokens: int) -> None:
+def history_key(split: str, metric: str) -> str:
+    """The course's name of a tracked list: ``"train_losses"`` for ("train", "loss")."""
     plural = {"loss": "losses", "accuracy": "accuracies"}
-    for key, value in metrics.items():
-        split, name = key.split("_", 1)
-        tracking[f"{split}_{plural.get(name, name + 's')}"].append(value)
+    return f"{split}_{plural.get(metric, metric + 's')}"
+
+
+def _record(tracking: dict[str, list], metrics: dict[str, float], step: int, tokens: int) -> None:
+    for key, value in metrics.items():  # "train_loss": 0.69, ...
+        tracking[history_key(*key.split("_", 1))].append(value)
     tracking["steps"].append(step)
     tracking["tokens_seen"].append(tokens)
 
@@ -357,7 +360,7 @@ def plot_dpo_tracking(tracking: dict[str, list], *, title: str | None = None):
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("training step")
         ax.legend(fontsize=7)
-    axes[0].axhline(0.6931, color="grey", lw=0.8, ls=":")  # ln 2: the policy equals the reference
+    axes[0].axhline(LN2, color="grey", lw=0.8, ls=":")  # the policy equals the reference
     axes[3].set_ylim(-0.05, 1.05)
     if title:
         fig.suptitle(title, fontsize=11)
@@ -375,7 +378,7 @@ def plot_loss_against_margin(betas: Iterable[float] = (0.1, 0.5, 2.0)):
     fig, ax = plt.subplots(figsize=(6, 3))
     for beta in betas:
         ax.plot(margins, -F.logsigmoid(beta * margins), label=f"beta = {beta:g}")
-    ax.axhline(0.6931, color="grey", lw=0.8, ls=":")
+    ax.axhline(LN2, color="grey", lw=0.8, ls=":")
     ax.axvline(0, color="grey", lw=0.8, ls=":")
     ax.set_xlabel("reward margin: chosen reward - rejected reward (nats)")
     ax.set_ylabel("DPO loss of the pair")

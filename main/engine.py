@@ -90,6 +90,17 @@ def packed_attention(lengths: list[int], dropout_p: float = 0.0) -> Attend:
     return attend
 
 
+def attention_dropout(model: nn.Module) -> float:
+    """The attention dropout ``MultiHeadAttention`` applies now (0 in eval mode)."""
+    return model.trf_blocks[0].att.dropout if model.training else 0.0
+
+
+def ends_after_last(mask: torch.Tensor) -> torch.Tensor:
+    """Per row of ``mask`` [batch, n]: 1 + the position of its last True (0: none)."""
+    steps = torch.arange(1, mask.shape[1] + 1, device=mask.device)
+    return (mask * steps).amax(dim=1)
+
+
 # ---------------------------------------------------------------------------
 # Training: the loss without the padding
 # ---------------------------------------------------------------------------
@@ -109,13 +120,12 @@ def packed_loss_batch(
     head, the largest matrix product, runs only where there is a target.
     """
     input_batch, target_batch = input_batch.to(device), target_batch.to(device)
-    steps = torch.arange(1, target_batch.shape[1] + 1, device=target_batch.device)
-    ends = ((target_batch != IGNORE_INDEX) * steps).amax(dim=1).tolist()  # 1 + last target
+    ends = ends_after_last(target_batch != IGNORE_INDEX).tolist()  # 1 + last target
     rows = [i for i, end in enumerate(ends) if end > 0]
     if not rows:  # nothing to predict: nan, like the course's loss
         return calc_loss_batch(input_batch, target_batch, model, device)
     lengths = [ends[i] for i in rows]
-    dropout_p = model.trf_blocks[0].att.dropout if model.training else 0.0
+    dropout_p = attention_dropout(model)
     if len(set(lengths)) == 1:  # every row ends at the same place: just crop the batch
         n = lengths[0]
         idx, targets = input_batch[rows, :n], target_batch[rows, :n]
