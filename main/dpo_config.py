@@ -128,13 +128,11 @@ def check_dpo_settings(cfg: DPOConfig) -> torch.device:
             f"judge ({cfg.judge_model}) write it, or pass a JSON file of "
             "{instruction, input, output, chosen, rejected} entries"
         )
-    if cfg.make_preferences:
+    if cfg.make_preferences or cfg.use_judge:  # the judge writes the pairs or scores
         judge_endpoint(cfg.judge_url, cfg.judge_api)
-        if cfg.data and not cfg.data.startswith(("http://", "https://")):
-            if not Path(cfg.data).is_file():
-                raise ConfigError(f"--data {cfg.data}: no such file; pass a JSON file or a URL")
-    if cfg.use_judge:
-        judge_endpoint(cfg.judge_url, cfg.judge_api)
+    if cfg.make_preferences and cfg.data and not cfg.data.startswith(("http://", "https://")):
+        if not Path(cfg.data).is_file():
+            raise ConfigError(f"--data {cfg.data}: no such file; pass a JSON file or a URL")
     device = check_device(cfg.device)
     check_writable_folder(Path(cfg.output_dir), "output folder")
     return device

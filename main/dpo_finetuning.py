@@ -34,7 +34,13 @@ from typing import Any
 
 import torch
 
-from dpo import REDUCTIONS, plot_dpo_tracking, policy_and_reference, train_model_dpo_simple
+from dpo import (
+    REDUCTIONS,
+    history_key,
+    plot_dpo_tracking,
+    policy_and_reference,
+    train_model_dpo_simple,
+)
 from dpo_config import (  # noqa: F401 (re-exported for the notebook)
     DPOConfig,
     check_dpo_settings,
@@ -351,7 +357,6 @@ def write_dpo_summary(
 ) -> dict:
     """The run's settings and numbers, saved as dpo-summary.json (and returned)."""
     metrics = ("loss", "reward_margin", "accuracy")
-    plural = {"loss": "losses", "accuracy": "accuracies", "reward_margin": "reward_margins"}
     summary = {
         "config": asdict(cfg),
         "device": str(device),
@@ -362,7 +367,7 @@ def write_dpo_summary(
             "n_test": len(splits.test),
         },
         "first_and_last": {
-            f"{split}_{m}": result.first_and_last(f"{split}_{plural[m]}")
+            f"{split}_{m}": result.first_and_last(history_key(split, m))
             for split in ("train", "val")
             for m in metrics
         },
