@@ -41,64 +41,31 @@ STAND_IN_FILE = "alpaca-stand-in.json"
 
 @dataclass(frozen=True)
 class Variant:
-    """One exercise: what it changes, its settings, and what the course reports for it."""
+    """One exercise: its settings, and what the course reports for it."""
 
     exercise: str  # "7.1" ... ("" for the baseline)
-    title: str
-    changes: str
     settings: dict = field(default_factory=dict)
     # the course's figures for GPT-2 medium (exercise-solutions.ipynb and the chapter)
     course_score: float | None = None
     course_final_losses: tuple[float, float] | None = None  # (train, val)
-    course_minutes: float | None = None  # training time on the course's GPU
 
 
 VARIANTS: dict[str, Variant] = {
-    "baseline": Variant(
-        "",
-        "the chapter",
-        "nothing: Alpaca prompts, loss on every token, 1,100 entries, full fine-tuning",
-        {},
-        49.45,
-        (0.299, 0.657),
-        1.80,
-    ),
-    "phi3_prompt": Variant(
-        "7.1",
-        "Phi-3 prompt style",
-        "the prompt template: <|user|> / <|assistant|> instead of Alpaca's headers",
-        {"prompt_style": "phi3"},
-        48.87,
-        (0.424, 0.928),
-        1.50,
-    ),
-    "mask_instructions": Variant(
-        "7.2",
-        "prompt masking",
-        "the loss covers only the response: instruction and input targets become -100",
-        {"mask_prompt": True},
-        47.73,
-        (0.143, 0.727),
-        1.77,
-    ),
+    # the chapter: Alpaca prompts, loss on every token, 1,100 entries, full fine-tuning
+    "baseline": Variant("", {}, 49.45, (0.299, 0.657)),
+    # the prompt template: <|user|> / <|assistant|> instead of Alpaca's headers
+    "phi3_prompt": Variant("7.1", {"prompt_style": "phi3"}, 48.87, (0.424, 0.928)),
+    # the loss covers only the response: instruction and input targets become -100
+    "mask_instructions": Variant("7.2", {"mask_prompt": True}, 47.73, (0.143, 0.727)),
+    # the data: Stanford Alpaca's 52,002 entries, batch 4, entries cut to 512 tokens
     "alpaca_52k": Variant(
         "7.3",
-        "the 52k Alpaca data",
-        "the data: Stanford Alpaca's 52,002 entries, batch 4, entries cut to 512 tokens",
         {"data": ALPACA_URL, "batch_size": 4, "allowed_max_length": 512},
         48.16,
         (0.761, 1.557),
-        196.38,
     ),
-    "lora": Variant(
-        "7.4",
-        "LoRA",
-        "the training: the pretrained weights frozen, rank-16 adapters trained (alpha 16)",
-        {"lora_rank": 16, "lora_alpha": 16.0},
-        50.23,
-        (0.308, 0.652),
-        1.30,
-    ),
+    # the training: the pretrained weights frozen, rank-16 adapters trained (alpha 16)
+    "lora": Variant("7.4", {"lora_rank": 16, "lora_alpha": 16.0}, 50.23, (0.308, 0.652)),
 }
 
 
