@@ -33,6 +33,7 @@ from benchmarks.workload import (
 )
 from engine import generate_batch, packed_loss_batch
 from instruction_data import create_dataloaders
+from lora import count_parameters
 
 BENCH_SCRIPT = Path(__file__).resolve().with_name("bench.py")
 
@@ -326,10 +327,7 @@ def bench_lora(initial_state: dict, cfg: dict, batches, sizes: Sizes, device) ->
         for name, step in steps.items()
     }
     times = alternate(contenders, sizes.train_rounds, sizes.warmup, device)
-    trainable = {
-        name: sum(p.numel() for p in m.parameters() if p.requires_grad)
-        for name, m in (("full", full), ("lora", lora))
-    }
+    trainable = {name: count_parameters(m)[0] for name, m in (("full", full), ("lora", lora))}
     return {
         "seconds_per_step": {name: statistics.median(t) for name, t in times.items()},
         "trainable_parameters": trainable,

@@ -244,12 +244,12 @@ def save_merged_model(model: nn.Module, path: str | os.PathLike) -> Path:
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapters' tensors only (every A and B), by their names in ``model``."""
-    wrapped = lora_layers(model)
-    return {
-        key: value
-        for key, value in model.state_dict().items()
-        if _parts(key)[0] in wrapped and _parts(key)[1] != "linear"
-    }
+    wrapped, adapters = lora_layers(model), {}
+    for key, value in model.state_dict().items():
+        layer, part, _ = _parts(key)
+        if layer in wrapped and part != "linear":
+            adapters[key] = value
+    return adapters
 
 
 def _lora_settings_of(model: nn.Module) -> tuple[int, float]:
@@ -301,15 +301,15 @@ def load_lora_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     rank, alpha = adapter["rank"], adapter["alpha"]
     if not lora_layers(model):
         apply_lora(model, rank, alpha, quiet=True)
-    elif _lora_settings_of(model) != (rank, alpha):
-        has_rank, has_alpha = _lora_settings_of(model)
+    elif (has := _lora_settings_of(model)) != (rank, alpha):
         raise LoRAError(
             f"{path}: the adapter has rank {rank}, alpha {alpha:g}; the model's LoRA layers "
-            f"have rank {has_rank}, alpha {has_alpha:g}"
+            f"have rank {has[0]}, alpha {has[1]:g}"
         )
-    _check_adapter_fits(lora_state_dict(model), adapter["tensors"], path)
+    expected = lora_state_dict(model)
+    _check_adapter_fits(expected, adapter["tensors"], path)
     with torch.no_grad():
-        for key, value in lora_state_dict(model).items():
+        for key, value in expected.items():
             value.copy_(adapter["tensors"][key])
     return model
 
@@ -318,7 +318,7 @@ def _check_adapter_fits(expected: dict, given: dict, path: str | os.PathLike) ->
     """Every tensor of the model's adapters is in the file with its shape, and nothing else."""
 
     def layer(key: str) -> str:  # "trf_blocks.0.att.qkv.lora_key.A" -> "trf_blocks.0.att.qkv"
-        return key.rsplit(".", 2)[0]
+        return _parts(key)[0]
 
     hint = "the adapter belongs to another model size; load it onto the base model it was made for"
     for key, value in expected.items():
