@@ -55,7 +55,7 @@ import previous_chapters as pc  # noqa: E402
 from benchmarks import contenders, measure, report  # noqa: E402
 from benchmarks.workload import QUICK, Sizes, load_data, training_batches  # noqa: E402
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_DIR = report.RESULTS_DIR
 MODEL = "gpt2-small (124M)"
 
 

@@ -11,18 +11,23 @@ from pathlib import Path
 
 import torch
 
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo; elsewhere what ``platform`` knows)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
 
 def machine_info(device: torch.device) -> dict:
     import transformers
 
-    cpu = platform.processor()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
     info = {
-        "cpu": cpu,
+        "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -100,8 +105,10 @@ def lora_rows(r: dict) -> list[list[str]]:
     ]  # fmt: skip
 
 
-def markdown_table(rows: list[list[str]]) -> str:
-    header = ["Measurement", "Ours", "Reference", "Ratio", "Target", "Met"]
+def markdown_table(
+    rows: list[list[str]],
+    header: tuple[str, ...] = ("Measurement", "Ours", "Reference", "Ratio", "Target", "Met"),
+) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 

@@ -44,10 +44,12 @@ if __package__ in (None, ""):  # run as a script: make the benchmarks package im
 import torch  # noqa: E402
 
 from benchmarks import synthetic_alpaca  # noqa: E402
-from benchmarks.measure import current_rss, peak_rss  # noqa: E402
+from benchmarks.measure import alternate, current_rss, peak_rss  # noqa: E402
+from benchmarks.report import RESULTS_DIR, cpu_name  # noqa: E402
+from benchmarks.report import markdown_table as report_table  # noqa: E402
+from run_config import RunConfig  # noqa: E402
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
-MAX_NEW_TOKENS = 256  # the run's response limit (RunConfig.max_new_tokens)
+MAX_NEW_TOKENS = RunConfig.max_new_tokens  # the run's response limit
 
 
 # --------------------------------------------------------------------------------------
@@ -193,21 +195,15 @@ def bench_bf16(rounds: int = 4) -> dict:
     optimizer = engine.make_optimizer(model, lr=1e-5)
     x, y = torch.randint(0, 50257, (8, 256)), torch.randint(0, 50257, (8, 256))
 
-    def step(bf16: bool) -> float:
-        started = time.perf_counter()
+    def step(bf16: bool) -> None:
         optimizer.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = engine.packed_loss_batch(x, y, model, "cpu")
         loss.backward()
         optimizer.step()
-        return time.perf_counter() - started
 
-    times: dict[str, list[float]] = {"fp32": [], "bf16": []}
-    for r in range(rounds + 1):
-        for name in ("fp32", "bf16") if r % 2 == 0 else ("bf16", "fp32"):
-            seconds = step(name == "bf16")
-            if r > 0:  # the first round warms up
-                times[name].append(seconds)
+    contenders = {"fp32": lambda r: lambda: step(False), "bf16": lambda r: lambda: step(True)}
+    times = alternate(contenders, rounds, 1, torch.device("cpu"))  # the first round warms up
     out = {name: statistics.median(values) for name, values in times.items()}
     out["speedup"] = out["fp32"] / out["bf16"]
     print(f"  bf16: {out}", flush=True)
@@ -220,14 +216,8 @@ def bench_bf16(rounds: int = 4) -> dict:
 
 
 def machine() -> dict:
-    cpu = "unknown CPU"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
     return {
-        "cpu": cpu,
+        "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -316,9 +306,7 @@ def table_rows(r: dict) -> list[list[str]]:
 
 
 def markdown_table(rows: list[list[str]]) -> str:
-    header = ["Measurement", "Ours", "Reference", "Goal", "Met"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+    return report_table(rows, ("Measurement", "Ours", "Reference", "Goal", "Met"))
 
 
 def plot(r: dict, path: Path) -> None:
