@@ -105,6 +105,12 @@ def judge_hint(api: str, model: str) -> str:
     return start_hint(model) if api == "ollama" else "Start your OpenAI-compatible server."
 
 
+def with_judge_hint(error: Exception, api: str, model: str) -> str:
+    """The judge's failure followed by ``judge_hint`` (once: some failures already say it)."""
+    hint = judge_hint(api, model)
+    return str(error) if hint in str(error) else f"{str(error).rstrip('.')}. {hint}"
+
+
 def check_judge(
     url: str | None = None,
     model: str = "llama3",

@@ -59,6 +59,7 @@ from judge_host import (  # noqa: F401 (re-exported: ollama_evaluate.judge_endpo
     judge_hint,
     ollama_base_url,
     start_hint,
+    with_judge_hint,
 )
 from local_metrics import (  # noqa: F401 (re-exported: ollama_evaluate.rouge_l_f1 etc.)
     LOCAL_METRICS_NOTE,
@@ -420,8 +421,7 @@ def judge_responses(
 
 def _what_to_do(exc: Exception, api: str, model: str, saved_in: str | os.PathLike | None) -> str:
     """The judge's failure, how to start the judge, and (with replies saved) how to go on."""
-    hint = judge_hint(api, model)
-    message = str(exc) if hint in str(exc) else f"{str(exc).rstrip('.')}. {hint}"
+    message = with_judge_hint(exc, api, model)
     if saved_in is not None:
         message += (
             f" The replies so far are saved in {saved_in}; scoring it again (python "

@@ -43,6 +43,7 @@ from gpt_download import DownloadError
 from instruction_data import (
     DATA_URL,
     EOS_TOKEN_ID,
+    REQUIRED_KEYS,
     ChapterError,
     DatasetError,
     PromptStyle,
@@ -63,8 +64,8 @@ from ollama_evaluate import (
     ask_each,
     check_judge,
     judge_endpoint,
-    judge_hint,
     query_model,
+    with_judge_hint,
 )
 from outputs import save_json
 from token_ids import shared_prefix_length
@@ -200,8 +201,7 @@ def _resume_records(entries: Sequence[dict], save_path: Path) -> list[dict]:
         return records
     saved = read_instruction_file(save_path)
     same = len(saved) == len(records) and all(
-        [s[k] for k in ("instruction", "input", "output")]
-        == [r[k] for k in ("instruction", "input", "output")]
+        [s[k] for k in REQUIRED_KEYS] == [r[k] for k in REQUIRED_KEYS]
         for s, r in zip(saved, records, strict=True)
     )
     if not same:
@@ -262,8 +262,7 @@ def generate_preference_data(
             desc="Rewriting answers",
         )
     except JudgeUnavailableError as exc:
-        hint = judge_hint(api, model)
-        message = str(exc) if hint in str(exc) else f"{str(exc).rstrip('.')}. {hint}"
+        message = with_judge_hint(exc, api, model)
         if save_path.is_file():
             message += (
                 f" The rewrites so far are saved in {save_path}; the same command again asks "
@@ -329,7 +328,7 @@ class PreferenceDataset(Dataset):
 
 def preference_collate_fn(
     batch: Sequence[dict],
-    pad_token_id: int = 50256,
+    pad_token_id: int = EOS_TOKEN_ID,
     allowed_max_length: int | None = None,
     mask_prompt_tokens: bool = True,
     device: str | torch.device = "cpu",
