@@ -143,7 +143,7 @@ STOP_SIGNALS = ("SIGINT", "SIGTERM")
 
 
 class StopRequests:
-    """Turns SIGINT and SIGTERM into a flag that the loop checks after each step.
+    """Turns the ``STOP_SIGNALS`` into a flag that the loop checks after each step.
 
     A second Ctrl-C while the flag is set stops at once, as usual. Outside the main thread
     (where Python cannot install signal handlers) it does nothing.
@@ -160,7 +160,8 @@ class StopRequests:
 
     def __enter__(self) -> StopRequests:
         if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
+            for name in STOP_SIGNALS:
+                signum = signal.Signals[name]
                 self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
