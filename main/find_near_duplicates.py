@@ -86,10 +86,13 @@ def _dense(matrix: sp.csr_matrix, dtype: torch.dtype) -> torch.Tensor:
     return torch.from_numpy(matrix.toarray()).to(dtype)
 
 
-def _block_candidates(common, rare, rows: slice, cols: slice, cut: float, dtype) -> np.ndarray:
+def _block_candidates(
+    row_block: torch.Tensor, common, rare, rows: slice, cols: slice, cut: float, dtype
+) -> np.ndarray:
     """The pairs (i, j), i < j, of a block of rows against a block of columns whose similarity,
-    the common features' part computed in ``dtype``, exceeds ``cut``."""
-    dense = (_dense(common[rows], dtype) @ _dense(common[cols], dtype).T).float().numpy()
+    the common features' part computed in ``dtype``, exceeds ``cut``. ``row_block`` is
+    ``_dense(common[rows], dtype)``, made once for all the column blocks of these rows."""
+    dense = (row_block @ _dense(common[cols], dtype).T).float().numpy()
     rare_part = (rare[rows] @ rare[cols].T).tocoo()  # few pairs share a rare n-gram
     dense[rare_part.row, rare_part.col] += rare_part.data
     i, j = np.nonzero(dense > cut)
@@ -120,9 +123,11 @@ def similar_pairs(
     common, rare = _split_features(vectors, rare_share)
     blocks = [slice(start, min(start + block_rows, n)) for start in range(0, n, block_rows)]
     work = [(a, b) for a in range(len(blocks)) for b in range(a, len(blocks))]
-    found = [np.zeros((0, 2), dtype=np.int64)]
+    found, row_block, last_a = [np.zeros((0, 2), dtype=np.int64)], None, None
     for a, b in tqdm(work, desc="comparing", unit="block", disable=not progress):
-        found.append(_block_candidates(common, rare, blocks[a], blocks[b], cut, dtype))
+        if a != last_a:  # (the work goes through each block of rows in turn)
+            row_block, last_a = _dense(common[blocks[a]], dtype), a
+        found.append(_block_candidates(row_block, common, rare, blocks[a], blocks[b], cut, dtype))
     pairs = np.concatenate(found)
     exact = vectors.astype(np.float64)
     similarity = np.asarray(exact[pairs[:, 0]].multiply(exact[pairs[:, 1]]).sum(axis=1)).ravel()
@@ -148,9 +153,20 @@ def find_near_duplicates(
     are compared as ``similar_pairs`` does, and of each pair the later entry goes.
     """
     pairs = entry_pairs(json_data, key, threshold, progress=progress)
-    removed = {j for _, j, _ in pairs} if key in REMOVED_BY else set()
-    kept = [entry for index, entry in enumerate(json_data) if index not in removed]
+    kept = without_removed(json_data, pairs, key)
     return kept, [(json_data[i], json_data[j], s) for i, j, s in pairs]
+
+
+def removed_entries(pairs: list[tuple[int, int, float]], key: str) -> set[int]:
+    """The entries a search of field ``key`` removes: the later entry of each pair, when
+    ``key`` is one of the fields in ``REMOVED_BY``."""
+    return {j for _, j, _ in pairs} if key in REMOVED_BY else set()
+
+
+def without_removed(json_data: Sequence[dict], pairs: list, key: str) -> list[dict]:
+    """``json_data`` without the ``removed_entries`` of ``pairs`` found in ``key``."""
+    removed = removed_entries(pairs, key)
+    return [entry for index, entry in enumerate(json_data) if index not in removed]
 
 
 def entry_pairs(
@@ -208,7 +224,7 @@ def print_report(json_data: Sequence[dict], key: str, pairs: list, removing: boo
     sims: list[list[float]] = [[] for _ in groups]
     for i, _, s in pairs:
         sims[group_of[i]].append(s)
-    removed = {j for _, j, _ in pairs} if removing and key in REMOVED_BY else set()
+    removed = removed_entries(pairs, key) if removing else set()
     for number, group in enumerate(groups):
         low, high = min(sims[number]), max(sims[number])
         print(f"Group {number + 1}: {len(group)} entries, similarity {low:.2f}-{high:.2f}")
@@ -234,9 +250,8 @@ def find_print_and_remove_near_duplicates(
     for key in FIELDS:
         pairs = entry_pairs(json_data, key, threshold, progress=progress)
         print_report(json_data, key, pairs, remove_duplicates)
-        if remove_duplicates and key in REMOVED_BY:
-            removed = {j for _, j, _ in pairs}
-            json_data = [entry for i, entry in enumerate(json_data) if i not in removed]
+        if remove_duplicates:
+            json_data = without_removed(json_data, pairs, key)
     return json_data
 
 
