@@ -18,7 +18,13 @@ from pathlib import Path
 
 import requests
 
-from gpt_download import DOWNLOAD_TIMEOUT, GPT2_BPE_SHA256, check_sha256, download_file
+from gpt_download import (
+    DOWNLOAD_TIMEOUT,
+    GPT2_BPE_SHA256,
+    FileCheckError,
+    check_sha256,
+    download_file,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -35,10 +41,6 @@ GPT2_BPE_FILES = {
 }
 ENDOFTEXT = "<|endoftext|>"
 OFFLINE_ENV_VAR = "GPT2_TOKENIZER_OFFLINE"
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _tiktoken_cache_dir() -> str:
@@ -94,12 +96,12 @@ def find_bpe_files(models_dir: str | os.PathLike | None = None) -> dict[str, Pat
         if not all(path.is_file() for path in files.values()):
             continue
         for name, path in files.items():
-            expected, actual = GPT2_BPE_FILES[name][1], _sha256(path)
-            if actual != expected:
-                raise ValueError(
-                    f"{path} is not GPT-2's {name}: SHA-256 {actual}, expected {expected}. "
-                    "Delete it (or download it again) and retry."
-                )
+            try:
+                check_sha256(path, GPT2_BPE_FILES[name][1], f"GPT-2's {name}")
+            except FileCheckError as exc:  # (a ValueError)
+                raise FileCheckError(
+                    f"{path}: {exc}. Delete it (or download it again) and retry."
+                ) from None
         return files
     raise FileNotFoundError(
         "GPT-2's BPE files (encoder.json, vocab.bpe) were not found offline; looked in "
