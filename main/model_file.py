@@ -243,7 +243,8 @@ def load_model_file(
 
     ``model_size`` (e.g. "355M"), when given, must match the file; so must the run's
     ``run-config.json`` when it sits beside the file. ``prompt_style``/``n_heads`` override
-    what the run's settings say. Raises ``ModelFileError`` with one line saying what is wrong.
+    what the run's settings say. Raises ``ModelFileError`` with one line saying what is wrong
+    (``ConfigError`` for a prompt style that does not exist).
     """
     path = Path(path)
     state = read_state_dict(path)
