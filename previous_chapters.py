@@ -264,6 +264,15 @@ def sample_next_token(
     return torch.argmax(logits, dim=-1, keepdim=True)
 
 
+def check_generation_settings(max_new_tokens: int, context_size: int, top_k: int | None) -> None:
+    """Refuse settings no generation can use (a ValueError naming all three)."""
+    if max_new_tokens < 0 or context_size < 1 or (top_k is not None and top_k < 1):
+        raise ValueError(
+            f"need max_new_tokens >= 0, context_size >= 1, top_k >= 1 or None; got "
+            f"{max_new_tokens}, {context_size}, {top_k}"
+        )
+
+
 @torch.no_grad()
 def generate(
     model: nn.Module,
@@ -285,11 +294,7 @@ def generate(
     ``GPTModel``) feeds only the newest token while the text fits the context, with the same
     result; ``use_cache=False`` re-runs the window every step, as the course does.
     """
-    if max_new_tokens < 0 or context_size < 1 or (top_k is not None and top_k < 1):
-        raise ValueError(
-            f"need max_new_tokens >= 0, context_size >= 1, top_k >= 1 or None; got "
-            f"{max_new_tokens}, {context_size}, {top_k}"
-        )
+    check_generation_settings(max_new_tokens, context_size, top_k)
     if use_cache and not hasattr(model, "reset_kv_cache"):
         raise TypeError(
             f"use_cache=True needs a GPTModel; pass use_cache=False for a {type(model).__name__}"

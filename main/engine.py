@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch.utils.data import Sampler
 from tqdm import tqdm
 
-from previous_chapters import calc_loss_batch, sample_next_token
+from previous_chapters import calc_loss_batch, check_generation_settings, sample_next_token
 
 IGNORE_INDEX = -100  # cross_entropy's default: targets with this value are skipped
 
@@ -387,11 +387,7 @@ def generate_batch(
     Results come back in input order. (When sampling, the rows share one random stream, so
     the draws differ from sampling one prompt at a time.)
     """
-    if max_new_tokens < 0 or context_size < 1 or (top_k is not None and top_k < 1):
-        raise ValueError(
-            f"need max_new_tokens >= 0, context_size >= 1, top_k >= 1 or None; got "
-            f"{max_new_tokens}, {context_size}, {top_k}"
-        )
+    check_generation_settings(max_new_tokens, context_size, top_k)
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1 or None, got {batch_size}")
     for i, prompt in enumerate(prompts):
@@ -440,11 +436,7 @@ def stream_tokens(
     one token through a preallocated ``KVCache``; after that the window slides and each step
     re-runs it. Stops before ``eos_id``, which is not yielded.
     """
-    if max_new_tokens < 0 or context_size < 1 or (top_k is not None and top_k < 1):
-        raise ValueError(
-            f"need max_new_tokens >= 0, context_size >= 1, top_k >= 1 or None; got "
-            f"{max_new_tokens}, {context_size}, {top_k}"
-        )
+    check_generation_settings(max_new_tokens, context_size, top_k)
     if len(prompt_ids) == 0:
         raise ValueError("the prompt is empty; it needs at least one token")
     device = model.out_head.weight.device
