@@ -63,7 +63,7 @@ from instruction_data import (
     split_data,
 )
 from model_file import LoadedModel, load_model_file, read_run_config
-from ollama_evaluate import JUDGE_APIS, score_responses
+from ollama_evaluate import add_judge_args, judge_settings, score_responses
 from outputs import save_figure, save_json, save_model
 from preference_data import (
     PREFERENCE_FILE,
@@ -310,15 +310,7 @@ def score_both(cfg: DPOConfig, responses: dict, *, progress: bool = True) -> dic
     for name, (entries, path) in responses.items():
         print(f"--- {name.upper()} model ---")
         scores[name] = score_responses(
-            entries,
-            use_judge=cfg.use_judge,
-            judge_url=cfg.judge_url,
-            judge_model=cfg.judge_model,
-            judge_api=cfg.judge_api,
-            timeout=cfg.judge_timeout,
-            max_failures=cfg.judge_max_failures,
-            save_path=path,
-            progress=progress,
+            entries, **judge_settings(cfg), save_path=path, progress=progress
         )
         words = [len(entry["model_response"].split()) for entry in entries]
         scores[name]["mean_response_words"] = sum(words) / max(len(words), 1)
@@ -447,16 +439,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--output-dir", help="where run folders go (default: outputs)")
     p.add_argument("--models-dir", help="where GPT-2's files are kept (default: gpt2)")
-    p.add_argument("--judge-url", help="judge host or endpoint (default: $OLLAMA_HOST)")
-    p.add_argument("--judge-model", help="judge model (default: llama3)")
-    p.add_argument("--judge-api", choices=JUDGE_APIS, help="default: ollama")
-    p.add_argument("--judge-timeout", type=float, help="seconds per judge reply (default: 120)")
-    p.add_argument(
-        "--judge-max-failures",
-        type=int,
-        help="failed judge requests in a row before giving up (default: 3)",
-    )
-    p.add_argument("--no-judge", action="store_true", help="skip scoring: local metrics only")
+    add_judge_args(p)
     return p
 
 

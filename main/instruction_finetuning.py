@@ -77,7 +77,7 @@ from lora import (
     save_lora_adapter,
     save_merged_model,
 )
-from ollama_evaluate import JUDGE_APIS, score_responses
+from ollama_evaluate import add_judge_args, judge_settings, score_responses
 from outputs import save_figure, save_json, save_model
 from previous_chapters import MODEL_CONFIGS
 from run_config import (
@@ -325,15 +325,7 @@ def evaluate(cfg: RunConfig, responses: list[dict], *, progress: bool = True) ->
     scored are not asked again.
     """
     return score_responses(
-        responses,
-        use_judge=cfg.use_judge,
-        judge_url=cfg.judge_url,
-        judge_model=cfg.judge_model,
-        judge_api=cfg.judge_api,
-        timeout=cfg.judge_timeout,
-        max_failures=cfg.judge_max_failures,
-        save_path=cfg.run_dir / RESPONSES_FILE,
-        progress=progress,
+        responses, **judge_settings(cfg), save_path=cfg.run_dir / RESPONSES_FILE, progress=progress
     )
 
 
@@ -464,16 +456,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-cache", help="where a downloaded --data file is kept")
     p.add_argument("--output-dir", help="where run folders go (default: outputs)")
     p.add_argument("--models-dir", help="where GPT-2 weights are kept (default: gpt2)")
-    p.add_argument("--judge-url", help="judge host or endpoint (default: $OLLAMA_HOST)")
-    p.add_argument("--judge-model", help="judge model (default: llama3)")
-    p.add_argument("--judge-api", choices=JUDGE_APIS, help="default: ollama")
-    p.add_argument("--judge-timeout", type=float, help="seconds per judge reply (default: 120)")
-    p.add_argument(
-        "--judge-max-failures",
-        type=int,
-        help="failed judge requests in a row before giving up (default: 3)",
-    )
-    p.add_argument("--no-judge", action="store_true", help="skip the judge: local metrics only")
+    add_judge_args(p)
     p.add_argument("--prompt-style", choices=list(PROMPT_STYLES), help="default: alpaca")
     p.add_argument(
         "--mask-prompt", action="store_true", help="leave the instruction and input out of the loss"

@@ -517,6 +517,33 @@ def score_responses(
 # --------------------------------------------------------------------------------------
 
 
+def judge_settings(cfg: Any) -> dict[str, Any]:
+    """``score_responses``'s judge keywords from a run's settings (``use_judge``, ``judge_*``)."""
+    return {
+        "use_judge": cfg.use_judge,
+        "judge_url": cfg.judge_url,
+        "judge_model": cfg.judge_model,
+        "judge_api": cfg.judge_api,
+        "timeout": cfg.judge_timeout,
+        "max_failures": cfg.judge_max_failures,
+    }
+
+
+def add_judge_args(p: argparse.ArgumentParser) -> None:
+    """The judge's flags of a run's command line (each None unless given: the run's
+    settings fill in the defaults)."""
+    p.add_argument("--judge-url", help="judge host or endpoint (default: $OLLAMA_HOST)")
+    p.add_argument("--judge-model", help="judge model (default: llama3)")
+    p.add_argument("--judge-api", choices=JUDGE_APIS, help="default: ollama")
+    p.add_argument("--judge-timeout", type=float, help="seconds per judge reply (default: 120)")
+    p.add_argument(
+        "--judge-max-failures",
+        type=int,
+        help="failed judge requests in a row before giving up (default: 3)",
+    )
+    p.add_argument("--no-judge", action="store_true", help="skip the judge: local metrics only")
+
+
 def read_responses(path: str | os.PathLike, json_key: str = "model_response") -> list[dict]:
     """The entries of a responses file; each must also have a string ``json_key``."""
     entries = read_instruction_file(path)
