@@ -7,6 +7,7 @@ import re
 
 import pytest
 from scipy import stats
+from test_llama_cpp import gguf_file, llama_cpp, llama_server, model_path  # noqa: F401
 
 import compare_judges as cj
 import compare_models as cm
@@ -210,3 +211,43 @@ def test_seeds_report_mean_and_spread(judge_server, tmp_path, capsys) -> None:
     assert (tmp_path / "v-seed2.json").is_file()
     assert cm.main(argv[:-4] + ["--seeds", "x"]) == 2
     assert "--seeds 'x'" in capsys.readouterr().err
+
+
+# --- the real llama.cpp server (OpenAI-compatible) as a judge ------------------------------
+
+
+@pytest.mark.slow
+def test_the_real_llama_cpp_server_judges_beside_the_ollama_fake(
+    llama_server,  # noqa: F811
+    judge_server,
+    tmp_path,
+    capsys,
+) -> None:
+    """The tiny model's verdicts and scores are nonsense; every request must still get an
+    answer that is saved (a score or a failure, a verdict or a tie), and the reports run."""
+    fake = judge_server(lambda p: str(number_in(p) % 5 + 1))
+    path = save_json(responses(4), tmp_path / "r.json")
+    argv = ["--file_path", str(path), "--judge_a", "llama3", "--judge_a_url", fake.base]
+    argv += ["--judge_b", "tiny-sft", "--judge_b_url", llama_server, "--judge_b_api", "openai"]
+    argv += ["--rubric", "1-5", "--plot", str(tmp_path / "p.png"), "--timeout", "300"]
+    assert cj.main(argv) == 0, capsys.readouterr().err
+    saved = json.loads(cj.scores_path(path, "tiny-sft", "1-5").read_text())
+    assert all(e["judge_model"] == "tiny-sft" and e["judge_reply"] for e in saved)
+    assert (tmp_path / "p.png").is_file()
+
+    a_path = save_json(responses(3), tmp_path / "a" / "r.json")
+    b_path = save_json(responses(3)[::-1], tmp_path / "b" / "r.json")
+    out = tmp_path / "v.json"
+    report = cm.compare_models(
+        a_path,
+        b_path,
+        out,
+        model="tiny-sft",
+        url=llama_server,
+        api="openai",
+        timeout=300,
+        progress=False,
+    )
+    verdicts = json.loads(out.read_text())
+    assert len(verdicts) == 6 and all(v["verdict_model"] == "tiny-sft" for v in verdicts)
+    assert report["wins_a"] + report["wins_b"] + report["ties"] == 3
