@@ -160,6 +160,9 @@ def plot_agreement(report: dict):
     ax.plot([low, high], [low, high], color="gray", linestyle="--", label="agreement")
     ax.set_xlim(low - 0.05 * (high - low), high + 0.05 * (high - low))
     ax.set_ylim(low - 0.05 * (high - low), high + 0.05 * (high - low))
+    if high - low < 10:  # a small rubric: whole numbers only
+        ax.set_xticks(range(low, high + 1))
+        ax.set_yticks(range(low, high + 1))
     ax.set_xlabel(f"judge A: {report['judge_a']}")
     ax.set_ylabel(f"judge B: {report['judge_b']}")
     rho = report["spearman"]["value"]

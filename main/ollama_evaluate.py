@@ -76,7 +76,7 @@ JUDGE_TIMEOUT = 120.0  # seconds to wait for one reply
 JUDGE_CONNECT_TIMEOUT = 3.0  # seconds to wait for the connection (at most)
 JUDGE_MAX_FAILURES = 3  # failed requests in a row after which the judge counts as down
 RUBRICS = {"0-100": (0, 100), "1-5": (1, 5)}  # the scales a judge scores on: (lowest, highest)
-RUBRIC_1_5 = """Score the model response on this rubric of 1 to 5, judging four criteria:
+RUBRIC_1_5 = """Score it on this rubric of 1 to 5, judging four criteria:
 correctness (is it true and does it agree with the correct output?), completeness (does it do
 all that was asked?), following the instruction (does it do what was asked, in the form
 asked?) and conciseness (no padding, repetition or text that was not asked for).
