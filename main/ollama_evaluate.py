@@ -423,20 +423,16 @@ def judge_responses(
 ) -> JudgeResult:
     """Score every entry's ``json_key`` response with the judge; the detailed result.
 
-    A reply without an integer 0..100 is a failure of its entry (a ``JudgeReplyWarning`` names
-    the entry and the reply). So is a failed request (no connection, no reply within ``timeout``
-    seconds, an HTTP error); after ``max_failures`` of those in a row the judge counts as down:
-    ``JudgeUnavailableError``, whose ``result`` holds what was scored. A reply without a score
-    does not count towards ``max_failures``. ``check=True`` first asks whether the judge is up.
-
-    ``save_path``: after each reply all entries are saved there (atomically) with three more
-    keys: ``judge_model``, ``judge_score`` (None: no usable score) and ``judge_reply`` (the raw
-    text), and ``judge_rubric``. Entries holding a reply of this ``model`` on this ``rubric``
-    are not asked again, so a re-run after Ctrl-C, a crash or a give-up asks only the others.
-    ``json_data`` itself is left unchanged. ``rubric``: "0-100" (the book's) or "1-5".
+    A reply without an integer on the ``rubric`` ("0-100", the book's, or "1-5") fails its
+    entry (a ``JudgeReplyWarning`` names it). So does a failed request (no connection, no reply
+    within ``timeout`` s, an HTTP error); ``max_failures`` of those in a row (replies without
+    a score do not count) raise ``JudgeUnavailableError``, whose ``result`` holds what was
+    scored. ``check=True`` first asks whether the judge is up. ``save_path``: after each reply
+    all entries are saved there (atomically) with ``judge_model``, ``judge_score`` (None: no
+    usable score), ``judge_reply`` and ``judge_rubric``; entries holding a reply of this
+    ``model`` on this ``rubric`` are not asked again. ``json_data`` is left unchanged.
     """
-    endpoint = judge_endpoint(url, api)
-    check_rubric(rubric)
+    endpoint, _ = judge_endpoint(url, api), check_rubric(rubric)
     _timeouts(timeout)  # a bad timeout fails before any request
     if max_failures < 1:
         raise ConfigError(f"max_failures={max_failures}: give at least 1")
