@@ -40,7 +40,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from instruction_data import ChapterError, ConfigError, DatasetError, format_input
-from judge_stats import mean_with_ci
+from judge_stats import mean_and_spread, mean_with_ci
 from ollama_evaluate import (
     JUDGE_APIS,
     JUDGE_MAX_FAILURES,
@@ -228,19 +228,8 @@ def summarize(records: Sequence[dict], length: Callable[[str], int] | None = Non
 
 
 def seed_spread(reports: Sequence[dict]) -> dict:
-    """Each metric's mean, standard deviation (n - 1), lowest and highest across seeds."""
-    spread = {}
-    for metric in METRICS:
-        values = [r[metric]["value"] for r in reports if r[metric]["value"] is not None]
-        std = float(np.std(values, ddof=1)) if len(values) > 1 else None
-        spread[metric] = {
-            "mean": float(np.mean(values)) if values else None,
-            "std": std,
-            "min": min(values, default=None),
-            "max": max(values, default=None),
-            "n_seeds": len(values),
-        }
-    return spread
+    """Each metric's mean and standard deviation across seeds (``mean_and_spread``)."""
+    return {m: mean_and_spread([r[m]["value"] for r in reports]) for m in METRICS}
 
 
 def compare_models(
@@ -341,7 +330,8 @@ def _output(args: argparse.Namespace, a: str, b: str, seed: int | None) -> Path:
     if args.output:
         path = Path(args.output)
         return path.with_name(f"{path.stem}{suffix}{path.suffix or '.json'}")
-    slug = re.sub(r"[^\w.-]+", "_", f"{Path(a).parent.name}-vs-{Path(b).parent.name}-{args.judge}")
+    folders = [Path(p).resolve().parent.name for p in (a, b)]  # (a run's own folder name)
+    slug = re.sub(r"[^\w.-]+", "_", f"{folders[0]}-vs-{folders[1]}-{args.judge}")
     return Path("outputs") / f"pairwise-{slug}{suffix}.json"
 
 

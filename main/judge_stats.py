@@ -60,6 +60,17 @@ def mean_with_ci(values: Sequence[float], **kwargs) -> dict:
     return {"mean": float(np.mean(values)), "ci95": [low, high]}
 
 
+def mean_and_spread(values: Sequence[float | None]) -> dict:
+    """Mean, standard deviation (n - 1; None below two values) and count of the known values
+    (None and nan left out): how a metric varies across seeds."""
+    known = [float(v) for v in values if v is not None and np.isfinite(v)]
+    return {
+        "mean": float(np.mean(known)) if known else None,
+        "std": float(np.std(known, ddof=1)) if len(known) > 1 else None,
+        "n_seeds": len(known),
+    }
+
+
 def pearson(x: Sequence[float], y: Sequence[float]) -> float:
     """Pearson's correlation; nan when either sample is constant."""
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)

@@ -80,3 +80,14 @@ def test_undefined_statistics_are_none_not_errors() -> None:
     assert result["mean_abs_diff"]["value"] == 0
     assert js.mean_with_ci([]) == {"mean": None, "ci95": None}
     assert js.agreement([4], [4])["pearson"] == {"value": None, "ci95": [None, None]}
+
+
+def test_mean_and_spread_across_seeds_equals_the_statistics_module() -> None:
+    import statistics
+
+    values = [0.41, 0.55, 0.47]
+    spread = js.mean_and_spread([*values, None, float("nan")])
+    assert spread["mean"] == pytest.approx(statistics.mean(values))
+    assert spread["std"] == pytest.approx(statistics.stdev(values))
+    assert spread["n_seeds"] == 3
+    assert js.mean_and_spread([0.5]) == {"mean": 0.5, "std": None, "n_seeds": 1}
