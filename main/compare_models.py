@@ -180,7 +180,8 @@ def ask_pairs(
 
 
 def pair_outcomes(records: Sequence[dict]) -> list[float]:
-    """B's score per pair: 1 (B won in both orders), 0 (A did), 0.5 (a tie)."""
+    """B's score per pair: 1 (B won in both orders), 0 (A did), 0.5 (a tie: the verdicts
+    disagree, or one is missing: a reply that named neither, or no reply)."""
     winners: dict[int, list[str | None]] = {}
     for r in records:
         verdict = r.get("verdict")
@@ -221,6 +222,7 @@ def summarize(records: Sequence[dict], length: Callable[[str], int] | None = Non
         "wins_a": outcomes.count(0.0),
         "ties": outcomes.count(0.5),
         "failed_replies": sum(1 for r in records if "verdict_model" in r and r["verdict"] is None),
+        "unanswered": sum(1 for r in records if "verdict_model" not in r),  # failed requests
         "win_rate": _rate(outcomes),
         "length_controlled_win_rate": {**_rate(close), "method": LENGTH_METHOD},
         "position_bias": _rate([1.0 if v == "A" else 0.0 for v in verdicts]),
@@ -263,6 +265,7 @@ def print_report(report: dict) -> None:
         f"{report['n_pairs']} pairs: B won {report['wins_b']}, A won {report['wins_a']}, "
         f"{report['ties']} ties (inconsistent verdicts count as ties); "
         f"{report['failed_replies']} replies named neither response"
+        + (f", {report['unanswered']} questions got no reply" if report["unanswered"] else "")
     )
     print(f"  win rate of B               {_shown(report['win_rate'])}")
     print(f"  length-controlled win rate  {_shown(report['length_controlled_win_rate'])}")

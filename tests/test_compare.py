@@ -251,3 +251,45 @@ def test_the_real_llama_cpp_server_judges_beside_the_ollama_fake(
     verdicts = json.loads(out.read_text())
     assert len(verdicts) == 6 and all(v["verdict_model"] == "tiny-sft" for v in verdicts)
     assert report["wins_a"] + report["wins_b"] + report["ties"] == 3
+
+
+def test_bad_judge_replies_are_failures_and_left_out_of_the_agreement(judge_server, tmp_path):
+    replies = {0: "", 1: "Excellent answer!", 2: "7", 3: "4", 4: "Score: 2"}
+    a = judge_server(lambda p: replies[number_in(p)])
+    b = judge_server(lambda p: "3", models=["other:latest"])
+    entries = responses(5)
+    with pytest.warns(oe.JudgeReplyWarning, match="no integer score in 1..5"):
+        result_a = cj.judge_scores(
+            entries, tmp_path / "r.json", "llama3", url=a.base, rubric="1-5", progress=False
+        )
+    result_b = cj.judge_scores(
+        entries, tmp_path / "r.json", "other", url=b.base, rubric="1-5", progress=False
+    )
+    assert result_a.n_failed == 3 and result_a.scored_indices == [3, 4]
+    report = cj.compare_judges(result_a, result_b, rubric="1-5")
+    assert report["n"] == 2 and report["n_failed"] == {"a": 3, "b": 0}
+    assert report["scores"] == {"indices": [3, 4], "a": [4, 2], "b": [3, 3]}
+    assert report["pearson"]["value"] is None  # judge b gave one constant score
+
+
+def test_a_failed_request_leaves_its_pair_unanswered_and_a_rerun_asks_it_again(
+    judge_server, tmp_path
+):
+    down = {"n": 2}
+
+    def reply(prompt: str) -> str:
+        if number_in(prompt) == 2 and down["n"]:
+            down["n"] -= 1
+            raise RuntimeError("model runner crashed")
+        return "A" if _shown_first_is(prompt, "GOOD") else "B"
+
+    judge = judge_server(reply)
+    base = responses(4)
+    a_path = save_json(base, tmp_path / "a" / "r.json")
+    b_path = save_json([dict(e, model_response="GOOD") for e in base], tmp_path / "b" / "r.json")
+    kwargs = dict(url=judge.base, progress=False)
+    with pytest.warns(oe.JudgeReplyWarning, match="HTTP 500"):
+        first = cm.compare_models(a_path, b_path, tmp_path / "v.json", **kwargs)
+    assert first["unanswered"] == 2 and first["wins_b"] == 3 and first["ties"] == 1
+    again = cm.compare_models(a_path, b_path, tmp_path / "v.json", **kwargs)
+    assert again["unanswered"] == 0 and again["wins_b"] == 4 and len(judge.bodies) == 10
