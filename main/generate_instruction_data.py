@@ -130,6 +130,8 @@ def complete_text(
         return str(choice["text"]), str(choice.get("finish_reason") or "stop")
     except requests.Timeout:
         raise JudgeUnavailableError(f"{target} gave no reply within {timeout:g} s") from None
+    except requests.JSONDecodeError:
+        raise JudgeUnavailableError(f"{target}: unexpected reply format (not JSON)") from None
     except requests.RequestException as exc:
         raise JudgeUnavailableError(f"{target} failed: {exc.__class__.__name__}") from None
     except (KeyError, IndexError, TypeError, ValueError) as exc:

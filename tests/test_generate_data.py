@@ -46,6 +46,8 @@ class FakeCompletions(LoopbackServer):
                     text, finish = reply(body["prompt"], body)
                 except Exception as exc:
                     return self.send_body(500, json.dumps({"error": str(exc)}).encode())
+                if finish == "garbage":  # a reply that is not the API's JSON
+                    return self.send_body(200, text.encode(), "text/html")
                 if self.path == "/api/generate":
                     answer = {"response": text, "done": True, "done_reason": finish}
                 else:
@@ -211,3 +213,15 @@ def test_the_real_llama_cpp_server_runs_the_pipeline(llama_server, tmp_path):  #
         again = json.loads(gd.rejected_path(path).read_text())
         kept = json.loads(path.read_text()) if path.exists() else []
         assert sorted([r["attempt"] for r in again] + [e["attempt"] for e in kept])[-1] >= 3
+
+
+def test_an_unparsable_server_reply_ends_in_one_line_and_keeps_what_was_saved(tmp_path, capsys):
+    path = tmp_path / "g.json"
+    with FakeCompletions(scripted) as server:
+        assert run(server, path, 2) == 0
+    saved = path.read_text()
+    with FakeCompletions(lambda p, b: ("<html>proxy error</html>", "garbage")) as broken:
+        assert run(broken, path, 4, "--max_failures", "2") == 2
+    err = capsys.readouterr().err
+    assert "unexpected reply format" in err and "counts as down" in err
+    assert path.read_text() == saved
