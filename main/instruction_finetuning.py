@@ -70,6 +70,7 @@ from instruction_data import (
     report_long_entries,
     split_data,
 )
+from judge_host import redact_urls
 from lora import (
     adapter_file_name,
     apply_lora,
@@ -340,7 +341,7 @@ def write_summary(
 ) -> dict:
     """The run's settings and numbers, saved as run-summary.json (and returned)."""
     summary = {
-        "config": asdict(cfg),
+        "config": redact_urls(asdict(cfg)),  # (no URL secrets)
         "device": str(device),
         "data": {
             "source": cfg.data,
