@@ -24,6 +24,7 @@ import json
 import os
 import re
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -71,6 +72,15 @@ OPENAI_BASE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models"
 BACKUP_BASE_URL = "https://f001.backblazeb2.com/file/LLMs-from-scratch/gpt2"
 ALLOWED_SIZES = ("124M", "355M", "774M", "1558M")
 DOWNLOAD_TIMEOUT = (5.0, 30.0)  # seconds to connect, seconds of silence while receiving
+MIN_RATE = 1000.0  # bytes per second: a transfer slower than this ...
+SLOW_SECONDS = 60.0  # ... for this long gives up (its partial file is kept and resumes)
+NOTICE_SECONDS = 3.0  # after this long without progress, say on the terminal what is waited on
+# settings from the environment (each a number of seconds, or bytes per second)
+SILENCE_ENV, DEADLINE_ENV, MIN_RATE_ENV = (
+    "DOWNLOAD_SILENCE_SECONDS",
+    "DOWNLOAD_DEADLINE_SECONDS",
+    "DOWNLOAD_MIN_RATE",
+)
 FILENAMES = (
     "checkpoint",
     "encoder.json",
@@ -82,7 +92,11 @@ FILENAMES = (
 
 
 class DownloadError(RuntimeError):
-    """A file could not be downloaded from any of its URLs."""
+    """A file could not be downloaded from any of its URLs.
+
+    ``details``: every error behind it, in full (what ``--verbose`` prints)."""
+
+    details: str = ""
 
 
 # ---------------------------------------------------------------------------
@@ -231,18 +245,81 @@ def _content_range(response: requests.Response) -> tuple[int, int | None]:
     return int(match[1]), None if match[2] == "*" else int(match[2])
 
 
-def _deadline(deadline: float | None, size: int | None) -> float:
-    """Seconds one attempt may take: ``deadline``, else 10 minutes plus 10 s per MB to
-    receive (a 100 kB/s average), or an hour when the server announces no size."""
-    if deadline is not None:
-        return deadline
-    return 3600.0 if size is None else 600.0 + size / 100_000
+def _env_number(name: str, default: float | None) -> float | None:
+    """The positive number in environment variable ``name``, else ``default``."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if not number >= 0:
+        raise ValueError(f"{name}={value!r}: give a number of at least 0")
+    return number or None
 
 
-def _receive(response, part: Path, mode: str, have: int, total, deadline, progress) -> None:
-    """Write the response's body to ``part``; give up when the deadline passes."""
-    seconds = _deadline(deadline, None if total is None else total - have)
-    give_up_at = time.monotonic() + seconds
+def download_limits(
+    timeout=None, deadline=None, min_rate=None
+) -> tuple[tuple, float | None, float]:
+    """(connect, silence) seconds, the per-attempt deadline (None: none) and the slowest
+    rate accepted: the values given, else $DOWNLOAD_SILENCE_SECONDS, $DOWNLOAD_DEADLINE_SECONDS
+    and $DOWNLOAD_MIN_RATE (0: no floor), else the defaults."""
+    if timeout is None:
+        silence = _env_number(SILENCE_ENV, DOWNLOAD_TIMEOUT[1]) or DOWNLOAD_TIMEOUT[1]
+        timeout = (
+            (DOWNLOAD_TIMEOUT[0], silence) if silence != DOWNLOAD_TIMEOUT[1] else DOWNLOAD_TIMEOUT
+        )
+    if deadline is None:
+        deadline = _env_number(DEADLINE_ENV, None)
+    if min_rate is None:
+        min_rate = _env_number(MIN_RATE_ENV, MIN_RATE) or 0.0
+    return timeout, deadline, min_rate
+
+
+class _Watch:
+    """Says on the terminal, within ``NOTICE_SECONDS``, what a transfer is waiting on; a
+    background thread, stopped by ``close()``."""
+
+    def __init__(self, url: str, silence: float):
+        self.host, self.silence, self.notice = url.split("/")[2], silence, NOTICE_SECONDS
+        self.name = url.rsplit("/", 1)[-1]
+        self.received, self.total, self.answered = 0, None, False
+        self.last, self.said = time.monotonic(), False
+        self.done = threading.Event()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def got(self, n: int) -> None:
+        self.received += n
+        self.last, self.said = time.monotonic(), False
+
+    def _run(self) -> None:
+        while not self.done.wait(min(1.0, self.notice / 3)):
+            quiet = time.monotonic() - self.last
+            if quiet >= self.notice and not self.said:
+                self.said = True
+                what = (
+                    f"received {self.received:,} of {self.total or '?'} bytes, then nothing"
+                    if self.answered
+                    else "no answer yet"
+                )
+                print(
+                    f"{self.name}: waiting on {self.host} for {quiet:.0f} s ({what}); "
+                    f"giving up after {self.silence:g} s of silence",
+                    file=sys.stderr,
+                    flush=True,
+                )
+
+    def close(self) -> None:
+        self.done.set()
+
+
+def _receive(response, part: Path, mode: str, have: int, total, limits, watch) -> None:
+    """Write the response's body to ``part``; give up past the deadline, or when the rate
+    stays below the floor for ``SLOW_SECONDS`` (the partial file is kept)."""
+    deadline, min_rate, progress = limits
+    started = window = time.monotonic()
+    received = window_bytes = 0
     # read1 (urllib3 >= 2.3) returns what has arrived, so a trickle cannot outlast the deadline
     read = getattr(response.raw, "read1", response.raw.read)
     bar = tqdm(
@@ -255,20 +332,36 @@ def _receive(response, part: Path, mode: str, have: int, total, deadline, progre
         while chunk := read(1 << 16, decode_content=True):
             with _on_disk("write", part):
                 file.write(chunk)
+            received, window_bytes = received + len(chunk), window_bytes + len(chunk)
             bar.update(len(chunk))
-            if time.monotonic() > give_up_at:
-                raise _TooSlow(
-                    f"still receiving after its {seconds:g} s deadline "
-                    f"({bar.n:,} of {total if total is not None else '?'} bytes)"
-                )
+            watch.got(len(chunk))
+            now, counts = time.monotonic(), f"{have + received:,} of {total or '?'} bytes"
+            if deadline is not None and now - started > deadline:
+                raise _TooSlow(f"still receiving after its {deadline:g} s deadline ({counts})")
+            if now - window >= SLOW_SECONDS:
+                if window_bytes < min_rate * (now - window):
+                    rate = window_bytes / (now - window)
+                    raise _TooSlow(
+                        f"slower than {min_rate:,.0f} bytes/s for {now - window:.2g} s "
+                        f"({rate:,.0f} bytes/s; {counts})"
+                    )
+                window, window_bytes = now, 0
     finally:
         bar.close()
         with _on_disk("write", part):
             file.close()
 
 
-def _fetch(session: requests.Session, url: str, part: Path, timeout, deadline, progress) -> None:
+def _fetch(session: requests.Session, url: str, part: Path, timeout, limits) -> None:
     """One attempt: append the rest of ``url`` to ``part`` (or start it over)."""
+    watch = _Watch(url, timeout[1] if isinstance(timeout, tuple) else timeout)
+    try:
+        _fetch_watched(session, url, part, timeout, limits, watch)
+    finally:
+        watch.close()
+
+
+def _fetch_watched(session, url: str, part: Path, timeout, limits, watch: _Watch) -> None:
     with _on_disk("read", part):
         have = part.stat().st_size if part.exists() else 0
     headers = {"Accept-Encoding": "identity"}  # byte counts must match the file's
@@ -289,11 +382,12 @@ def _fetch(session: requests.Session, url: str, part: Path, timeout, deadline, p
             have, mode = 0, "wb"
             length = response.headers.get("Content-Length")
             total = int(length) if length is not None else None
-        _receive(response, part, mode, have, total, deadline, progress)
+        watch.answered, watch.received, watch.total = True, have, total
+        _receive(response, part, mode, have, total, limits, watch)
     with _on_disk("read", part):
         size = part.stat().st_size
     if total is not None and size != total:
-        raise _IncompleteDownload(f"received {size} of {total} bytes")
+        raise _IncompleteDownload(f"received {size:,} of {total:,} bytes")
 
 
 def _is_permanent(exc: Exception) -> bool:
@@ -314,29 +408,73 @@ def _failed_check(check: Callable[[Path], None] | None, path: Path) -> str | Non
     return None
 
 
-def _attempts(session, url, part, check, retries, backoff, timeout, deadline, progress):
+def _root_cause(exc: BaseException) -> BaseException:
+    """The innermost error behind ``exc`` (requests wraps urllib3's, which wraps the socket's)."""
+    seen = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        inner = getattr(exc, "reason", None) or exc.__cause__ or exc.__context__
+        if inner is None and exc.args and isinstance(exc.args[0], BaseException):
+            inner = exc.args[0]
+        if not isinstance(inner, BaseException):
+            break
+        exc = inner
+    return exc
+
+
+def short_cause(exc: BaseException, timeout) -> str:
+    """What went wrong, in a few words (the full chain is for ``--verbose``)."""
+    connect, silence = timeout if isinstance(timeout, tuple) else (timeout, timeout)
+    if isinstance(exc, requests.ConnectTimeout):
+        return f"timed out: no connection within {connect:g} s"
+    if isinstance(exc, (requests.ReadTimeout, urllib3.exceptions.ReadTimeoutError)):
+        return f"timed out: the server sent nothing for {silence:g} s"
+    response = getattr(exc, "response", None)
+    if response is not None and getattr(response, "status_code", None):
+        return f"HTTP {response.status_code} {response.reason or ''}".strip()
+    if isinstance(exc, (_IncompleteDownload, _TooSlow, FileCheckError)):
+        return str(exc)
+    root = _root_cause(exc)
+    text = getattr(root, "strerror", None) or str(root) or type(root).__name__
+    return text.split(": ", 1)[-1] if "Errno" in text else text
+
+
+def _attempts(session, url, part, check, retries, backoff, timeout, limits):
     """Up to ``retries`` attempts at ``url``: None when ``part`` is complete and passes
-    ``check``, else a line saying what went wrong. A file that fails its check or a missed
-    deadline is not retried: the same server would most likely do the same again."""
+    ``check``, else (what went wrong in a few words, the full error for --verbose). A file
+    that fails its check or a too-slow transfer is not retried: the same server would most
+    likely do the same again."""
     for attempt in range(1, retries + 1):
         try:
-            _fetch(session, url, part, timeout, deadline, progress)
+            _fetch(session, url, part, timeout, limits)
             reason = _failed_check(check, part)
         except _TooSlow as exc:
-            return f"{attempt} attempt(s), last: {exc}"
+            return f"after {attempt} attempt(s): {exc}", repr(exc)
         except (
             requests.RequestException,
             urllib3.exceptions.HTTPError,
             _IncompleteDownload,
         ) as exc:
             if attempt == retries or _is_permanent(exc):
-                return f"{attempt} attempt(s), last: {type(exc).__name__}: {exc}"
+                return f"after {attempt} attempt(s): {short_cause(exc, timeout)}", _chain(exc)
             time.sleep(backoff * 2 ** (attempt - 1))
         else:
             if reason is None:
                 return None
             _remove(part)
-            return f"{attempt} attempt(s), last: the file it sent fails its check: {reason}"
+            text = f"the file it sent fails its check: {reason}"
+            return f"after {attempt} attempt(s): {text}", text
+
+
+def _chain(exc: BaseException) -> str:
+    """Every error in ``exc``'s chain, one per line (what ``--verbose`` shows)."""
+    lines, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        lines.append(f"{type(exc).__module__}.{type(exc).__name__}: {exc}")
+        inner = getattr(exc, "reason", None) or exc.__cause__ or exc.__context__
+        exc = inner if isinstance(inner, BaseException) else None
+    return "\n".join(lines)
 
 
 def download_file(
@@ -346,8 +484,9 @@ def download_file(
     *,
     retries: int = 3,
     backoff: float = 1.0,
-    timeout: float | tuple[float, float] = DOWNLOAD_TIMEOUT,
+    timeout: float | tuple[float, float] | None = None,
     deadline: float | None = None,
+    min_rate: float | None = None,
     progress: bool = True,
     hint: str = "",
     check: Callable[[Path], None] | None = None,
@@ -358,15 +497,19 @@ def download_file(
     count matches the server's and ``check(path)`` (if given) passes, i.e. raises no
     ``FileCheckError``. An interrupted ``.part`` is resumed with an HTTP Range request.
     ``timeout`` is (seconds to connect, seconds without a byte); ``deadline`` bounds each
-    attempt in seconds (default: 10 minutes plus 10 s per MB). Each URL gets ``retries``
-    attempts, waiting ``backoff * 2**k`` seconds between them; then ``backup_url`` is tried.
-    An existing ``destination`` is returned without any network access if it passes
-    ``check``; otherwise it is deleted and downloaded again.
-    Raises ``DownloadError`` naming the file, each URL and what went wrong (plus ``hint``),
-    or ``DiskError`` at once for a local problem (no space, no permission, wrong kind of path).
+    attempt in seconds (default: none); a transfer slower than ``min_rate`` bytes/s for
+    ``SLOW_SECONDS`` gives up (see ``download_limits`` for the defaults and the environment
+    variables that set them). Within ``NOTICE_SECONDS`` of silence the terminal says what is
+    waited on. Each URL gets ``retries`` attempts, waiting ``backoff * 2**k`` seconds between
+    them; then ``backup_url`` is tried. An existing ``destination`` is returned without any
+    network access if it passes ``check``; otherwise it is deleted and downloaded again.
+    Raises ``DownloadError``: one line for what failed (each URL, after how many attempts, the
+    short cause) and one for what to do (plus ``hint``), the full errors in ``details``; or
+    ``DiskError`` at once for a local problem (no space, no permission, wrong kind of path).
     """
     if retries < 1:
         raise ValueError(f"retries must be at least 1, got {retries}")
+    timeout, deadline, min_rate = download_limits(timeout, deadline, min_rate)
     destination = Path(destination)
     part = destination.with_name(destination.name + ".part")
     _check_paths(destination, part)
@@ -381,20 +524,28 @@ def download_file(
     failures = []
     with requests.Session() as session:
         for source in [u for u in (url, backup_url) if u]:
-            args = (check, retries, backoff, timeout, deadline, progress)
+            args = (check, retries, backoff, timeout, (deadline, min_rate, progress))
             failure = _attempts(session, source, part, *args)
             if failure is None:
                 with _on_disk(f"move {part.name} to", destination):
                     os.replace(part, destination)  # atomic: never a half file in place
                 return destination
-            failures.append(f"  {source}\n    {failure}")
+            failures.append((source, *failure))
+    raise _download_error(url, part, failures, hint)
+
+
+def _download_error(url: str, part: Path, failures: list, hint: str) -> DownloadError:
+    """What failed (each URL, after how many attempts, why) and what to do, in two lines."""
+    name = url.rstrip("/").rsplit("/", 1)[-1]
+    tried = "; nor from ".join(f"{source} {failure}" for source, failure, _ in failures)
     resume = f" The partial download {part} is kept and resumes." if part.exists() else ""
-    raise DownloadError(
-        f"could not download {destination.name} to {destination}. Tried:\n"
-        + "\n".join(failures)
-        + f"\nCheck your internet connection (or the server) and run again.{resume}"
+    error = DownloadError(
+        f"could not download {name} from {tried}\n"
+        f"Check your internet connection (or the server) and run again.{resume}"
         + (f" {hint}" if hint else "")
     )
+    error.details = "\n".join(f"{source}:\n{details}" for source, _, details in failures)
+    return error
 
 
 def download_and_load_gpt2(
