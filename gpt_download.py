@@ -11,8 +11,10 @@ mirror, and land in place only when complete and checked for their kind
 (``check_gpt2_file``: JSON parses, the index is an index, the shard has the size the
 index expects, the BPE files have their SHA-256); ``file.part`` is then renamed
 atomically, so a folder that already holds the files is used offline. A server that
-goes silent fails after ``DOWNLOAD_TIMEOUT``; one that trickles fails at the attempt's
-deadline. Local disk problems are ``DiskError``s, never retried as network failures.
+goes silent fails after ``DOWNLOAD_TIMEOUT``; one that trickles below ``MIN_RATE`` for
+``SLOW_SECONDS`` gives up, keeping its partial file (``download_limits``: the settings and
+their environment variables); the terminal says what a silent transfer waits on. Local
+disk problems are ``DiskError``s, never retried as network failures.
 """
 
 from __future__ import annotations

@@ -252,6 +252,15 @@ def has_judge_reply(entry: dict, model: str) -> bool:
     return entry.get("judge_model") == model and usable
 
 
+def _with_short_reply(entry: dict) -> dict:
+    """A copy of ``entry`` whose saved ``judge_reply`` is an excerpt (an older version saved
+    whole replies, however large)."""
+    entry = dict(entry)
+    if isinstance(entry.get("judge_reply"), str):
+        entry["judge_reply"] = excerpt(entry["judge_reply"])
+    return entry
+
+
 def to_ask(records: Sequence[dict], model: str, rescore_unscored: bool = False) -> list[int]:
     """The entries to ask judge ``model`` about: those without its reply, and with
     ``rescore_unscored`` also those whose saved reply had no score."""
@@ -365,7 +374,7 @@ def judge_responses(
     if max_failures < 1:
         raise ConfigError(f"max_failures={max_failures}: give at least 1")
     key = api_key if api_key is not None else judge_client.api_key(api)
-    records = [dict(entry) for entry in json_data]
+    records = [_with_short_reply(entry) for entry in json_data]
     todo = to_ask(records, model, rescore_unscored)
     if len(todo) < len(records):
         print(f"{len(records) - len(todo)} of {len(records)} entries have a saved reply of {model}")
@@ -378,16 +387,8 @@ def judge_responses(
     try:
         if todo and check:
             check_judge(endpoint, model, api=api, key=key)
-        ask_each(
-            records,
-            todo,
-            ask,
-            model=model,
-            max_failures=max_failures,
-            request_failures=request_failures,
-            save_path=save_path,
-            progress=progress,
-        )
+        limits = {"max_failures": max_failures, "request_failures": request_failures}
+        ask_each(records, todo, ask, model=model, save_path=save_path, progress=progress, **limits)
     except JudgeUnavailableError as exc:
         saved = save_path is not None and any(has_judge_reply(r, model) for r in records)
         error = type(exc)(_what_to_do(exc, api, model, save_path if saved else None))

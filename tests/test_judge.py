@@ -284,9 +284,7 @@ def test_another_judge_model_scores_again(judge_server, tmp_path):
     assert {e["judge_model"] for e in json.loads(path.read_text())} == {"phi3"}
 
 
-def test_a_judge_that_never_answers_is_given_up_after_k_timeouts(
-    judge_server, release, monkeypatch, tmp_path
-):
+def test_a_judge_that_never_answers_is_given_up_after_k_timeouts(judge_server, release, tmp_path):
     server = judge_server(lambda prompt: "50" if release.wait(60) else "")  # accepts, then hangs
     path = write_entries(tmp_path, entries("a", "b", "c", "d", "e"))
     data = json.loads(path.read_text())

@@ -240,6 +240,17 @@ def test_a_huge_reply_is_refused_and_never_saved(raw_server, tmp_path):
     assert oe.ask_judge("hi", url=big.base, api="openai", max_bytes=4_000_000).startswith("7")
 
 
+def test_a_huge_reply_saved_by_an_older_version_is_cut_to_an_excerpt(judge_server, tmp_path):
+    server = judge_server(lambda prompt: "50")
+    data = entries(2)
+    data[0].update(judge_model="llama3", judge_score=70, judge_reply="70 " + "x" * 10**6)
+    path = tmp_path / "responses.json"
+    path.write_text(json.dumps(data))
+    result = oe.judge_responses(data, url=server.base, save_path=path, progress=False)
+    assert result.scores == [70, 50] and len(server.bodies) == 1
+    assert path.stat().st_size < 2000  # (it was copied whole into every save)
+
+
 def test_a_long_reply_is_saved_as_a_short_excerpt(judge_server, tmp_path):
     server = judge_server(lambda prompt: "Score: 80. " + "Because " * 5000)
     path = tmp_path / "responses.json"
