@@ -29,7 +29,7 @@ from instruction_data import (
     ConfigError,
     check_prompt_style,
 )
-from judge_host import redact_urls
+from judge_host import redact_url, redact_urls
 from ollama_evaluate import judge_endpoint
 from outputs import save_json
 from previous_chapters import gpt2_config, resolve_model_name
@@ -393,6 +393,12 @@ def _resume_config(resume: bool | str | os.PathLike, given: dict) -> RunConfig:
             "pass the folder of an earlier run"
         ) from None
     cfg = replace(cfg, output_dir=str(run.parent), run_name=run.name)
+    secrets = {  # a URL's credentials given again (run-config.json holds the URL without them)
+        name: value
+        for name, value in given.items()
+        if isinstance(value, str) and value != getattr(cfg, name) == redact_url(value)
+    }
+    cfg = replace(cfg, **secrets)
     differ = {
         name: getattr(cfg, name)
         for name, value in given.items()

@@ -430,3 +430,16 @@ def test_query_model_is_the_books_short_function_and_the_modules_import_downward
         imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
         imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         assert not imported & never, f"{module} imports {imported & never}: an import cycle"
+
+
+def test_a_resumed_run_takes_the_url_credentials_given_again(tmp_path, capsys):
+    import run_config
+
+    url = "http://user:secret@127.0.0.1:11434"
+    cfg = run_config.RunConfig(output_dir=str(tmp_path), judge_url=url)
+    run_config.start_run(cfg)
+    again = run_config._resume_config(cfg.run_dir, {"judge_url": url})
+    assert again.judge_url == url  # not refused as "another setting", and not saved
+    assert run_config._resume_config(cfg.run_dir, {}).judge_url == "http://127.0.0.1:11434"
+    with pytest.raises(oe.ConfigError, match="keeps the settings it started with"):
+        run_config._resume_config(cfg.run_dir, {"judge_url": "http://u:p@10.0.0.1:11434"})
