@@ -89,8 +89,9 @@ class _Exchange:
         kind = (
             http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
         )
-        self.conn = kind(parts.hostname, parts.port, timeout=min(connect_timeout, seconds))
-        self.expired = threading.Event()
+        self.connect_timeout = min(connect_timeout, seconds)
+        self.conn = kind(parts.hostname, parts.port, timeout=self.connect_timeout)
+        self.expired, self.connected = threading.Event(), False
         self.timer = threading.Timer(seconds, self._cut)
         self.timer.daemon = True
 
@@ -110,6 +111,11 @@ class _Exchange:
             raise self._failure(TimeoutError())
 
     def _failure(self, exc: BaseException) -> JudgeUnavailableError:
+        if not self.connected and isinstance(exc, TimeoutError):
+            return JudgeUnavailableError(
+                f"the LLM judge at {self.shown} is not reachable "
+                f"(no connection within {self.connect_timeout:g} s)"
+            )
         if self.expired.is_set() or isinstance(exc, TimeoutError):
             return JudgeUnavailableError(
                 f"the LLM judge at {self.shown} gave no reply within {self.seconds:g} s "
@@ -127,6 +133,7 @@ class _Exchange:
             headers = {**headers, "Authorization": self.auth}
         with self._failures():
             self.conn.connect()
+            self.connected = True
             self.conn.sock.settimeout(self.seconds)  # the timer cuts it sooner
             self.conn.request(method, self.target, body=body, headers=headers)
             return self.conn.getresponse()

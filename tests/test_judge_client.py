@@ -218,6 +218,18 @@ def test_the_timeout_bounds_the_whole_reply_of_a_dripping_server(raw_server, api
     assert time.monotonic() - started < 10  # (before: until the server stops dripping)
 
 
+def test_no_connection_in_time_is_not_called_a_slow_reply(monkeypatch):
+    def connect_timing_out(*args, **kwargs):
+        raise TimeoutError("timed out")
+
+    monkeypatch.setattr(socket, "create_connection", connect_timing_out)
+    with pytest.raises(oe.JudgeUnavailableError) as caught:
+        oe.ask_judge("hi", url="http://127.0.0.1:9")
+    message = str(caught.value)
+    assert "not reachable (no connection within 3 s)" in message and "ollama serve" in message
+    assert "longer timeout" not in message
+
+
 def test_check_judge_is_bounded_too(raw_server):
     stop = threading.Event()
     server = raw_server(drip("Connection: close\r\n", stop))
