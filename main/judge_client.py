@@ -60,8 +60,8 @@ def split_timeout(timeout: float | tuple[float, float]) -> tuple[float, float]:
     pair = timeout if isinstance(timeout, tuple) else (timeout, timeout)
     if not all(isinstance(t, (int, float)) and math.isfinite(t) and t > 0 for t in pair):
         raise ConfigError(f"judge timeout {timeout!r}: give a number of seconds above 0")
-    connect, total = pair
-    return (connect, total) if isinstance(timeout, tuple) else (min(connect, total), total)
+    total = pair[1]
+    return pair if isinstance(timeout, tuple) else (min(JUDGE_CONNECT_TIMEOUT, total), total)
 
 
 def api_key(api: str, env: str | None = None) -> str | None:

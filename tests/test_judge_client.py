@@ -455,3 +455,9 @@ def test_a_resumed_run_takes_the_url_credentials_given_again(tmp_path, capsys):
     assert run_config._resume_config(cfg.run_dir, {}).judge_url == "http://127.0.0.1:11434"
     with pytest.raises(oe.ConfigError, match="keeps the settings it started with"):
         run_config._resume_config(cfg.run_dir, {"judge_url": "http://u:p@10.0.0.1:11434"})
+
+
+def test_split_timeout():
+    assert judge_client.split_timeout(120) == (3.0, 120)  # the connection gets at most 3 s
+    assert judge_client.split_timeout(0.5) == (0.5, 0.5)
+    assert judge_client.split_timeout((1.0, 9.0)) == (1.0, 9.0)
