@@ -280,37 +280,47 @@ def download_limits(
 
 
 class _Watch:
-    """Says on the terminal, within ``NOTICE_SECONDS``, what a transfer is waiting on; a
-    background thread, stopped by ``close()``."""
+    """Says on the terminal, within ``NOTICE_SECONDS``, what a transfer is waiting on (no
+    answer, no data, or data slower than ``min_rate``); a background thread, stopped by
+    ``close()``."""
 
-    def __init__(self, url: str, silence: float):
-        self.host, self.silence, self.notice = url.split("/")[2], silence, NOTICE_SECONDS
-        self.name = url.rsplit("/", 1)[-1]
-        self.received, self.total, self.answered = 0, None, False
-        self.last, self.said = time.monotonic(), False
+    def __init__(self, url: str, silence: float, min_rate: float):
+        self.host, self.name = url.split("/")[2], url.rsplit("/", 1)[-1]
+        self.silence, self.min_rate, self.notice = silence, min_rate, NOTICE_SECONDS
+        self.received, self.new, self.total, self.answered = 0, 0, None, False
+        self.last, self.said, self.said_slow = time.monotonic(), False, False
         self.done = threading.Event()
         threading.Thread(target=self._run, daemon=True).start()
 
     def got(self, n: int) -> None:
-        self.received += n
+        self.received, self.new = self.received + n, self.new + n
         self.last, self.said = time.monotonic(), False
 
+    def _say(self, text: str) -> None:
+        print(f"{self.name}: {text}", file=sys.stderr, flush=True)
+
     def _run(self) -> None:
+        mark_time, mark_bytes = time.monotonic(), 0
         while not self.done.wait(min(1.0, self.notice / 3)):
-            quiet = time.monotonic() - self.last
-            if quiet >= self.notice and not self.said:
+            now = time.monotonic()
+            if now - self.last >= self.notice and not self.said:
                 self.said = True
-                what = (
-                    f"received {self.received:,} of {self.total or '?'} bytes, then nothing"
-                    if self.answered
-                    else "no answer yet"
+                what = f"{self.received:,} of {self.total or '?'} bytes received"
+                self._say(
+                    f"waiting on {self.host} for {now - self.last:.0f} s "
+                    f"({what if self.answered else 'no answer yet'}); "
+                    f"giving up after {self.silence:g} s of silence"
                 )
-                print(
-                    f"{self.name}: waiting on {self.host} for {quiet:.0f} s ({what}); "
-                    f"giving up after {self.silence:g} s of silence",
-                    file=sys.stderr,
-                    flush=True,
-                )
+            elif now - mark_time >= self.notice:
+                rate = (self.new - mark_bytes) / (now - mark_time)
+                if self.answered and rate < self.min_rate and not self.said_slow:
+                    self.said_slow = True
+                    self._say(
+                        f"{self.host} sends slowly ({rate:,.0f} bytes/s; {self.received:,} of "
+                        f"{self.total or '?'} bytes); giving up below {self.min_rate:,.0f} "
+                        f"bytes/s for {SLOW_SECONDS:g} s"
+                    )
+                mark_time, mark_bytes = now, self.new
 
     def close(self) -> None:
         self.done.set()
@@ -356,7 +366,7 @@ def _receive(response, part: Path, mode: str, have: int, total, limits, watch) -
 
 def _fetch(session: requests.Session, url: str, part: Path, timeout, limits) -> None:
     """One attempt: append the rest of ``url`` to ``part`` (or start it over)."""
-    watch = _Watch(url, timeout[1] if isinstance(timeout, tuple) else timeout)
+    watch = _Watch(url, timeout[1] if isinstance(timeout, tuple) else timeout, limits[1])
     try:
         _fetch_watched(session, url, part, timeout, limits, watch)
     finally:

@@ -426,11 +426,12 @@ def test_the_limits_are_settings_with_defaults(monkeypatch):
 
 
 def test_a_transfer_below_the_floor_gives_up_keeping_the_partial_file(
-    mirror, tmp_path, download_sleeps, monkeypatch
+    mirror, tmp_path, download_sleeps, monkeypatch, capsys
 ):
     """A byte every 50 ms (20 bytes/s) is below a 1,000 bytes/s floor: after SLOW_SECONDS
     (a minute by default, 0.3 s here) it gives up, with the right byte counts, not retried."""
-    monkeypatch.setattr(gd, "SLOW_SECONDS", 0.3)
+    monkeypatch.setattr(gd, "SLOW_SECONDS", 0.6)
+    monkeypatch.setattr(gd, "NOTICE_SECONDS", 0.2)
     mirror.plan["/124M/hparams.json"] = ["trickle"] * 3
     destination = tmp_path / "hparams.json"
     with pytest.raises(gd.DownloadError) as caught:
@@ -444,6 +445,9 @@ def test_a_transfer_below_the_floor_gives_up_keeping_the_partial_file(
     assert f"; {size:,} of {full:,} bytes)" in message and 0 < size < full, message  # not "0 of"
     assert f"{part} is kept and resumes" in message and not destination.exists()
     assert len(mirror.requests) == 1 and download_sleeps == []
+    host = mirror.url.split("/")[2]
+    err = capsys.readouterr().err  # said while it was still trying
+    assert re.search(rf"hparams.json: {host} sends slowly \(\d+ bytes/s; \d+ of 83 bytes\)", err)
 
 
 def test_the_terminal_says_within_seconds_what_a_transfer_waits_on(
