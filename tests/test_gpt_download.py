@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import downloads
 import gpt_download as gd
 from helpers import TINY_CHECKPOINT, Mirror, SilentServer, closed_port
 
@@ -412,17 +413,17 @@ def test_a_trickling_server_is_stopped_by_the_deadline(mirror, tmp_path, downloa
 
 
 def test_the_limits_are_settings_with_defaults(monkeypatch):
-    for name in (gd.SILENCE_ENV, gd.DEADLINE_ENV, gd.MIN_RATE_ENV):
+    for name in (downloads.SILENCE_ENV, downloads.DEADLINE_ENV, downloads.MIN_RATE_ENV):
         monkeypatch.delenv(name, raising=False)
-    assert gd.download_limits() == (gd.DOWNLOAD_TIMEOUT, None, 1000.0)  # no fixed deadline
-    monkeypatch.setenv(gd.SILENCE_ENV, "12")
-    monkeypatch.setenv(gd.DEADLINE_ENV, "900")
-    monkeypatch.setenv(gd.MIN_RATE_ENV, "0")  # no floor
-    assert gd.download_limits() == ((5.0, 12.0), 900.0, 0.0)
-    assert gd.download_limits((1.0, 2.0), 3.0, 4.0) == ((1.0, 2.0), 3.0, 4.0)  # given wins
-    monkeypatch.setenv(gd.SILENCE_ENV, "soon")
+    assert downloads.download_limits() == (gd.DOWNLOAD_TIMEOUT, None, 1000.0)  # no fixed deadline
+    monkeypatch.setenv(downloads.SILENCE_ENV, "12")
+    monkeypatch.setenv(downloads.DEADLINE_ENV, "900")
+    monkeypatch.setenv(downloads.MIN_RATE_ENV, "0")  # no floor
+    assert downloads.download_limits() == ((5.0, 12.0), 900.0, 0.0)
+    assert downloads.download_limits((1.0, 2.0), 3.0, 4.0) == ((1.0, 2.0), 3.0, 4.0)  # given wins
+    monkeypatch.setenv(downloads.SILENCE_ENV, "soon")
     with pytest.raises(ValueError, match="DOWNLOAD_SILENCE_SECONDS='soon'"):
-        gd.download_limits()
+        downloads.download_limits()
 
 
 def test_a_transfer_below_the_floor_gives_up_keeping_the_partial_file(
@@ -430,8 +431,8 @@ def test_a_transfer_below_the_floor_gives_up_keeping_the_partial_file(
 ):
     """A byte every 50 ms (20 bytes/s) is below a 1,000 bytes/s floor: after SLOW_SECONDS
     (a minute by default, 0.3 s here) it gives up, with the right byte counts, not retried."""
-    monkeypatch.setattr(gd, "SLOW_SECONDS", 0.6)
-    monkeypatch.setattr(gd, "NOTICE_SECONDS", 0.2)
+    monkeypatch.setattr(downloads, "SLOW_SECONDS", 0.6)
+    monkeypatch.setattr(downloads, "NOTICE_SECONDS", 0.2)
     mirror.plan["/124M/hparams.json"] = ["trickle"] * 3
     destination = tmp_path / "hparams.json"
     with pytest.raises(gd.DownloadError) as caught:
@@ -453,7 +454,7 @@ def test_a_transfer_below_the_floor_gives_up_keeping_the_partial_file(
 def test_the_terminal_says_within_seconds_what_a_transfer_waits_on(
     tmp_path, monkeypatch, capsys, download_sleeps
 ):
-    monkeypatch.setattr(gd, "NOTICE_SECONDS", 0.2)
+    monkeypatch.setattr(downloads, "NOTICE_SECONDS", 0.2)
     with SilentServer("/124M/hparams.json") as server:
         with pytest.raises(gd.DownloadError):
             gd.download_file(
@@ -489,7 +490,7 @@ def _break_writes(monkeypatch, error: OSError) -> None:
         file = real_open(path, mode, *args, **kwargs)
         return FailingFile(file) if str(path).endswith(".part") else file
 
-    monkeypatch.setattr(gd, "open", fake_open, raising=False)
+    monkeypatch.setattr(downloads, "open", fake_open, raising=False)
 
 
 def test_a_full_disk_is_a_disk_error_and_not_retried(
@@ -518,9 +519,9 @@ def test_unwritable_files_are_disk_errors(mirror, tmp_path, monkeypatch, where, 
         raise error
 
     if where == "open":
-        monkeypatch.setattr(gd, "open", fail, raising=False)
+        monkeypatch.setattr(downloads, "open", fail, raising=False)
     else:
-        monkeypatch.setattr(gd.os, "replace", fail)
+        monkeypatch.setattr(downloads.os, "replace", fail)
     with pytest.raises(gd.DiskError) as caught:
         gd.download_file(f"{mirror.url}/124M/hparams.json", tmp_path / "hparams.json", **FAST)
     assert words in str(caught.value) and error.strerror in str(caught.value)
