@@ -300,7 +300,8 @@ def ask(
         raise type(exc)(with_judge_hint(exc, api, model)) from None
     except (ValueError, KeyError, IndexError, TypeError, RecursionError):
         reply = None
-    problem = reply_problem(bytes(received), api)
+    # (a ``query`` that does not send through ``post`` leaves nothing in ``received``)
+    problem = reply_problem(bytes(received), api) if received or not reply else None
     if problem is None and not (isinstance(reply, str) and reply.strip()):
         problem = "a reply without text"
     if problem is not None:
