@@ -287,10 +287,12 @@ def ask(
 
     An unusable reply (empty, null, not JSON, not the API's shape, an unfinished stream)
     raises ``JudgeReplyError``; no connection, no reply in time or an HTTP error raise
-    ``JudgeUnavailableError``: either way a failed attempt, never a result.
+    ``JudgeUnavailableError``: either way a failed attempt, never a result. ``key``: the
+    API key (None: ``api_key(api)``, i.e. $OPENAI_API_KEY for an OpenAI-compatible judge).
     """
     endpoint = judge_endpoint(url, api)
     received = bytearray()
+    key = api_key(api) if key is None else key
     post = functools.partial(
         post_json, timeout=timeout, max_bytes=max_bytes, key=key, received=received
     )
@@ -328,6 +330,7 @@ def check_judge(
     probe = base + ("/api/tags" if api == "ollama" else "/models")
     connect, seconds = split_timeout(timeout)
     exchange = _Exchange(probe, seconds, connect)
+    key = api_key(api) if key is None else key
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     try:
         response = exchange.open("GET", None, headers)

@@ -337,6 +337,9 @@ def test_an_openai_judge_takes_its_key_from_the_environment(judge_server, raw_se
         61
     ]
     assert seen == ["Bearer sk-test-1"] * 2  # the check and the question
+    oe.check_judge(server.base, api="openai")  # (as preference_data.py asks)
+    assert oe.ask_judge("hi", url=server.base, api="openai") == "61"
+    assert seen == ["Bearer sk-test-1"] * 4
     monkeypatch.setenv("MY_JUDGE_KEY", "sk-test-2")
     assert judge_client.api_key("openai", "MY_JUDGE_KEY") == "sk-test-2"
     assert judge_client.api_key("ollama") is None
