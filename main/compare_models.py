@@ -47,9 +47,9 @@ from ollama_evaluate import (
     JUDGE_TIMEOUT,
     JudgeUnavailableError,
     ask_each,
+    ask_judge,
     check_judge,
     judge_endpoint,
-    query_model,
     read_responses,
     with_judge_hint,
 )
@@ -154,7 +154,7 @@ def ask_pairs(
         prompt = pairwise_prompt(record, record[shown[0]], record[shown[1]])
         if ask is not None:
             return ask(prompt)
-        return query_model(prompt, model, endpoint, api=api, timeout=timeout)
+        return ask_judge(prompt, model, endpoint, api=api, timeout=timeout)
 
     try:
         if todo and ask is None:

@@ -19,6 +19,7 @@ import torch
 
 from dpo import REDUCTIONS
 from instruction_data import ConfigError, check_prompt_style
+from judge_host import redact_urls
 from model_file import find_model_file, model_in_folder
 from ollama_evaluate import judge_endpoint
 from outputs import save_json
@@ -151,6 +152,6 @@ def start_dpo_run(cfg: DPOConfig) -> Path:
     """A new folder ``<output_dir>/<date>-<time>-dpo[-smoke]/`` with the run's settings."""
     folder = new_run_folder(cfg.output_dir, "dpo-smoke" if cfg.smoke else "dpo", link="latest-dpo")
     cfg.run_name = folder.name
-    save_json(asdict(cfg), folder / DPO_CONFIG_FILE)
+    save_json(redact_urls(asdict(cfg)), folder / DPO_CONFIG_FILE)  # (no URL secrets)
     print(f"This DPO run's outputs go to {folder}")
     return folder

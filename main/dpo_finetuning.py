@@ -62,6 +62,7 @@ from instruction_data import (
     report_long_entries,
     split_data,
 )
+from judge_host import redact_urls
 from model_file import LoadedModel, load_model_file, read_run_config
 from ollama_evaluate import add_judge_args, judge_settings, score_responses
 from outputs import save_figure, save_json, save_model
@@ -350,7 +351,7 @@ def write_dpo_summary(
     """The run's settings and numbers, saved as dpo-summary.json (and returned)."""
     metrics = ("loss", "reward_margin", "accuracy")
     summary = {
-        "config": asdict(cfg),
+        "config": redact_urls(asdict(cfg)),  # (no URL secrets)
         "device": str(device),
         "model": {"sft_model": cfg.model, "config": model_cfg},
         "data": {

@@ -36,23 +36,23 @@ for _path in (Path(__file__).resolve().parent, Path(__file__).resolve().parents[
 import argparse
 import json
 import os
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import requests
-
+import judge_client
 from find_near_duplicates import entry_pairs
 from instruction_data import PROMPT_STYLES, ChapterError, ConfigError, DatasetError
-from judge_host import judge_base
+from judge_host import JudgeReplyError, judge_base, redact_url
 from ollama_evaluate import (
     JUDGE_APIS,
     JUDGE_MAX_FAILURES,
     JUDGE_TIMEOUT,
     JudgeUnavailableError,
-    _error_text,
-    _timeouts,
     check_judge,
+    excerpt,
     judge_endpoint,
+    split_timeout,
     with_judge_hint,
 )
 from outputs import save_json
@@ -92,16 +92,17 @@ def complete_text(
     seed: int = 123,
     temperature: float = 0.0,
     timeout: float = JUDGE_TIMEOUT,
+    key: str | None = None,
 ) -> tuple[str, str]:
     """The model's raw continuation of ``prompt`` (no chat template added) and why it ended:
     "stop" (its turn ended, or a ``stop`` string came) or "length" (cut at ``max_tokens``).
 
-    ollama: POST {host}/api/generate with ``raw``; openai: POST {base}/v1/completions. Errors
-    raise ``JudgeUnavailableError`` as ``query_model``'s do; a server without a text-completion
-    endpoint says so.
+    ollama: POST {host}/api/generate with ``raw``; openai: POST {base}/v1/completions. Sent
+    through the judge client's ``post_json`` (its time and size limits, its one-line HTTP
+    errors); a reply that is not the API's JSON raises ``JudgeReplyError``, and so does a
+    server without a text-completion endpoint, saying so. ``key``: default $OPENAI_API_KEY.
     """
-    endpoint = judge_endpoint(url, api)
-    base = judge_base(endpoint, api)
+    base = judge_base(judge_endpoint(url, api), api)
     if api == "ollama":
         target = base + "/api/generate"
         options = {"seed": seed, "temperature": temperature, "num_predict": max_tokens}
@@ -111,31 +112,26 @@ def complete_text(
         target = base + "/completions"
         payload = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "seed": seed}
         payload.update(temperature=temperature, stop=list(stop))
+    key = judge_client.api_key(api) if key is None else key
     try:
-        response = requests.post(target, json=payload, timeout=_timeouts(timeout))
-        if response.status_code in (404, 405, 501):
-            raise JudgeUnavailableError(
-                f"{target} answered HTTP {response.status_code} ({_error_text(response)}): this "
-                "server has no raw text completion, which Magpie-style generation needs "
-                "(Ollama's /api/generate or an OpenAI-compatible /v1/completions)"
-            )
-        if response.status_code != 200:
-            raise JudgeUnavailableError(
-                f"{target} answered HTTP {response.status_code}: {_error_text(response)}"
-            )
-        reply = response.json()
+        body = b"".join(judge_client.post_json(target, payload, timeout=timeout, key=key))
+    except JudgeUnavailableError as exc:
+        if re.search(r"HTTP (404|405|501)\b", str(exc)):
+            raise JudgeReplyError(
+                f"{exc}: this server has no raw text completion, which Magpie-style generation "
+                "needs (Ollama's /api/generate or an OpenAI-compatible /v1/completions)"
+            ) from None
+        raise
+    try:
+        reply = json.loads(body)
         if api == "ollama":
             return str(reply["response"]), str(reply.get("done_reason") or "stop")
         choice = reply["choices"][0]
         return str(choice["text"]), str(choice.get("finish_reason") or "stop")
-    except requests.Timeout:
-        raise JudgeUnavailableError(f"{target} gave no reply within {timeout:g} s") from None
-    except requests.JSONDecodeError:
-        raise JudgeUnavailableError(f"{target}: unexpected reply format (not JSON)") from None
-    except requests.RequestException as exc:
-        raise JudgeUnavailableError(f"{target} failed: {exc.__class__.__name__}") from None
-    except (KeyError, IndexError, TypeError, ValueError) as exc:
-        raise JudgeUnavailableError(f"{target}: unexpected reply format ({exc!r})") from None
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError, RecursionError):
+        raise JudgeReplyError(
+            f"{redact_url(target)} sent a reply that is not the API's JSON: {excerpt(body, 80)!r}"
+        ) from None
 
 
 def text_problem(text: str, finish: str, template: ChatTemplate) -> str | None:
@@ -425,7 +421,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError(f"--threshold {args.threshold}: give a cosine in (0, 1]")
         if Path(args.output).is_dir():
             raise ConfigError(f"--output {args.output} is a folder; give a file name")
-        _timeouts(args.timeout)
+        split_timeout(args.timeout)
         endpoint = judge_endpoint(args.url, args.api)
         try:
             check_judge(endpoint, args.model, api=args.api)

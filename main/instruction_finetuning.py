@@ -70,6 +70,7 @@ from instruction_data import (
     report_long_entries,
     split_data,
 )
+from judge_host import redact_urls
 from lora import (
     adapter_file_name,
     apply_lora,
@@ -340,7 +341,7 @@ def write_summary(
 ) -> dict:
     """The run's settings and numbers, saved as run-summary.json (and returned)."""
     summary = {
-        "config": asdict(cfg),
+        "config": redact_urls(asdict(cfg)),  # (no URL secrets)
         "device": str(device),
         "data": {
             "source": cfg.data,
@@ -493,6 +494,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, help="response length limit (default: 256)")
     p.add_argument("--seed", type=int, help="default: 123")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument(
+        "--verbose", action="store_true", help="on a failed download, also print every error"
+    )
     return p
 
 
@@ -567,8 +571,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except (gpt_download.DownloadError, gpt_download.CheckpointError) as exc:
         offline = SMOKE_HINT in str(exc) or isinstance(exc, gpt_download.DiskError)
-        hint = "" if offline else f"\n{SMOKE_HINT}"
-        print(f"error: {exc}{hint}", file=sys.stderr)
+        hint = "" if offline else f" {SMOKE_HINT}"  # (on the line that says what to do)
+        details = getattr(exc, "details", "") if args.verbose else ""
+        print(f"error: {exc}{hint}" + (f"\n{details}" if details else ""), file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # outside training: whatever was saved stays; resume finishes it
         print(f"\ninterrupted. Resume with: {_resume_command(cfg, ranks)}", file=sys.stderr)

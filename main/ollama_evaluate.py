@@ -7,10 +7,13 @@ from 0 to 100. ``judge_prompt`` writes the question, ``query_model`` asks it ove
 ``parse_score`` reads the number out of the reply. Without a judge, ``local_metrics`` gives
 reference-based numbers (exact match and ROUGE-L), which are not the judge's score.
 
-A judge that stops answering cannot stall a run: each reply gets ``timeout`` seconds, and after
-``max_failures`` failed requests in a row the judge counts as down. Each entry's score and the
-judge's raw reply are saved into the responses file as they arrive, so Ctrl-C, a crash or a
-judge that went away loses nothing, and the next run asks only the entries still missing.
+A judge that stops answering cannot stall a run: ``ask_judge`` sends ``query_model`` through
+``judge_client``, which gives each whole reply ``timeout`` seconds and a size limit and
+refuses an unusable reply; after ``max_failures`` failed attempts in a row the judge counts
+as down. Each entry's score and a short excerpt of the judge's reply are saved into the
+responses file as they arrive, so Ctrl-C, a crash or a judge that went away loses nothing,
+and the next run asks only the entries still missing (``--rescore-unscored``: also those
+whose reply had no score).
 
 Score an existing responses file (again), as the course's script does:
 
@@ -29,19 +32,16 @@ if (_ROOT / "previous_chapters.py").is_file() and str(_ROOT) not in sys.path:
 
 import argparse
 import json
-import math
 import os
 import re
-import sys
-import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import requests
 from tqdm import tqdm
 
+import judge_client
 from instruction_data import (
     ChapterError,
     ConfigError,
@@ -50,14 +50,23 @@ from instruction_data import (
     format_input,
     read_instruction_file,
 )
+from judge_client import (  # noqa: F401 (re-exported: ollama_evaluate.check_judge etc.)
+    JUDGE_TIMEOUT,
+    MAX_REPLY_BYTES,
+    check_judge,
+    excerpt,
+    post_json,
+    split_timeout,
+)
 from judge_host import (  # noqa: F401 (re-exported: ollama_evaluate.judge_endpoint etc.)
     JUDGE_APIS,
     OLLAMA_DEFAULT_PORT,
+    JudgeReplyError,
     JudgeUnavailableError,
-    check_judge,
     judge_endpoint,
     judge_hint,
     ollama_base_url,
+    redact_url,
     start_hint,
     with_judge_hint,
 )
@@ -72,8 +81,6 @@ from local_metrics import (  # noqa: F401 (re-exported: ollama_evaluate.rouge_l_
 from outputs import save_json
 
 JUDGE_OPTIONS = {"seed": 123, "temperature": 0, "num_ctx": 2048}
-JUDGE_TIMEOUT = 120.0  # seconds to wait for one reply
-JUDGE_CONNECT_TIMEOUT = 3.0  # seconds to wait for the connection (at most)
 JUDGE_MAX_FAILURES = 3  # failed requests in a row after which the judge counts as down
 RUBRICS = {"0-100": (0, 100), "1-5": (1, 5)}  # the scales a judge scores on: (lowest, highest)
 RUBRIC_1_5 = """Score it on this rubric of 1 to 5, judging four criteria:
@@ -92,102 +99,49 @@ class JudgeReplyWarning(UserWarning):
     """The judge's reply to one entry could not be turned into a score in 0..100."""
 
 
-def _timeouts(timeout: float | tuple[float, float]) -> tuple[float, float]:
-    """(connect, read) seconds: a number is the wait for the reply, with a short connect wait."""
-    pair = timeout if isinstance(timeout, tuple) else (timeout, timeout)
-    if not all(isinstance(t, (int, float)) and math.isfinite(t) and t > 0 for t in pair):
-        raise ConfigError(f"judge timeout {timeout!r}: give a number of seconds above 0")
-    connect, read = pair
-    if isinstance(timeout, tuple):
-        return connect, read
-    return min(JUDGE_CONNECT_TIMEOUT, read), read
-
-
 def query_model(
     prompt: str,
     model: str = "llama3",
     url: str | None = None,
     *,
     api: str = "ollama",
-    seed: int = 123,
-    temperature: float = 0.0,
-    num_ctx: int = 2048,
-    timeout: float | tuple[float, float] = JUDGE_TIMEOUT,
-    api_key: str | None = None,
+    post: Callable[[str, dict], Iterable[bytes]] = post_json,
 ) -> str:
-    """Send one user message to the judge and return its reply text.
+    """The book's function: send ``prompt`` to the judge ``model``; return its reply text.
 
-    ``api="ollama"``: POST {host}/api/chat, read the streamed NDJSON lines and join their
-    ``message.content`` until ``done``. ``api="openai"``: POST {base}/v1/chat/completions
-    (non-streaming) and return ``choices[0].message.content``. ``url=None`` uses $OLLAMA_HOST.
-    ``timeout``: seconds to wait for the whole reply (the connection gets at most 3 s of
-    them), or a (connect, read) pair. A failed request raises ``JudgeUnavailableError``.
+    ``api="ollama"``: Ollama's ``/api/chat`` streams one JSON line per piece of the reply,
+    whose ``message.content`` are joined. ``api="openai"``: an OpenAI-compatible
+    ``/v1/chat/completions`` answers one JSON object. ``url=None`` means $OLLAMA_HOST.
+    ``post(url, data)`` sends the request and yields the reply's lines; the default,
+    ``judge_client.post_json``, bounds the reply's time and size. ``ask_judge`` also checks it.
     """
-    endpoint = judge_endpoint(url, api)
-    timeouts = _timeouts(timeout)  # (connect, read)
     messages = [{"role": "user", "content": prompt}]
     if api == "ollama":
-        payload = {
-            "model": model,
-            "messages": messages,
-            "stream": True,
-            "options": {"seed": seed, "temperature": temperature, "num_ctx": num_ctx},
-        }
+        data = {"model": model, "messages": messages, "options": JUDGE_OPTIONS}
     else:
-        payload = {"model": model, "messages": messages, "temperature": temperature, "seed": seed}
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    try:
-        with requests.post(
-            endpoint, json=payload, headers=headers, stream=(api == "ollama"), timeout=timeouts
-        ) as response:
-            if response.status_code == 404 and api == "ollama":
-                raise JudgeUnavailableError(
-                    f"{endpoint}: {_error_text(response)}; run `ollama pull {model}`"
-                )
-            if response.status_code != 200:
-                raise JudgeUnavailableError(
-                    f"{endpoint} answered HTTP {response.status_code}: {_error_text(response)}"
-                )
-            if api == "openai":
-                return response.json()["choices"][0]["message"]["content"]
-            return _read_ollama_stream(response.iter_lines(), endpoint, timeouts[1])
-    except requests.Timeout:
-        raise JudgeUnavailableError(
-            f"the LLM judge at {endpoint} gave no reply within {timeouts[1]:g} s "
-            "(a slow judge needs a longer timeout)"
-        ) from None
-    except requests.RequestException as exc:
-        raise JudgeUnavailableError(
-            f"the LLM judge at {endpoint} failed: {exc.__class__.__name__}. "
-            + (start_hint(model) if api == "ollama" else "")
-        ) from None
-    except (KeyError, IndexError, TypeError, ValueError) as exc:
-        raise JudgeUnavailableError(f"{endpoint}: unexpected reply format ({exc!r})") from None
+        data = {"model": model, "messages": messages, "temperature": 0, "seed": 123}
+    lines = post(judge_endpoint(url, api), data)
+    if api == "openai":
+        return json.loads(b"".join(lines))["choices"][0]["message"]["content"]
+    pieces = [json.loads(line)["message"]["content"] for line in lines if line.strip()]
+    return "".join(pieces)
 
 
-def _error_text(response: requests.Response) -> str:
-    try:
-        return str(response.json().get("error", response.text))
-    except (ValueError, AttributeError):
-        return response.text[:200]
-
-
-def _read_ollama_stream(lines, endpoint: str, seconds: float = math.inf) -> str:
-    """Join the streamed pieces of a reply; a reply still streaming after ``seconds`` fails."""
-    deadline = time.monotonic() + seconds
-    parts = []
-    for line in lines:
-        if time.monotonic() > deadline:
-            raise JudgeUnavailableError(f"{endpoint}: the reply took longer than {seconds:g} s")
-        if not line.strip():
-            continue
-        chunk = json.loads(line)
-        if "error" in chunk:
-            raise JudgeUnavailableError(f"{endpoint}: {chunk['error']}")
-        parts.append(chunk.get("message", {}).get("content", ""))
-        if chunk.get("done"):
-            break
-    return "".join(parts)
+def ask_judge(
+    prompt: str,
+    model: str = "llama3",
+    url: str | None = None,
+    *,
+    api: str = "ollama",
+    timeout: float | tuple[float, float] = JUDGE_TIMEOUT,
+    max_bytes: int = MAX_REPLY_BYTES,
+    key: str | None = None,
+) -> str:
+    """``query_model`` within ``judge_client``'s limits, its reply checked: an unusable
+    reply or a failed request raises ``JudgeUnavailableError`` (see ``judge_client.ask``)."""
+    return judge_client.ask(
+        query_model, prompt, model, url, api=api, timeout=timeout, max_bytes=max_bytes, key=key
+    )
 
 
 def check_rubric(rubric: str) -> str:
@@ -327,12 +281,39 @@ class JudgeResult:
 
 
 def has_judge_reply(entry: dict, model: str, rubric: str = "0-100") -> bool:
-    """Whether ``entry`` holds a saved reply of judge ``model`` on ``rubric`` (entries saved
-    without ``judge_rubric`` are on the book's 0-100): its score, or None if unusable."""
+    """Whether ``entry`` holds a saved reply of judge ``model`` on ``rubric`` (none saved:
+    the book's 0-100): its score, or None for a reply without one. An empty saved reply is no
+    reply (an older version stored failed attempts so)."""
     score, (low, high) = entry.get("judge_score"), RUBRICS[rubric]
-    usable = score is None or (type(score) is int and low <= score <= high)
+    if score is None:
+        reply = entry.get("judge_reply")
+        usable = "judge_score" in entry and isinstance(reply, str) and bool(reply.strip())
+    else:
+        usable = type(score) is int and low <= score <= high
     same = entry.get("judge_model") == model and entry.get("judge_rubric", "0-100") == rubric
-    return same and "judge_score" in entry and usable
+    return same and usable
+
+
+def _with_short_reply(entry: dict) -> dict:
+    """A copy of ``entry`` whose saved ``judge_reply`` is an excerpt (an older version saved
+    whole replies, however large)."""
+    entry = dict(entry)
+    if isinstance(entry.get("judge_reply"), str):
+        entry["judge_reply"] = excerpt(entry["judge_reply"])
+    return entry
+
+
+def to_ask(
+    records: Sequence[dict], model: str, rescore_unscored: bool = False, rubric: str = "0-100"
+) -> list[int]:
+    """The entries to ask judge ``model`` about on ``rubric``: those without its reply, and
+    with ``rescore_unscored`` also those whose saved reply had no score."""
+    return [
+        i
+        for i, entry in enumerate(records)
+        if not has_judge_reply(entry, model, rubric)
+        or (rescore_unscored and entry.get("judge_score") is None)
+    ]
 
 
 def _collect(
@@ -353,11 +334,12 @@ def _collect(
             failures.append(JudgeFailure(i, reply, no_score(rubric)))
         elif i in request_failures:
             failures.append(JudgeFailure(i, "", f"request failed: {request_failures[i]}"))
-    return JudgeResult(scores, indices, failures, model, endpoint, len(records), rubric)
+    shown = redact_url(endpoint)
+    return JudgeResult(scores, indices, failures, model, shown, len(records), rubric)
 
 
 def _warn(index: int, reason: str, reply: str | None = None) -> None:
-    shown = "" if reply is None else f"; judge reply: {reply!r}"
+    shown = "" if reply is None else f"; judge reply: {excerpt(reply)!r}"
     warnings.warn(f"entry {index}: {reason}{shown}", JudgeReplyWarning, stacklevel=4)
 
 
@@ -377,8 +359,9 @@ def ask_each(
 ) -> None:
     """Ask the judge about each entry in ``todo``; stop after ``max_failures`` failed requests
     in a row (``JudgeUnavailableError``). Each reply is saved into ``records`` (and the file):
-    as the judge's score, or as ``keep(entry, reply)`` stores it (``preference_data`` keeps
-    the judge's rewrites this way)."""
+    as the judge's score with an excerpt of the reply, or as ``keep(entry, reply)`` stores it
+    (``preference_data`` keeps the judge's rewrites this way). A failed request (unusable
+    replies included) saves nothing, so the entry is asked again next time."""
     in_a_row = 0
     for i in tqdm(todo, desc=desc, disable=not progress):
         try:
@@ -388,7 +371,7 @@ def ask_each(
             _warn(i, f"request failed: {exc}")
             in_a_row += 1
             if in_a_row >= max_failures:
-                raise JudgeUnavailableError(
+                raise type(exc)(  # (its kind decides what to do: start the server, or not)
                     f"the LLM judge failed {in_a_row} requests in a row, so it counts as down; "
                     f"last: {exc}"
                 ) from None
@@ -398,7 +381,7 @@ def ask_each(
             keep(records[i], reply)
         else:
             score = parse_score(reply, rubric)
-            records[i].update(judge_model=model, judge_score=score, judge_reply=reply)
+            records[i].update(judge_model=model, judge_score=score, judge_reply=excerpt(reply))
             records[i]["judge_rubric"] = rubric
             if score is None:
                 _warn(i, no_score(rubric), reply)
@@ -417,6 +400,7 @@ def judge_responses(
     max_failures: int = JUDGE_MAX_FAILURES,
     save_path: str | os.PathLike | None = None,
     api_key: str | None = None,
+    rescore_unscored: bool = False,
     check: bool = True,
     progress: bool = True,
     rubric: str = "0-100",
@@ -424,45 +408,40 @@ def judge_responses(
     """Score every entry's ``json_key`` response with the judge; the detailed result.
 
     A reply without an integer on the ``rubric`` ("0-100", the book's, or "1-5") fails its
-    entry (a ``JudgeReplyWarning`` names it). So does a failed request (no connection, no reply
-    within ``timeout`` s, an HTTP error); ``max_failures`` of those in a row (replies without
-    a score do not count) raise ``JudgeUnavailableError``, whose ``result`` holds what was
-    scored. ``check=True`` first asks whether the judge is up. ``save_path``: after each reply
-    all entries are saved there (atomically) with ``judge_model``, ``judge_score`` (None: no
-    usable score), ``judge_reply`` and ``judge_rubric``; entries holding a reply of this
-    ``model`` on this ``rubric`` are not asked again. ``json_data`` is left unchanged.
+    entry (a ``JudgeReplyWarning`` names it). So does a failed request (no connection, no whole
+    reply within ``timeout`` s, an HTTP error, an empty, null or malformed reply);
+    ``max_failures`` of those in a row (replies without a score do not count) raise
+    ``JudgeUnavailableError``, whose ``result`` holds what was scored. ``check=True`` first
+    asks whether the judge is up. ``api_key``: a bearer token (default: $OPENAI_API_KEY for
+    ``api="openai"``). ``save_path``: after each reply all entries are saved there
+    (atomically) with ``judge_model``, ``judge_score`` (None: no usable score), ``judge_reply``
+    (an excerpt) and ``judge_rubric``; entries holding a reply of this ``model`` on this
+    ``rubric`` are not asked again (with ``rescore_unscored``, those without a score are).
     """
     endpoint, _ = judge_endpoint(url, api), check_rubric(rubric)
-    _timeouts(timeout)  # a bad timeout fails before any request
+    split_timeout(timeout)  # a bad timeout fails before any request
     if max_failures < 1:
         raise ConfigError(f"max_failures={max_failures}: give at least 1")
-    records = [dict(entry) for entry in json_data]
-    todo = [i for i, entry in enumerate(records) if not has_judge_reply(entry, model, rubric)]
+    key = api_key if api_key is not None else judge_client.api_key(api)
+    records = [_with_short_reply(entry) for entry in json_data]
+    todo = to_ask(records, model, rescore_unscored, rubric)
     if len(todo) < len(records):
         print(f"{len(records) - len(todo)} of {len(records)} entries have a saved reply of {model}")
 
     def ask(entry: dict) -> str:
         prompt = judge_prompt(entry, json_key, rubric)
-        return query_model(prompt, model, endpoint, api=api, timeout=timeout, api_key=api_key)
+        return ask_judge(prompt, model, endpoint, api=api, timeout=timeout, key=key)
 
     request_failures: dict[int, str] = {}
     try:
         if todo and check:
-            check_judge(endpoint, model, api=api)
-        ask_each(
-            records,
-            todo,
-            ask,
-            model=model,
-            max_failures=max_failures,
-            request_failures=request_failures,
-            save_path=save_path,
-            progress=progress,
-            rubric=rubric,
-        )
+            check_judge(endpoint, model, api=api, key=key)
+        limits = {"max_failures": max_failures, "request_failures": request_failures}
+        limits.update(model=model, save_path=save_path, progress=progress, rubric=rubric)
+        ask_each(records, todo, ask, **limits)
     except JudgeUnavailableError as exc:
         saved = save_path is not None and any(has_judge_reply(r, model, rubric) for r in records)
-        error = JudgeUnavailableError(_what_to_do(exc, api, model, save_path if saved else None))
+        error = type(exc)(_what_to_do(exc, api, model, save_path if saved else None))
         error.result = _collect(records, model, endpoint, request_failures, rubric)
         raise error from None
     return _collect(records, model, endpoint, request_failures, rubric)
@@ -641,6 +620,17 @@ def build_arg_parser() -> argparse.ArgumentParser:
         help=f"failed requests in a row before giving up (default: {JUDGE_MAX_FAILURES})",
     )
     p.add_argument(
+        "--rescore-unscored",
+        action="store_true",
+        help="ask the judge again about the entries whose saved reply had no score",
+    )
+    p.add_argument(
+        "--api-key-env",
+        metavar="NAME",
+        help=f"environment variable holding the judge's API key (default for --api openai: "
+        f"{judge_client.OPENAI_KEY_ENV})",
+    )
+    p.add_argument(
         "--rubric",
         choices=RUBRICS,
         default="0-100",
@@ -657,6 +647,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args = build_arg_parser().parse_args(argv)
     try:
+        key = judge_client.api_key(args.api, args.api_key_env)
         entries = read_responses(args.file_path, args.json_key)
         result = judge_responses(
             entries,
@@ -667,6 +658,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             timeout=args.timeout,
             max_failures=args.max_failures,
             save_path=args.file_path,
+            api_key=key,
+            rescore_unscored=args.rescore_unscored,
             rubric=args.rubric,
         )
     except KeyboardInterrupt:

@@ -62,9 +62,9 @@ from ollama_evaluate import (
     JudgeReplyWarning,
     JudgeUnavailableError,
     ask_each,
+    ask_judge,
     check_judge,
     judge_endpoint,
-    query_model,
     with_judge_hint,
 )
 from outputs import save_json
@@ -244,7 +244,7 @@ def generate_preference_data(
 
     def ask(entry: dict) -> str:
         prompt = rewrite_prompt(entry, entry["politeness"])
-        return query_model(prompt, model, endpoint, api=api, timeout=timeout)
+        return ask_judge(prompt, model, endpoint, api=api, timeout=timeout)
 
     try:
         if todo and check:

@@ -29,6 +29,7 @@ from instruction_data import (
     ConfigError,
     check_prompt_style,
 )
+from judge_host import redact_url, redact_urls
 from ollama_evaluate import judge_endpoint
 from outputs import save_json
 from previous_chapters import gpt2_config, resolve_model_name
@@ -371,7 +372,7 @@ def start_run(cfg: RunConfig) -> Path:
         return cfg.run_dir
     tag = "smoke" if cfg.smoke else cfg.model_file_name().removesuffix("-sft.pth")
     cfg.run_name = new_run_folder(cfg.output_dir, tag).name
-    save_json(asdict(cfg), cfg.run_dir / RUN_CONFIG_FILE)
+    save_json(redact_urls(asdict(cfg)), cfg.run_dir / RUN_CONFIG_FILE)  # (no URL secrets)
     print(f"This run's outputs go to {cfg.run_dir}")
     return cfg.run_dir
 
@@ -392,6 +393,12 @@ def _resume_config(resume: bool | str | os.PathLike, given: dict) -> RunConfig:
             "pass the folder of an earlier run"
         ) from None
     cfg = replace(cfg, output_dir=str(run.parent), run_name=run.name)
+    secrets = {  # a URL's credentials given again (run-config.json holds the URL without them)
+        name: value
+        for name, value in given.items()
+        if isinstance(value, str) and value != getattr(cfg, name) == redact_url(value)
+    }
+    cfg = replace(cfg, **secrets)
     differ = {
         name: getattr(cfg, name)
         for name, value in given.items()

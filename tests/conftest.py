@@ -102,15 +102,15 @@ def one_thread():
 
 @pytest.fixture
 def download_sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
-    """The retry back-off sleeps that gpt_download asks for: recorded, not slept.
+    """The retry back-off sleeps that downloads.download_file asks for: recorded, not slept.
 
     What makes a failing download fast is how often it retries and how long it waits; a
     test asserts those instead of timing itself.
     """
-    import gpt_download
+    import downloads
 
     asked: list[float] = []
-    monkeypatch.setattr(gpt_download.time, "sleep", asked.append)
+    monkeypatch.setattr(downloads.time, "sleep", asked.append)
     return asked
 
 

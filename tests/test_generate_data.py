@@ -223,5 +223,5 @@ def test_an_unparsable_server_reply_ends_in_one_line_and_keeps_what_was_saved(tm
     with FakeCompletions(lambda p, b: ("<html>proxy error</html>", "garbage")) as broken:
         assert run(broken, path, 4, "--max_failures", "2") == 2
     err = capsys.readouterr().err
-    assert "unexpected reply format" in err and "counts as down" in err
+    assert "not the API's JSON" in err and "counts as down" in err
     assert path.read_text() == saved
