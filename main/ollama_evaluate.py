@@ -70,6 +70,7 @@ from judge_host import (  # noqa: F401 (re-exported: ollama_evaluate.judge_endpo
     start_hint,
     with_judge_hint,
 )
+from judge_stats import mean_with_ci
 from local_metrics import (  # noqa: F401 (re-exported: ollama_evaluate.rouge_l_f1 etc.)
     LOCAL_METRICS_NOTE,
     exact_match,
@@ -81,6 +82,17 @@ from outputs import save_json
 
 JUDGE_OPTIONS = {"seed": 123, "temperature": 0, "num_ctx": 2048}
 JUDGE_MAX_FAILURES = 3  # failed requests in a row after which the judge counts as down
+RUBRICS = {"0-100": (0, 100), "1-5": (1, 5)}  # the scales a judge scores on: (lowest, highest)
+RUBRIC_1_5 = """Score it on this rubric of 1 to 5, judging four criteria:
+correctness (is it true and does it agree with the correct output?), completeness (does it do
+all that was asked?), following the instruction (does it do what was asked, in the form
+asked?) and conciseness (no padding, repetition or text that was not asked for).
+5: correct, complete, follows the instruction exactly, and concise.
+4: correct and follows the instruction, with a small omission or some unneeded text.
+3: partly correct or partly complete, or does not quite follow the instruction.
+2: mostly wrong or incomplete, or largely ignores the instruction.
+1: wrong, empty, off-topic or nonsense.
+Respond with the integer number only."""
 
 
 class JudgeReplyWarning(UserWarning):
@@ -132,29 +144,48 @@ def ask_judge(
     )
 
 
-def judge_prompt(entry: dict, json_key: str = "model_response") -> str:
-    """The judge's instruction: the input, the correct output, the response to score."""
-    return (
+def check_rubric(rubric: str) -> str:
+    """``rubric`` if it is one of ``RUBRICS``, else a ``ConfigError`` naming them."""
+    if rubric not in RUBRICS:
+        raise ConfigError(f"unknown rubric {rubric!r}; choose one of: {', '.join(RUBRICS)}")
+    return rubric
+
+
+def judge_prompt(entry: dict, json_key: str = "model_response", rubric: str = "0-100") -> str:
+    """The judge's instruction: the input, the correct output, the response to score.
+
+    ``rubric="1-5"`` writes out the criteria of a 1-5 rubric instead of the book's 0-100.
+    """
+    question = (
         f"Given the input `{format_input(entry)}` "
         f"and correct output `{entry['output']}`, "
         f"score the model response `{entry[json_key]}`"
+    )
+    if check_rubric(rubric) == "1-5":
+        return f"{question}.\n\n{RUBRIC_1_5}"
+    return (
+        f"{question}"
         f" on a scale from 0 to 100, where 100 is the best score. "
         f"Respond with the integer number only."
     )
 
 
-_SCALE_MENTIONS = re.compile(r"(?:/|\bout of|\bof)\s*100\b|\b0\s*(?:-|to)\s*100\b", re.I)
+_SCALE_MENTIONS = re.compile(
+    r"(?:/|\bout of|\bof)\s*(?:100|5)\b|\b[01]\s*(?:-|to)\s*(?:100|5)\b", re.I
+)
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 _AFTER_SCORE = re.compile(r"\bscore\b\W{0,6}?(?:is\W{0,3})?(-?\d+(?:\.\d+)?)", re.I)
 
 
-def parse_score(reply: str) -> int | None:
-    """The integer score 0..100 in a judge reply, or None.
+def parse_score(reply: str, rubric: str = "0-100") -> int | None:
+    """The integer score in a judge reply, within the ``rubric``'s range (0..100), or None.
 
     "85", "Score: 85", "85/100", "**85**", "85 out of 100" all give 85; a number right after
     the word "score" wins over an earlier one ("1. Accurate. Score: 85" gives 85). A reply
-    without a number, with a non-integer number, or outside 0..100 gives None.
+    without a number, with a non-integer number, or outside the range gives None ("4/5" gives
+    4 on the 1-5 rubric; "85" gives None there).
     """
+    low, high = RUBRICS[check_rubric(rubric)]
     text = _SCALE_MENTIONS.sub(" ", reply)
     match = _AFTER_SCORE.search(text) or _NUMBER.search(text)
     if match is None:
@@ -163,7 +194,7 @@ def parse_score(reply: str) -> int | None:
     if "." in number or len(number.lstrip("-0")) > 3:  # 1000 and up (int() fails past 4300 digits)
         return None
     score = int(number)
-    return score if 0 <= score <= 100 else None
+    return score if low <= score <= high else None
 
 
 @dataclass
@@ -174,6 +205,12 @@ class JudgeFailure:
 
 
 NO_SCORE = "no integer score in 0..100"
+
+
+def no_score(rubric: str = "0-100") -> str:
+    """The failure reason of a reply without a score on ``rubric``."""
+    low, high = RUBRICS[rubric]
+    return f"no integer score in {low}..{high}"
 
 
 @dataclass
@@ -189,6 +226,7 @@ class JudgeResult:
     model: str
     url: str
     n_entries: int | None = None  # all entries given to the judge (None: scored + failed)
+    rubric: str = "0-100"
 
     def __post_init__(self) -> None:
         if self.n_entries is None:
@@ -233,6 +271,8 @@ class JudgeResult:
             "n_failed": self.n_failed,
             "n_not_asked": self.n_not_asked,
             "mean_score": self.mean,
+            "mean_ci95": mean_with_ci(self.scores)["ci95"],  # bootstrap, fixed seed
+            "rubric": self.rubric,
             "note": self.note(),
             "scores": self.scores,
             "scored_indices": self.scored_indices,
@@ -240,16 +280,18 @@ class JudgeResult:
         }
 
 
-def has_judge_reply(entry: dict, model: str) -> bool:
-    """Whether ``entry`` holds a saved reply of judge ``model``: its score, or None for a reply
-    without one. An empty saved reply is no reply (an older version stored failed attempts so)."""
-    score = entry.get("judge_score")
+def has_judge_reply(entry: dict, model: str, rubric: str = "0-100") -> bool:
+    """Whether ``entry`` holds a saved reply of judge ``model`` on ``rubric`` (none saved:
+    the book's 0-100): its score, or None for a reply without one. An empty saved reply is no
+    reply (an older version stored failed attempts so)."""
+    score, (low, high) = entry.get("judge_score"), RUBRICS[rubric]
     if score is None:
         reply = entry.get("judge_reply")
         usable = "judge_score" in entry and isinstance(reply, str) and bool(reply.strip())
     else:
-        usable = type(score) is int and 0 <= score <= 100
-    return entry.get("judge_model") == model and usable
+        usable = type(score) is int and low <= score <= high
+    same = entry.get("judge_model") == model and entry.get("judge_rubric", "0-100") == rubric
+    return same and usable
 
 
 def _with_short_reply(entry: dict) -> dict:
@@ -261,32 +303,39 @@ def _with_short_reply(entry: dict) -> dict:
     return entry
 
 
-def to_ask(records: Sequence[dict], model: str, rescore_unscored: bool = False) -> list[int]:
-    """The entries to ask judge ``model`` about: those without its reply, and with
-    ``rescore_unscored`` also those whose saved reply had no score."""
+def to_ask(
+    records: Sequence[dict], model: str, rescore_unscored: bool = False, rubric: str = "0-100"
+) -> list[int]:
+    """The entries to ask judge ``model`` about on ``rubric``: those without its reply, and
+    with ``rescore_unscored`` also those whose saved reply had no score."""
     return [
         i
         for i, entry in enumerate(records)
-        if not has_judge_reply(entry, model)
+        if not has_judge_reply(entry, model, rubric)
         or (rescore_unscored and entry.get("judge_score") is None)
     ]
 
 
 def _collect(
-    records: Sequence[dict], model: str, endpoint: str, request_failures: dict[int, str]
+    records: Sequence[dict],
+    model: str,
+    endpoint: str,
+    request_failures: dict[int, str],
+    rubric: str = "0-100",
 ) -> JudgeResult:
     """The result read from the entries' saved replies and this session's failed requests."""
     scores, indices, failures = [], [], []
     for i, entry in enumerate(records):
-        if has_judge_reply(entry, model) and entry["judge_score"] is not None:
+        if has_judge_reply(entry, model, rubric) and entry["judge_score"] is not None:
             scores.append(entry["judge_score"])
             indices.append(i)
-        elif has_judge_reply(entry, model):
-            failures.append(JudgeFailure(i, str(entry.get("judge_reply", "")), NO_SCORE))
+        elif has_judge_reply(entry, model, rubric):
+            reply = str(entry.get("judge_reply", ""))
+            failures.append(JudgeFailure(i, reply, no_score(rubric)))
         elif i in request_failures:
             failures.append(JudgeFailure(i, "", f"request failed: {request_failures[i]}"))
     shown = redact_url(endpoint)
-    return JudgeResult(scores, indices, failures, model, shown, n_entries=len(records))
+    return JudgeResult(scores, indices, failures, model, shown, len(records), rubric)
 
 
 def _warn(index: int, reason: str, reply: str | None = None) -> None:
@@ -306,6 +355,7 @@ def ask_each(
     progress: bool,
     keep: Callable[[dict, str], None] | None = None,
     desc: str = "Scoring entries",
+    rubric: str = "0-100",
 ) -> None:
     """Ask the judge about each entry in ``todo``; stop after ``max_failures`` failed requests
     in a row (``JudgeUnavailableError``). Each reply is saved into ``records`` (and the file):
@@ -330,10 +380,11 @@ def ask_each(
         if keep is not None:
             keep(records[i], reply)
         else:
-            score = parse_score(reply)
+            score = parse_score(reply, rubric)
             records[i].update(judge_model=model, judge_score=score, judge_reply=excerpt(reply))
+            records[i]["judge_rubric"] = rubric
             if score is None:
-                _warn(i, NO_SCORE, reply)
+                _warn(i, no_score(rubric), reply)
         if save_path is not None:
             save_json(records, save_path)
 
@@ -352,35 +403,33 @@ def judge_responses(
     rescore_unscored: bool = False,
     check: bool = True,
     progress: bool = True,
+    rubric: str = "0-100",
 ) -> JudgeResult:
     """Score every entry's ``json_key`` response with the judge; the detailed result.
 
-    A reply without an integer 0..100 is a failure of its entry (a ``JudgeReplyWarning`` names
-    the entry and the reply). So is a failed request (no connection, no whole reply within
-    ``timeout`` seconds, an HTTP error, an empty, null or malformed reply); after
-    ``max_failures`` of those in a row the judge counts as down: ``JudgeUnavailableError``,
-    whose ``result`` holds what was scored. A reply without a score does not count towards
-    ``max_failures``. ``check=True`` first asks whether the judge is up. ``api_key``: sent as
-    a bearer token (default: $OPENAI_API_KEY for ``api="openai"``).
-
-    ``save_path``: after each reply all entries are saved there (atomically) with three more
-    keys: ``judge_model``, ``judge_score`` (None: no usable score) and ``judge_reply`` (an
-    excerpt). Entries holding a reply of this ``model`` are not asked again (with
-    ``rescore_unscored``, those without a score are), so a re-run after Ctrl-C, a crash or a
-    give-up asks only the others. ``json_data`` itself is left unchanged.
+    A reply without an integer on the ``rubric`` ("0-100", the book's, or "1-5") fails its
+    entry (a ``JudgeReplyWarning`` names it). So does a failed request (no connection, no whole
+    reply within ``timeout`` s, an HTTP error, an empty, null or malformed reply);
+    ``max_failures`` of those in a row (replies without a score do not count) raise
+    ``JudgeUnavailableError``, whose ``result`` holds what was scored. ``check=True`` first
+    asks whether the judge is up. ``api_key``: a bearer token (default: $OPENAI_API_KEY for
+    ``api="openai"``). ``save_path``: after each reply all entries are saved there
+    (atomically) with ``judge_model``, ``judge_score`` (None: no usable score), ``judge_reply``
+    (an excerpt) and ``judge_rubric``; entries holding a reply of this ``model`` on this
+    ``rubric`` are not asked again (with ``rescore_unscored``, those without a score are).
     """
-    endpoint = judge_endpoint(url, api)
+    endpoint, _ = judge_endpoint(url, api), check_rubric(rubric)
     split_timeout(timeout)  # a bad timeout fails before any request
     if max_failures < 1:
         raise ConfigError(f"max_failures={max_failures}: give at least 1")
     key = api_key if api_key is not None else judge_client.api_key(api)
     records = [_with_short_reply(entry) for entry in json_data]
-    todo = to_ask(records, model, rescore_unscored)
+    todo = to_ask(records, model, rescore_unscored, rubric)
     if len(todo) < len(records):
         print(f"{len(records) - len(todo)} of {len(records)} entries have a saved reply of {model}")
 
     def ask(entry: dict) -> str:
-        prompt = judge_prompt(entry, json_key)
+        prompt = judge_prompt(entry, json_key, rubric)
         return ask_judge(prompt, model, endpoint, api=api, timeout=timeout, key=key)
 
     request_failures: dict[int, str] = {}
@@ -388,13 +437,14 @@ def judge_responses(
         if todo and check:
             check_judge(endpoint, model, api=api, key=key)
         limits = {"max_failures": max_failures, "request_failures": request_failures}
-        ask_each(records, todo, ask, model=model, save_path=save_path, progress=progress, **limits)
+        limits.update(model=model, save_path=save_path, progress=progress, rubric=rubric)
+        ask_each(records, todo, ask, **limits)
     except JudgeUnavailableError as exc:
-        saved = save_path is not None and any(has_judge_reply(r, model) for r in records)
+        saved = save_path is not None and any(has_judge_reply(r, model, rubric) for r in records)
         error = type(exc)(_what_to_do(exc, api, model, save_path if saved else None))
-        error.result = _collect(records, model, endpoint, request_failures)
+        error.result = _collect(records, model, endpoint, request_failures, rubric)
         raise error from None
-    return _collect(records, model, endpoint, request_failures)
+    return _collect(records, model, endpoint, request_failures, rubric)
 
 
 def _what_to_do(exc: Exception, api: str, model: str, saved_in: str | os.PathLike | None) -> str:
@@ -425,6 +475,9 @@ def generate_model_scores(
 def print_scores(result: JudgeResult, label: str = "") -> None:
     """The course's two lines (number of scores, average score), and what the mean covers."""
     mean = "n/a" if result.mean is None else f"{result.mean:.2f}"
+    low, high = mean_with_ci(result.scores)["ci95"] or (None, None)
+    if low is not None:
+        mean += f" (95% bootstrap interval {low:.2f} to {high:.2f}; rubric {result.rubric})"
     print(f"Number of scores: {result.n_scored} of {result.n_entries}")
     print(f"Average score{label}: {mean}")
     if result.n_scored < result.n_entries:
@@ -443,6 +496,7 @@ def score_responses(
     max_failures: int = JUDGE_MAX_FAILURES,
     save_path: str | os.PathLike | None = None,
     progress: bool = True,
+    rubric: str = "0-100",
 ) -> dict:
     """Judge scores when a judge is reachable, and always the local reference metrics.
 
@@ -472,6 +526,7 @@ def score_responses(
                 max_failures=max_failures,
                 save_path=save_path,
                 progress=progress,
+                rubric=rubric,
             )
         except JudgeUnavailableError as exc:
             judge_error = str(exc)
@@ -575,6 +630,12 @@ def build_arg_parser() -> argparse.ArgumentParser:
         help=f"environment variable holding the judge's API key (default for --api openai: "
         f"{judge_client.OPENAI_KEY_ENV})",
     )
+    p.add_argument(
+        "--rubric",
+        choices=RUBRICS,
+        default="0-100",
+        help="the judge's scale: 0-100 (the book's) or a 1-5 rubric with written criteria",
+    )
     return p
 
 
@@ -599,6 +660,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             save_path=args.file_path,
             api_key=key,
             rescore_unscored=args.rescore_unscored,
+            rubric=args.rubric,
         )
     except KeyboardInterrupt:
         print(

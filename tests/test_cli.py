@@ -441,6 +441,7 @@ def test_cli_smoke_end_to_end(tmp_path, monkeypatch):
     assert summary["data"]["n_test"] == len(test_data)
     assert summary["final_losses"]["train"] < summary["initial_losses"]["train"]
     assert summary["judge"]["mean_score"] == 42 and summary["judge"]["n_failed"] == 0
+    assert summary["judge"]["mean_ci95"] == [42.0, 42.0]  # every score 42: no spread
     assert summary["judge_error"] is None
     assert len(judge.bodies) == len(test_data)
     assert summary["local_metrics"]["n"] == len(test_data)
