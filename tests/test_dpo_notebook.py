@@ -17,8 +17,10 @@ import pytest
 import dpo
 import dpo_finetuning as dft
 import preference_data as pdata
+from dpo_config import DPOConfig
 from figures import source_of
 from helpers import NotebookOutputs, closed_port, run_notebook_offline
+from notebook_sources import parameter_differences
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO_ROOT / "main" / "dpo.ipynb"
@@ -56,6 +58,9 @@ def test_notebook_has_one_parameters_cell_whose_default_is_the_real_run() -> Non
     assert "SMOKE = False" in tagged[0].source
     names = set(re.findall(r"^([A-Z_]+) = ", tagged[0].source, flags=re.M))
     assert {"SMOKE", "MODEL", "PREFERENCES", "MAKE_PREFERENCES", "BETA", "REDUCTION"} <= names
+    # each parameter is declared as its setting's one definition says (run_settings)
+    assert parameter_differences(nb, DPOConfig, DPOConfig.smoke_preset()) == []
+    assert "notebook_settings(globals(), DPOConfig)" in "".join(c.source for c in _code_cells(nb))
 
 
 def test_notebook_derives_the_loss_in_prose() -> None:

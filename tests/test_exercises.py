@@ -17,6 +17,7 @@ import instruction_data
 import instruction_finetuning as ift
 import lora
 from helpers import NotebookOutputs, run_notebook_offline
+from notebook_sources import parameter_differences
 from previous_chapters import gpt2_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -158,6 +159,9 @@ def test_notebook_is_committed_without_outputs_and_with_one_parameters_cell():
     assert len(tagged) == 1 and "SMOKE = False" in tagged[0].source
     names = set(re.findall(r"^([A-Z_]+) = ", tagged[0].source, flags=re.M))
     assert {"SMOKE", "VARIANTS", "LORA_RANK", "LORA_ALPHA", "OUTPUT_DIR", "USE_JUDGE"} <= names
+    # the shared ones as their one definition says (LoRA's: the lora variant's own defaults)
+    lora = frozenset({"LORA_RANK", "LORA_ALPHA"})
+    assert parameter_differences(nb, ift.RunConfig, ift.RunConfig.smoke_preset(), lora) == []
 
 
 def test_notebook_has_a_section_per_exercise():
