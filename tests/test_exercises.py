@@ -17,7 +17,7 @@ import instruction_data
 import instruction_finetuning as ift
 import lora
 from helpers import NotebookOutputs, run_notebook_offline
-from notebook_sources import parameter_differences
+from notebook_sources import cell_definitions, differences, parameter_differences
 from previous_chapters import gpt2_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -164,6 +164,16 @@ def test_notebook_is_committed_without_outputs_and_with_one_parameters_cell():
     assert parameter_differences(nb, ift.RunConfig, ift.RunConfig.smoke_preset(), lora) == []
 
 
+def test_the_cells_define_the_lora_layers_as_the_module_does():
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    names = [d.name for d in cell_definitions(nb)]
+    lora_names = ["LoRALayer", "_adapter", "LinearWithLoRA", "replace_linear_with_lora"]
+    assert names == ["run_variant", *lora_names, "QKVWithLoRA", "lora_layers", "apply_lora"]
+    assert differences(NOTEBOOK) == []  # (python tests/notebook_sources.py --sync fixes it)
+    code = "\n".join(c.source for c in _code_cells(nb))
+    assert "lora.apply_lora(" not in code and "apply_lora(medium" in code
+
+
 def test_notebook_has_a_section_per_exercise():
     nb = nbformat.read(NOTEBOOK, as_version=4)
     headings = [c.source.splitlines()[0] for c in nb.cells if c.cell_type == "markdown"]
@@ -198,10 +208,6 @@ def test_smoke_run_is_clean_and_shows_the_code_it_runs(executed) -> None:
         instruction_data.format_input,
         instruction_data.custom_collate_fn,
         exercises._stand_in_entry,
-        lora.LoRALayer,
-        lora.LinearWithLoRA,
-        lora.QKVWithLoRA,
-        lora.replace_linear_with_lora,
         lora.merge_lora,
         ift.run,
     ):
