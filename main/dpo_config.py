@@ -46,7 +46,7 @@ DPO_SETTINGS: dict[str, Setting] = {
     "make_preferences": Setting(
         False, "let the judge write (or finish) the preference file first", flag=SWITCH
     ),
-    "beta": Setting(0.1, "DPO's beta", above_zero, "a number above 0, such as {default:g}", FLOAT),
+    "beta": Setting(0.1, "DPO's beta", above_zero, "a number above 0, such as {default}", FLOAT),
     "reduction": Setting(
         "sum",
         "an answer's log-probability: sum of its tokens' (DPO paper) or mean (course)",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import MISSING, Field, dataclass, field, fields, replace
 from typing import Any
@@ -86,10 +87,10 @@ SETTINGS: dict[str, Setting] = {
         5e-5,
         "AdamW learning rate",
         above_zero,
-        "a number above 0, such as {default:g}",
+        "a number above 0, such as {default}",
         FLOAT,
         "LEARNING_RATE",
-        shown="{default:g}",
+        shown="{default}",
     ),
     "weight_decay": Setting(
         0.1,
@@ -202,9 +203,16 @@ def definitions(config_class: type) -> Iterator[tuple[str, Setting]]:
             yield f.name, f.metadata["setting"]
 
 
+def _written(value: Any) -> str:
+    """A default as the help texts write it: 5e-5, not 5e-05."""
+    if isinstance(value, float):
+        return re.sub(r"e([+-])0(\d)", r"e\1\2", f"{value:g}")
+    return str(value)
+
+
 def _default_text(definition: Setting) -> str:
     if definition.shown is not None:
-        return definition.shown.format(default=definition.default)
+        return definition.shown.format(default=_written(definition.default))
     unstated = definition.default is None or isinstance(definition.default, bool)
     return "" if unstated else str(definition.default)
 
@@ -236,7 +244,7 @@ def flag_settings(args: argparse.Namespace, config_class: type) -> dict[str, Any
 def ranges(config_class: type) -> list[tuple[str, Callable[[Any], bool], str]]:
     """(setting, test, what it must be) for each setting of ``config_class`` with a range."""
     return [
-        (name, d.check, d.rule.format(default=d.default))
+        (name, d.check, d.rule.format(default=_written(d.default)))
         for name, d in definitions(config_class)
         if d.check is not None
     ]
@@ -264,5 +272,5 @@ def parameter_line(config_class: type, name: str, smoke_default: Any = MISSING) 
     shown = _default_text(definition) if definition.shown else repr(definition.default)
     number = isinstance(smoke_default, int | float) and not isinstance(smoke_default, bool)
     if smoke_default is not MISSING and smoke_default != definition.default:
-        shown += f" (smoke: {smoke_default:g})" if number else " (smoke: its own)"
+        shown += f" (smoke: {_written(smoke_default)})" if number else " (smoke: its own)"
     return f"{param_name(name, definition)} = None  # None: {shown}; {definition.help}"

@@ -8,6 +8,7 @@ notebook's parameters cell must be declared as ``run_settings.parameter_line`` w
 
     python tests/notebook_sources.py                 # list what differs, in every notebook
     python tests/notebook_sources.py --sync          # copy the modules' versions into the cells
+                                                     # (and the settings' into the parameters)
 """
 
 from __future__ import annotations
@@ -131,24 +132,63 @@ def parameters_cell(nb: Any) -> str:
     return tagged[0].source
 
 
-def parameter_differences(
-    nb: Any, config_class: type, smoke: Any, own: frozenset[str] = frozenset()
-) -> list[str]:
-    """The parameter lines that do not read as ``run_settings.parameter_line`` writes them
-    (``smoke``: the smoke preset, whose values the comments also name; ``own``: parameters
-    that mean something else in this notebook)."""
+# each notebook's config class, and the parameters that mean something else there
+PARAMETERS = {
+    "main.ipynb": ("run_config", "RunConfig", frozenset()),
+    "exercises.ipynb": ("run_config", "RunConfig", frozenset({"LORA_RANK", "LORA_ALPHA"})),
+    "dpo.ipynb": ("dpo_config", "DPOConfig", frozenset()),
+}
+
+
+def _wanted_parameter_lines(nb: Any, config_class: type, smoke: Any, own: frozenset[str]):
+    """(line, the line as ``run_settings.parameter_line`` writes it) of each setting's
+    parameter (``smoke``: the smoke preset; ``own``: parameters of the notebook's own)."""
     from run_settings import definitions, param_name, parameter_line
 
     by_param = {param_name(name, d): name for name, d in definitions(config_class)}
-    problems = []
     for line in parameters_cell(nb).splitlines():
         match = re.match(r"([A-Z_]+) = ", line)
         if match and match.group(1) in by_param and match.group(1) not in own:
             name = by_param[match.group(1)]
-            wanted = parameter_line(config_class, name, getattr(smoke, name))
-            if line != wanted:
-                problems.append(f"{line!r} should read {wanted!r}")
-    return problems
+            yield line, parameter_line(config_class, name, getattr(smoke, name))
+
+
+def parameter_differences(
+    nb: Any, config_class: type, smoke: Any, own: frozenset[str] = frozenset()
+) -> list[str]:
+    """The parameter lines that do not read as their settings' definitions say."""
+    return [
+        f"{line!r} should read {wanted!r}"
+        for line, wanted in _wanted_parameter_lines(nb, config_class, smoke, own)
+        if line != wanted
+    ]
+
+
+def _config_of(path: Path) -> tuple[type, frozenset[str]]:
+    module, class_name, own = PARAMETERS[path.name]
+    return getattr(importlib.import_module(module), class_name), own
+
+
+def parameter_report(path: Path) -> list[str]:
+    """``parameter_differences`` of the notebook at ``path``, named."""
+    config_class, own = _config_of(path)
+    nb = nbformat.read(path, as_version=4)
+    found = parameter_differences(nb, config_class, config_class.smoke_preset(), own)
+    return [f"{path.name}: {line}" for line in found]
+
+
+def sync_parameters(path: Path) -> list[str]:
+    """Rewrite the parameter lines of the notebook at ``path`` from the settings'
+    definitions; returns the lines replaced."""
+    config_class, own = _config_of(path)
+    nb = nbformat.read(path, as_version=4)
+    cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    wanted = dict(_wanted_parameter_lines(nb, config_class, config_class.smoke_preset(), own))
+    cell.source = "\n".join(wanted.get(line, line) for line in cell.source.splitlines())
+    changed = [f"{path.name}: {new}" for old, new in wanted.items() if old != new]
+    if changed:
+        nbformat.write(nb, path)
+    return changed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,8 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     found = []
     for path in args.notebooks:
-        found += sync(path) if args.sync else differences(path)
-    print("\n".join(found) or "every definition in the notebooks is its module's")
+        if args.sync:
+            found += sync(path) + sync_parameters(path)
+        else:
+            found += differences(path) + parameter_report(path)
+    print("\n".join(found) or "the notebooks agree with the modules and the settings")
     return 1 if found and not args.sync else 0
 
 

@@ -520,7 +520,7 @@ def test_every_flag_and_check_comes_from_the_settings_definitions():
             flag = "--" + definition.flag.get("name", name.replace("_", "-"))
             assert flag in flags
     rules = dict((name, rule) for name, _, rule in ranges(ift.RunConfig))
-    assert rules["lr"] == "a number above 0, such as 5e-05" and "epochs" in rules
+    assert rules["lr"] == "a number above 0, such as 5e-5" and "epochs" in rules
     with pytest.raises(ConfigError, match="eval_iter = 0 is out of range: it must be at least 1"):
         check_ranges(ift.RunConfig(eval_iter=0), ranges(ift.RunConfig))
 
@@ -540,4 +540,4 @@ def test_dpo_settings_reuse_the_shared_definitions():
     cfg = dft.config_from_args(args)
     assert (cfg.lr, cfg.use_judge, cfg.make_preferences, cfg.epochs) == (1e-3, False, True, 1)
     help_text = dft.build_arg_parser().format_help()
-    assert "(default: 5e-06)" in help_text and "(default: 1)" in help_text
+    assert "(default: 5e-6)" in help_text and "(default: 1)" in help_text
