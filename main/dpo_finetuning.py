@@ -29,13 +29,12 @@ import argparse
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
 
 from dpo import (
-    REDUCTIONS,
     history_key,
     plot_dpo_tracking,
     policy_and_reference,
@@ -54,7 +53,6 @@ from gpt2_tokenizer import get_tokenizer
 from gpt_download import DownloadError
 from instruction_data import (
     DATA_URL,
-    PROMPT_STYLES,
     ChapterError,
     DatasetError,
     format_input,
@@ -64,7 +62,7 @@ from instruction_data import (
 )
 from judge_host import redact_urls
 from model_file import LoadedModel, load_model_file, read_run_config
-from ollama_evaluate import add_judge_args, judge_settings, score_responses
+from ollama_evaluate import judge_settings, score_responses
 from outputs import save_figure, save_json, save_model
 from preference_data import (
     PREFERENCE_FILE,
@@ -74,6 +72,7 @@ from preference_data import (
     usable_pairs,
 )
 from run_config import RESPONSES_FILE, RunConfig, model_config
+from run_settings import add_flags, flag_settings
 
 SFT_RESPONSES_FILE = "sft-responses.json"  # the test entries answered by the SFT model
 DPO_RESPONSES_FILE = "dpo-responses.json"  # ... and by the DPO model
@@ -411,46 +410,13 @@ def build_arg_parser() -> argparse.ArgumentParser:
         "in --output-dir.",
     )
     p.add_argument("--smoke", action="store_true", help="offline: tiny random GPT, 40 sample pairs")
-    p.add_argument(
-        "--model",
-        help="the SFT model (*-sft.pth) or its run folder (default: "
-        "the latest run's in --output-dir)",
-    )
-    p.add_argument("--preferences", help=f"preference file (default: {PREFERENCE_FILE})")
-    p.add_argument(
-        "--make-preferences",
-        action="store_true",
-        help="let the judge write (or finish) the preference file first",
-    )
-    p.add_argument("--data", help="instruction data the judge rewrites (default: the SFT run's)")
-    p.add_argument("--data-cache", help="where a downloaded --data file is kept")
-    p.add_argument("--beta", type=float, help="DPO's beta (default: 0.1)")
-    p.add_argument("--lr", type=float, help="AdamW learning rate (default: 5e-6)")
-    p.add_argument("--weight-decay", type=float, help="default: 0.01")
-    p.add_argument("--epochs", type=int, help="default: 1")
-    p.add_argument("--batch-size", type=int, help="default: 8")
-    p.add_argument(
-        "--reduction",
-        choices=REDUCTIONS,
-        help="an answer's log-probability: sum of its tokens' (default) or mean (course)",
-    )
-    p.add_argument("--prompt-style", choices=list(PROMPT_STYLES), help="default: the SFT run's")
-    p.add_argument("--max-new-tokens", type=int, help="response length limit (default: 256)")
-    p.add_argument("--seed", type=int, help="default: 123")
-    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
-    p.add_argument("--output-dir", help="where run folders go (default: outputs)")
-    p.add_argument("--models-dir", help="where GPT-2's files are kept (default: gpt2)")
-    add_judge_args(p)
+    add_flags(p, DPOConfig)  # its settings' flags (run_settings.add_flags)
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> DPOConfig:
     """The DPO configuration of parsed command-line flags (see ``make_dpo_config``)."""
-    names = {f.name for f in fields(DPOConfig)} - {"smoke", "make_preferences"}
-    settings = {name: value for name, value in vars(args).items() if name in names}
-    settings["use_judge"] = False if args.no_judge else None
-    settings["make_preferences"] = True if args.make_preferences else None
-    return make_dpo_config(smoke=args.smoke, **settings)
+    return make_dpo_config(smoke=args.smoke, **flag_settings(args, DPOConfig))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -59,7 +59,6 @@ from finetuning import (
 from gpt2_tokenizer import get_tokenizer
 from instruction_data import (
     DATA_URL,
-    PROMPT_STYLES,
     SAMPLE_DATA_PATH,
     SMOKE_HINT,
     ChapterError,
@@ -78,11 +77,9 @@ from lora import (
     save_lora_adapter,
     save_merged_model,
 )
-from ollama_evaluate import add_judge_args, judge_settings, score_responses
+from ollama_evaluate import judge_settings, score_responses
 from outputs import save_figure, save_json, save_model
-from previous_chapters import MODEL_CONFIGS
 from run_config import (
-    PRECISIONS,
     RESPONSES_FILE,
     SMOKE_MODEL_OVERRIDES,
     RunConfig,
@@ -94,6 +91,7 @@ from run_config import (
     model_config,
     start_run,
 )
+from run_settings import add_flags, flag_settings
 from token_ids import token_lengths
 from trainer import NonFiniteLossError, TrainingInterrupted
 
@@ -429,112 +427,22 @@ def build_arg_parser() -> argparse.ArgumentParser:
         metavar="RUN_DIR",
         help="continue an interrupted run: the latest in --output-dir, or the folder given",
     )
-    p.add_argument(
-        "--model-size", help=f"one of {', '.join(MODEL_CONFIGS)}, or e.g. 355M (default: medium)"
-    )
-    p.add_argument("--epochs", type=int, help="default: 2")
-    p.add_argument("--batch-size", type=int, help="per process and micro-batch (default: 8)")
-    p.add_argument(
-        "--grad-accum",
-        type=int,
-        metavar="K",
-        help="accumulate K micro-batches per step: the update of a K times larger batch "
-        "(default: 1)",
-    )
-    p.add_argument(
-        "--precision",
-        choices=PRECISIONS,
-        help="fp32 (default) or bf16 (autocast; on CUDA GPUs, and on CPUs with fast bf16)",
-    )
-    p.add_argument("--lr", type=float, help="AdamW learning rate (default: 5e-5)")
-    p.add_argument("--weight-decay", type=float, help="default: 0.1")
-    p.add_argument(
-        "--checkpoint-every",
-        type=int,
-        help="steps between training checkpoints (default: 100; 0: only after each epoch)",
-    )
-    p.add_argument("--data", help="instruction data: a JSON or JSON Lines file, or an http(s) URL")
-    p.add_argument("--data-cache", help="where a downloaded --data file is kept")
-    p.add_argument("--output-dir", help="where run folders go (default: outputs)")
-    p.add_argument("--models-dir", help="where GPT-2 weights are kept (default: gpt2)")
-    add_judge_args(p)
-    p.add_argument("--prompt-style", choices=list(PROMPT_STYLES), help="default: alpaca")
-    p.add_argument(
-        "--mask-prompt", action="store_true", help="leave the instruction and input out of the loss"
-    )
-    p.add_argument(
-        "--group-by-length",
-        action="store_true",
-        help="batch training entries of similar length together (less padding, faster)",
-    )
-    p.add_argument(
-        "--allowed-max-length",
-        type=int,
-        help="cut entries to this many tokens (default: 1024, the model's context)",
-    )
-    p.add_argument(
-        "--lora-rank",
-        type=int,
-        nargs="?",
-        const=16,
-        metavar="RANK",
-        help="LoRA (exercise 7.4): freeze the model, train rank-RANK adapters (flag alone: 16)",
-    )
-    p.add_argument(
-        "--lora-alpha",
-        type=float,
-        help="LoRA scale: updates are scaled by alpha/rank (default: 16)",
-    )
+    add_flags(p, RunConfig)  # every setting's flag, as run_settings.SETTINGS defines it
     p.add_argument(
         "--exercise",
         choices=list(VARIANTS),
         help="run a variant of the chapter's exercises with its settings (flags given override "
         "them): phi3_prompt 7.1, mask_instructions 7.2, alpaca_52k 7.3, lora 7.4",
     )
-    p.add_argument("--max-new-tokens", type=int, help="response length limit (default: 256)")
-    p.add_argument("--seed", type=int, help="default: 123")
-    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument(
         "--verbose", action="store_true", help="on a failed download, also print every error"
     )
     return p
 
 
-# RunConfig fields set by the flag of the same name
-_FLAG_FIELDS = (
-    "model_size",
-    "epochs",
-    "batch_size",
-    "grad_accum",
-    "precision",
-    "lr",
-    "weight_decay",
-    "checkpoint_every",
-    "data",
-    "data_cache",
-    "output_dir",
-    "models_dir",
-    "judge_url",
-    "judge_model",
-    "judge_api",
-    "judge_timeout",
-    "judge_max_failures",
-    "prompt_style",
-    "max_new_tokens",
-    "seed",
-    "device",
-    "allowed_max_length",
-    "lora_rank",
-    "lora_alpha",
-)
-
-
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """The run configuration of parsed command-line flags (see ``make_config``)."""
-    settings = {name: getattr(args, name) for name in _FLAG_FIELDS}
-    settings["use_judge"] = False if args.no_judge else None
-    settings["mask_prompt"] = True if args.mask_prompt else None
-    settings["group_by_length"] = True if args.group_by_length else None
+    settings = flag_settings(args, RunConfig)
     if args.exercise:  # the variant's settings, under the flags given
         output_dir = args.output_dir or RunConfig.output_dir
         variant = variant_settings(args.exercise, smoke=args.smoke, output_dir=output_dir)

@@ -562,21 +562,6 @@ def judge_settings(cfg: Any) -> dict[str, Any]:
     }
 
 
-def add_judge_args(p: argparse.ArgumentParser) -> None:
-    """The judge's flags of a run's command line (each None unless given: the run's
-    settings fill in the defaults)."""
-    p.add_argument("--judge-url", help="judge host or endpoint (default: $OLLAMA_HOST)")
-    p.add_argument("--judge-model", help="judge model (default: llama3)")
-    p.add_argument("--judge-api", choices=JUDGE_APIS, help="default: ollama")
-    p.add_argument("--judge-timeout", type=float, help="seconds per judge reply (default: 120)")
-    p.add_argument(
-        "--judge-max-failures",
-        type=int,
-        help="failed judge requests in a row before giving up (default: 3)",
-    )
-    p.add_argument("--no-judge", action="store_true", help="skip the judge: local metrics only")
-
-
 def read_responses(path: str | os.PathLike, json_key: str = "model_response") -> list[dict]:
     """The entries of a responses file; each must also have a string ``json_key``."""
     entries = read_instruction_file(path)

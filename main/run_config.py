@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import math
 import os
 import re
 import tempfile
@@ -24,7 +23,6 @@ from typing import Any
 import torch
 
 from instruction_data import (
-    DATA_URL,
     SAMPLE_DATA_PATH,
     ConfigError,
     check_prompt_style,
@@ -33,6 +31,7 @@ from judge_host import redact_url, redact_urls
 from ollama_evaluate import judge_endpoint
 from outputs import save_json
 from previous_chapters import gpt2_config, resolve_model_name
+from run_settings import PRECISIONS, ranges, setting
 
 # The smoke run's model: GPT-2's vocabulary and layout, tiny sizes, random weights.
 SMOKE_MODEL_OVERRIDES = {"emb_dim": 64, "n_layers": 2, "n_heads": 4, "context_length": 256}
@@ -45,49 +44,50 @@ RESPONSES_FILE = "instruction-data-with-response.json"  # 7.7: the test set, ans
 class RunConfig:
     """Every choice of a chapter run. The defaults are the chapter's."""
 
+    # Each setting's default, range and help text are defined once, in run_settings.SETTINGS.
     # model
-    model_size: str | None = "gpt2-medium (355M)"  # None: GPT-2 small's shape + model_overrides
+    model_size: str | None = setting("model_size")  # None: GPT-2 small's shape + overrides
     pretrained: bool = True  # False: random initialisation (the smoke run)
     model_overrides: dict = field(default_factory=dict)  # e.g. a tiny emb_dim / n_layers
-    models_dir: str = "gpt2"
+    models_dir: str = setting("models_dir")
     # data
-    data: str = DATA_URL  # a local JSON / JSON Lines file or an http(s) URL
-    data_cache: str | None = None  # where a downloaded file is kept (default: named after the URL)
+    data: str = setting("data")
+    data_cache: str | None = setting("data_cache")
     train_frac: float = 0.85
     test_frac: float = 0.10
     split_seed: int | None = None  # None: split in file order, as the course does
-    prompt_style: str = "alpaca"
-    mask_prompt: bool = False
-    group_by_length: bool = False  # batch entries of similar length together (less padding)
+    prompt_style: str = setting("prompt_style")
+    mask_prompt: bool = setting("mask_prompt")
+    group_by_length: bool = setting("group_by_length")
     # training
-    batch_size: int = 8
+    batch_size: int = setting("batch_size")
     num_workers: int = 0
-    allowed_max_length: int = 1024
-    epochs: int = 2
-    lr: float = 5e-5
-    weight_decay: float = 0.1
-    eval_freq: int = 5
-    eval_iter: int = 5
-    seed: int = 123
-    device: str | None = None  # None: cuda when available, else cpu
-    checkpoint_every: int = 100  # steps between checkpoints (0: only at the end of each epoch)
-    grad_accum: int = 1  # micro-batches per step: global batch = batch_size x processes x this
-    precision: str = "fp32"  # or "bf16": autocast on CUDA GPUs (see check_precision)
+    allowed_max_length: int = setting("allowed_max_length")
+    epochs: int = setting("epochs")
+    lr: float = setting("lr")
+    weight_decay: float = setting("weight_decay")
+    eval_freq: int = setting("eval_freq")
+    eval_iter: int = setting("eval_iter")
+    seed: int = setting("seed")
+    device: str | None = setting("device")
+    checkpoint_every: int = setting("checkpoint_every")
+    grad_accum: int = setting("grad_accum")
+    precision: str = setting("precision")
     # LoRA (exercise 7.4): train low-rank adapters on the frozen model (None: full fine-tuning)
-    lora_rank: int | None = None
-    lora_alpha: float = 16.0  # the update is scaled by lora_alpha / lora_rank
+    lora_rank: int | None = setting("lora_rank")
+    lora_alpha: float = setting("lora_alpha")
     # responses
-    max_new_tokens: int = 256
-    gen_batch_size: int = 8
+    max_new_tokens: int = setting("max_new_tokens")
+    gen_batch_size: int = setting("gen_batch_size")
     # judge
-    use_judge: bool = True
-    judge_url: str | None = None  # None: $OLLAMA_HOST or http://localhost:11434
-    judge_model: str = "llama3"
-    judge_api: str = "ollama"  # or "openai" (any OpenAI-compatible chat endpoint)
-    judge_timeout: float = 120.0  # seconds to wait for one reply
-    judge_max_failures: int = 3  # failed requests in a row after which the judge counts as down
+    use_judge: bool = setting("use_judge")
+    judge_url: str | None = setting("judge_url")
+    judge_model: str = setting("judge_model")
+    judge_api: str = setting("judge_api")
+    judge_timeout: float = setting("judge_timeout")
+    judge_max_failures: int = setting("judge_max_failures")
     # outputs
-    output_dir: str = "outputs"  # each run gets a folder of its own in here
+    output_dir: str = setting("output_dir")  # each run gets a folder of its own in here
     run_name: str | None = None  # that folder's name, set when the run starts
     smoke: bool = False
 
@@ -198,38 +198,12 @@ def allowed_max_length(cfg: RunConfig) -> int:
 # Checks before any work
 # --------------------------------------------------------------------------------------
 
-# (setting, test, what it must be): the settings a chapter run and a DPO run share ...
-COMMON_RANGES = [
-    ("epochs", lambda v: v >= 1, "at least 1"),
-    ("batch_size", lambda v: v >= 1, "at least 1"),
-    ("weight_decay", lambda v: math.isfinite(v) and v >= 0, "a number of at least 0"),
-    ("eval_freq", lambda v: v >= 1, "at least 1"),
-    ("eval_iter", lambda v: v >= 1, "at least 1"),
-    ("allowed_max_length", lambda v: v >= 2, "at least 2"),
-    ("max_new_tokens", lambda v: v >= 1, "at least 1"),
-    ("gen_batch_size", lambda v: v >= 1, "at least 1"),
-    ("judge_timeout", lambda v: math.isfinite(v) and v > 0, "a number of seconds above 0"),
-    ("judge_max_failures", lambda v: v >= 1, "at least 1"),
-]
-# ... and the chapter run's own
-_RANGES = [
-    *COMMON_RANGES,
-    ("lr", lambda v: math.isfinite(v) and v > 0, "a number above 0, such as 5e-5"),
-    ("checkpoint_every", lambda v: v >= 0, "at least 0 (0: only at the end of each epoch)"),
-    ("grad_accum", lambda v: v >= 1, "at least 1 (1: no gradient accumulation)"),
-    (
-        "lora_rank",
-        lambda v: v is None or (type(v) is int and v >= 1),
-        "a whole number >= 1, e.g. 16",
-    ),
-    ("lora_alpha", lambda v: math.isfinite(v) and v > 0, "a number above 0, such as 16"),
-]
 
-
-def check_ranges(cfg: Any, ranges: list[tuple[str, Callable[[Any], bool], str]]) -> None:
-    """Refuse the first setting of ``cfg`` outside its range: ``ranges`` holds (setting,
-    test, what it must be), and the error names the setting, its value and the rule."""
-    for name, ok, rule in ranges:
+def check_ranges(cfg: Any, rules: list[tuple[str, Callable[[Any], bool], str]]) -> None:
+    """Refuse the first setting of ``cfg`` outside its range: ``rules`` holds (setting,
+    test, what it must be; see ``run_settings.ranges``), and the error names the setting, its
+    value and the rule."""
+    for name, ok, rule in rules:
         if not ok(getattr(cfg, name)):
             raise ConfigError(f"{name} = {getattr(cfg, name)} is out of range: it must be {rule}")
 
@@ -263,9 +237,6 @@ def check_device(name: str | None) -> torch.device:
     if device.type not in ("cpu", "cuda", "mps"):
         raise ConfigError(f"device {name!r} is not supported; use cpu or cuda")
     return device
-
-
-PRECISIONS = ("fp32", "bf16")
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -303,7 +274,7 @@ def check_settings(cfg: RunConfig) -> torch.device:
     Each problem is a ``ConfigError`` of one line that says what is wrong and what to do.
     Nothing is written.
     """
-    check_ranges(cfg, _RANGES)
+    check_ranges(cfg, ranges(RunConfig))
     if cfg.model_size is None and cfg.pretrained:
         raise ConfigError("a pretrained run needs a model size, e.g. 'gpt2-medium (355M)'")
     model_config(cfg)

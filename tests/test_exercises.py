@@ -17,6 +17,7 @@ import instruction_data
 import instruction_finetuning as ift
 import lora
 from helpers import NotebookOutputs, run_notebook_offline
+from notebook_sources import cell_definitions, differences, parameter_differences
 from previous_chapters import gpt2_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -158,6 +159,19 @@ def test_notebook_is_committed_without_outputs_and_with_one_parameters_cell():
     assert len(tagged) == 1 and "SMOKE = False" in tagged[0].source
     names = set(re.findall(r"^([A-Z_]+) = ", tagged[0].source, flags=re.M))
     assert {"SMOKE", "VARIANTS", "LORA_RANK", "LORA_ALPHA", "OUTPUT_DIR", "USE_JUDGE"} <= names
+    # the shared ones as their one definition says (LoRA's: the lora variant's own defaults)
+    lora = frozenset({"LORA_RANK", "LORA_ALPHA"})
+    assert parameter_differences(nb, ift.RunConfig, ift.RunConfig.smoke_preset(), lora) == []
+
+
+def test_the_cells_define_the_lora_layers_as_the_module_does():
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    names = [d.name for d in cell_definitions(nb)]
+    lora_names = ["LoRALayer", "_adapter", "LinearWithLoRA", "replace_linear_with_lora"]
+    assert names == ["run_variant", *lora_names, "QKVWithLoRA", "lora_layers", "apply_lora"]
+    assert differences(NOTEBOOK) == []  # (python tests/notebook_sources.py --sync fixes it)
+    code = "\n".join(c.source for c in _code_cells(nb))
+    assert "lora.apply_lora(" not in code and "apply_lora(medium" in code
 
 
 def test_notebook_has_a_section_per_exercise():
@@ -194,10 +208,6 @@ def test_smoke_run_is_clean_and_shows_the_code_it_runs(executed) -> None:
         instruction_data.format_input,
         instruction_data.custom_collate_fn,
         exercises._stand_in_entry,
-        lora.LoRALayer,
-        lora.LinearWithLoRA,
-        lora.QKVWithLoRA,
-        lora.replace_linear_with_lora,
         lora.merge_lora,
         ift.run,
     ):
