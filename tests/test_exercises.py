@@ -168,7 +168,8 @@ def test_the_cells_define_the_lora_layers_as_the_module_does():
     nb = nbformat.read(NOTEBOOK, as_version=4)
     names = [d.name for d in cell_definitions(nb)]
     lora_names = ["LoRALayer", "_adapter", "LinearWithLoRA", "replace_linear_with_lora"]
-    assert names == ["run_variant", *lora_names, "QKVWithLoRA", "lora_layers", "apply_lora"]
+    lora_names += ["QKVWithLoRA", "lora_layers", "apply_lora"]
+    assert names == ["run_variant", *lora_names, "pairwise_against_baseline"]
     assert differences(NOTEBOOK) == []  # (python tests/notebook_sources.py --sync fixes it)
     code = "\n".join(c.source for c in _code_cells(nb))
     assert "lora.apply_lora(" not in code and "apply_lora(medium" in code
