@@ -19,8 +19,8 @@ of a model that still has its adapters, is refused with that advice.
 
 from __future__ import annotations
 
-import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,8 +28,9 @@ from typing import Any
 import torch
 
 from instruction_data import ChapterError, PromptStyle, get_prompt_style
+from outputs import read_json, verify_file
 from previous_chapters import MODEL_CONFIGS, GPTModel, gpt2_config
-from run_config import RUN_CONFIG_FILE
+from run_config import RUN_CONFIG_FILE, latest_run, run_folders
 
 MODEL_FILE_GLOB = "*-sft.pth"
 MAKE_ONE = (
@@ -58,8 +59,30 @@ class LoadedModel:
 
 
 def find_model_file(output_dir: str | os.PathLike = "outputs") -> Path:
-    """The fine-tuned model of the latest run in ``output_dir`` (``outputs/latest/*-sft.pth``)."""
-    return model_in_folder(Path(output_dir) / "latest")
+    """The fine-tuned model of the latest run in ``output_dir`` (``outputs/latest/*-sft.pth``).
+
+    When the latest run has none (it failed, or has not finished), the newest run that has
+    one is taken instead. Either way a line on stderr says which run's model it is.
+    """
+    out = Path(output_dir)
+    latest = latest_run(out)
+    if latest is None or not latest.is_dir():
+        return model_in_folder(out / "latest")  # (its error says what to do)
+    try:
+        found = model_in_folder(latest)
+    except ModelFileError as exc:
+        for run in run_folders(out):
+            if run.resolve() != latest.resolve() and len(list(run.glob(MODEL_FILE_GLOB))) == 1:
+                found = model_in_folder(run)
+                print(
+                    f"The latest run, {latest.name}, holds no model file; using the newest "
+                    f"run that does: {found}",
+                    file=sys.stderr,
+                )
+                return found
+        raise exc from None
+    print(f"Using the latest run's model: {found}", file=sys.stderr)
+    return found
 
 
 def model_in_folder(folder: str | os.PathLike) -> Path:
@@ -82,12 +105,9 @@ def model_in_folder(folder: str | os.PathLike) -> Path:
 def read_run_config(model_path: str | os.PathLike) -> dict | None:
     """The ``run-config.json`` saved beside the model file by its run, or None."""
     path = Path(model_path).parent / RUN_CONFIG_FILE
-    if not path.is_file():
+    if not path.exists():
         return None
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ModelFileError(f"{path} is unreadable ({exc}); fix or delete it") from None
+    saved = read_json(path, "fix or delete it")
     if not isinstance(saved, dict):
         raise ModelFileError(f"{path} does not hold a run's settings (a JSON object); delete it")
     return saved
@@ -100,6 +120,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise ModelFileError(
             f"no model file at {path}; pass the .pth file a run saved, or {MAKE_ONE}"
         )
+    verify_file(path, "fine-tune it again (`--resume` of its run, after deleting the file)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors, truncated zip files, unsafe content...
