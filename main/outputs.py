@@ -57,9 +57,11 @@ def _write_failed(path: Path, exc: BaseException) -> OutputError | None:
         free = shutil.disk_usage(path.parent if path.parent.exists() else ".").free
     except OSError:
         free = None
-    code = getattr(exc, "errno", None)
-    torch_write = isinstance(exc, RuntimeError) and "write" in str(exc).lower()
-    if code in _NO_SPACE or (torch_write and free is not None and free < _LOW_SPACE):
+    code, text = getattr(exc, "errno", None), str(exc).lower()
+    # (torch.save and safetensors report a full disk as their own errors, without errno)
+    io_error = isinstance(exc, RuntimeError) or "i/o error" in text or "iostream" in text
+    said = "no space left" in text or "os error 28" in text
+    if code in _NO_SPACE or said or (io_error and free is not None and free < _LOW_SPACE):
         left = "" if free is None else f" ({free / 2**20:.1f} MiB free)"
         return OutputError(
             f"could not write {path}: no space left on the device{left}; free some space "
@@ -150,7 +152,7 @@ def write_atomically(
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private; ours are ordinary
         _install(Path(tmp), path, checksum)
     except BaseException as exc:
-        error = _write_failed(path, exc) if isinstance(exc, (OSError, RuntimeError)) else None
+        error = _write_failed(path, exc) if isinstance(exc, Exception) else None
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
         if error is not None:
@@ -275,7 +277,7 @@ def write_folder_atomically(
             os.replace(path, old)
         os.replace(tmp, path)
     except BaseException as exc:
-        error = _write_failed(path, exc) if isinstance(exc, (OSError, RuntimeError)) else None
+        error = _write_failed(path, exc) if isinstance(exc, Exception) else None
         shutil.rmtree(tmp, ignore_errors=True)
         if (old.exists() or old.is_symlink()) and not path.exists():
             os.replace(old, path)  # put the earlier folder back

@@ -499,9 +499,10 @@ def read_saved_config(path: Path, config_class: type, advice: str) -> Any:
         raise ConfigError(f"{path}: unknown setting {unknown[0]!r}; {advice}")
     for name, value in saved.items():
         if not _matches(value, hints[name]):
+            hint = hints[name]
+            wanted = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
             raise ConfigError(
-                f"{path}: {name} is {json.dumps(value)[:40]}, which is no "
-                f"{str(hints[name]).replace('typing.', '')}; {advice}"
+                f"{path}: {name} must be {wanted} but is {json.dumps(value)[:40]}; {advice}"
             )
     return config_class(**saved)
 
