@@ -46,7 +46,7 @@ import torch
 
 from chat import add_generation_args, load_for_chat, stream_reply
 from instruction_data import ChapterError
-from interrupts import INTERRUPTED, handle_interrupts
+from interrupts import INTERRUPTED
 from interrupts import describe as describe_stop
 from model_file import LoadedModel
 
@@ -169,12 +169,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line entry point; a problem prints one ``error:`` line and exits with 2."""
-    handle_interrupts()
     args = build_arg_parser().parse_args(argv)
     try:
-        check_port(args.host, args.port)  # before loading a large model: is the page possible?
-        import_gradio()
+        import_gradio()  # before loading a large model: is the page possible at all?
         loaded, tokenizer = load_for_chat(args)
+        check_port(args.host, args.port)
         page = build_page(
             loaded,
             tokenizer,
@@ -195,4 +194,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(interrupts.run_command(main))

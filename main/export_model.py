@@ -57,7 +57,7 @@ from instruction_data import (
     PromptStyle,
     check_prompt_style,
 )
-from interrupts import INTERRUPTED, handle_interrupts
+from interrupts import INTERRUPTED
 from interrupts import describe as describe_stop
 from model_file import LoadedModel, find_model_file, load_model_file
 from outputs import write_folder_atomically
@@ -376,7 +376,6 @@ def build_arg_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line entry point; a problem prints one ``error:`` line and exits with 2
     (Ctrl-C: 130, and any earlier export stays as it was)."""
-    handle_interrupts()
     args = build_arg_parser().parse_args(argv)
     try:
         export_model(
@@ -399,4 +398,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(interrupts.run_command(main))

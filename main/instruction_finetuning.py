@@ -73,7 +73,7 @@ from instruction_data import (
     report_long_entries,
     split_data,
 )
-from interrupts import INTERRUPTED, handle_interrupts
+from interrupts import INTERRUPTED
 from interrupts import describe as describe_stop
 from lora import (
     adapter_file_name,
@@ -562,7 +562,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     import matplotlib
 
     matplotlib.use("Agg")
-    handle_interrupts()
     args = build_arg_parser().parse_args(argv)
     cfg, ranks = None, SINGLE_PROCESS
     try:
@@ -607,4 +606,4 @@ def _resume_command(cfg: RunConfig | None, ranks: Ranks) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(interrupts.run_command(main))

@@ -3,9 +3,10 @@
 Python turns Ctrl-C into a ``KeyboardInterrupt`` traceback, and SIGTERM ends a process
 silently. A command calls ``guard_startup()`` before its slow imports (PyTorch takes
 seconds): until ``main()`` takes over, either signal ends it at once with one line and exit
-status 130. ``main()`` then calls ``handle_interrupts()``: from there on Ctrl-C raises
+status 130. It then runs ``main()`` through ``run_command``: from there on Ctrl-C raises
 ``KeyboardInterrupt`` and SIGTERM raises ``Terminated`` (one), so that ``main()``'s handler
-keeps what was saved, says how to continue, and exits with 130. (The training loop installs
+keeps what was saved, says how to continue, and exits with 130; an interrupt that ``main()``
+does not handle ends the command with one line too. (The training loop installs
 its own handlers while it runs, and puts these back.)
 
 This module imports nothing slow: it must load in milliseconds.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from typing import Any
 
 INTERRUPTED = 130  # the exit status of a command stopped by Ctrl-C or SIGTERM
@@ -36,9 +38,12 @@ def _raise_terminated(signum: int, frame: Any) -> None:
 
 
 def _install(handlers: dict[signal.Signals, Any]) -> None:
+    """Install ``handlers`` (in the main thread only; a signal the process was started to
+    ignore, as ``nohup`` and background jobs are, stays ignored)."""
     if threading.current_thread() is threading.main_thread():
         for signum, handler in handlers.items():
-            signal.signal(signum, handler)
+            if signal.getsignal(signum) is not signal.SIG_IGN:
+                signal.signal(signum, handler)
 
 
 def guard_startup() -> None:
@@ -54,3 +59,13 @@ def handle_interrupts() -> None:
 def describe(exc: KeyboardInterrupt) -> str:
     """``terminated (SIGTERM)`` or ``interrupted``: how the command was stopped."""
     return "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+
+
+def run_command(main: Callable[[], int]) -> int:
+    """``main()`` under ``handle_interrupts``; returns its exit status (130 when stopped)."""
+    handle_interrupts()
+    try:
+        return main()
+    except KeyboardInterrupt as exc:
+        print(f"\n{describe(exc)}", file=sys.stderr)
+        return INTERRUPTED

@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 
 from instruction_data import ChapterError
-from outputs import verify_file, write_atomically
+from outputs import load_failure, verify_file, write_atomically
 
 ADAPTER_FORMAT = "lora-adapter-v1"
 
@@ -278,9 +278,8 @@ def read_lora_adapter(path: str | os.PathLike) -> dict:
     try:
         adapter = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors, a truncated zip, unsafe content, ...
-        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
         raise LoRAError(
-            f"{path} is not a readable LoRA adapter file ({type(exc).__name__}: {reason})"
+            f"{path} is not a readable LoRA adapter file ({load_failure(exc)})"
         ) from None
     if not isinstance(adapter, Mapping) or adapter.get("format") != ADAPTER_FORMAT:
         raise LoRAError(

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from instruction_data import ChapterError, PromptStyle, get_prompt_style
-from outputs import read_json, verify_file
+from outputs import load_failure, read_json, verify_file
 from previous_chapters import MODEL_CONFIGS, GPTModel, gpt2_config
 from run_config import RUN_CONFIG_FILE, latest_run, run_folders
 
@@ -124,7 +124,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors, truncated zip files, unsafe content...
-        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        reason = load_failure(exc)
         raise ModelFileError(
             f"{path} is not a PyTorch state dict file ({reason}); pass the *-sft.pth file a run saved"
         ) from None

@@ -179,6 +179,18 @@ def verify_file(path: str | os.PathLike, advice: str) -> None:
         )
 
 
+def load_failure(exc: BaseException) -> str:
+    """A short reason for a failed ``torch.load``: PyTorch's own message for a file that is
+    no PyTorch file (or holds content that is not safe to load) is a paragraph that
+    suggests ``weights_only=False``, which must not be followed for a damaged file."""
+    text = str(exc)
+    if "WeightsUnpickler error:" in text:
+        detail = text.split("WeightsUnpickler error:", 1)[1].strip().splitlines()[0].strip()
+        return f"no PyTorch data, or data that is not safe to load: {detail}"[:200]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0][:200]}" if lines else type(exc).__name__
+
+
 def read_json(path: str | os.PathLike, advice: str) -> Any:
     """The JSON value in ``path``, after ``verify_file``; a file that is no JSON (or nested
     too deeply to read) raises ``FileCheckError`` naming it, with ``advice``."""

@@ -60,7 +60,6 @@ from instruction_data import (
     read_instruction_file,
 )
 from interrupts import describe as describe_stop
-from interrupts import handle_interrupts
 from ollama_evaluate import (
     JUDGE_APIS,
     JUDGE_MAX_FAILURES,
@@ -431,7 +430,6 @@ def build_arg_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line entry point: 0 when done, 2 with one ``error:`` line, 130 on Ctrl-C."""
-    handle_interrupts()
     args = build_arg_parser().parse_args(argv)
     try:
         if args.judge_max_failures < 1 or not args.judge_timeout > 0:
@@ -463,4 +461,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(interrupts.run_command(main))

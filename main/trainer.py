@@ -53,7 +53,7 @@ from distributed import (
 )
 from engine import IGNORE_INDEX
 from instruction_data import ChapterError
-from outputs import keep_previous, verify_file, write_atomically
+from outputs import keep_previous, load_failure, verify_file, write_atomically
 from previous_chapters import LossFn, calc_loss_batch, evaluate_model, generate_and_print_sample
 
 
@@ -161,10 +161,9 @@ def load_checkpoint(
                 raise ValueError(f"its training state is malformed ({(wrong or ['shuffle'])[0]})")
             _set_rng_states(checkpoint["rng"])
         except Exception as exc:  # pickle errors, a truncated zip, a wrong structure, ...
-            reason = (str(exc).strip().splitlines() or [""])[0][:200]
             raise ChapterError(
-                f"{file} is not a usable checkpoint of this model ({type(exc).__name__}: "
-                f"{reason}); delete it to train from the start"
+                f"{file} is not a usable checkpoint of this model ({load_failure(exc)}); "
+                "delete it to train from the start"
             ) from None
         return state, shuffle
 

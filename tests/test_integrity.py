@@ -548,3 +548,27 @@ def test_replace_keeps_config_fields_typed():
     assert run_config._matches(cfg.epochs, int) and not run_config._matches("3", int)
     assert run_config._matches(None, int | None) and run_config._matches(1, float)
     assert not run_config._matches(True, int) and not run_config._matches(1.5, int)
+
+
+COMMANDS = sorted(
+    path.name for path in (ROOT / "main").glob("*.py") if "__main__" in path.read_text()
+)
+
+
+@pytest.mark.parametrize("script", COMMANDS)
+def test_ctrl_c_while_any_command_starts_is_one_line(tmp_path, script):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "main")])}
+    child = subprocess.Popen(
+        [sys.executable, str(ROOT / "main" / script)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    time.sleep(0.3)  # (importing PyTorch alone takes longer)
+    child.send_signal(signal.SIGINT)
+    out, err = child.communicate(timeout=120)
+    assert child.returncode == 130, (out, err)
+    assert "interrupted" in one_line(err)
