@@ -65,7 +65,7 @@ def _write_failed(path: Path, exc: BaseException) -> OutputError | None:
         left = "" if free is None else f" ({free / 2**20:.1f} MiB free)"
         return OutputError(
             f"could not write {path}: no space left on the device{left}; free some space "
-            "(or choose another folder) and try again; files already saved are kept"
+            "or choose another folder (the files already saved are kept)"
         )
     if code in (errno.EROFS, errno.EACCES, errno.EPERM):
         reason = "a read-only file system" if code == errno.EROFS else "permission denied"
