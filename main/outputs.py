@@ -232,9 +232,12 @@ def keep_previous(path: str | os.PathLike, previous: str | os.PathLike) -> Path 
         os.close(fd)
         link(Path(tmp))
         os.replace(tmp, previous)
-    except BaseException:
+    except BaseException as exc:
+        error = _write_failed(previous, exc) if isinstance(exc, Exception) else None
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
+        if error is not None:
+            raise error from exc
         raise
     if digests is None:
         checksum_path(previous).unlink(missing_ok=True)
