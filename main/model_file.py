@@ -10,7 +10,8 @@ terminal chat, the chat page) loads it here:
   sizes use 64-dimensional heads);
 * the prompt style (``alpaca`` or ``phi3``) comes from that ``run-config.json`` too, unless given;
 * a file that is not a ``GPTModel`` state dict, or whose shapes do not match the size it is
-  said to be, is refused with one line naming the file and the first tensor that is wrong.
+  said to be, is refused with one line naming the file and the first tensor that is wrong;
+  so is one whose bytes differ from the checksum its run saved beside it (``NAME.sha256``).
 
 LoRA: a run with LoRA adapters saves its ``*-sft.pth`` already merged (``lora.save_merged_model``),
 so it loads like any other. The adapter file itself (``*-lora-adapter.pth``), or the state dict

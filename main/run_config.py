@@ -3,9 +3,11 @@
 ``RunConfig`` holds every choice of a run (its defaults are the chapter's); ``make_config``
 builds it for the command line and the notebook alike; ``check_settings`` refuses a setting
 that cannot work before any download or training starts. ``start_run`` gives every run a
-folder of its own, ``OUTPUT_DIR/<date>-<time>-<model>/``, and points ``OUTPUT_DIR/latest`` at
-it, so that no run overwrites or mixes with another; ``make_config(resume=...)`` continues
-an earlier run in its folder, with the settings it started with.
+folder of its own, ``OUTPUT_DIR/<date>-<time>-<model>[-<variant>]/`` (``run_tag``), and points
+``OUTPUT_DIR/latest`` at it, so that no run overwrites or mixes with another;
+``make_config(resume=...)`` continues an earlier run in its folder, with the settings it
+started with (``read_saved_config`` checks the file and each setting's type). One process at a
+time writes a run folder (``lock_run``).
 """
 
 from __future__ import annotations
