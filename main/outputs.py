@@ -246,18 +246,23 @@ def keep_previous(path: str | os.PathLike, previous: str | os.PathLike) -> Path 
     return previous
 
 
-_TEMP_NAME = re.compile(r"^\..+\.(tmp|old)$")
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.[^.]+\.(?P<kind>tmp|old)$")
 
 
 def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
     """Delete the hidden temporary files and folders (``.NAME.XXXX.tmp``) that a process
-    killed while saving left in ``folder``; returns them. Call it only while no other
-    process writes there (under the run's lock)."""
+    killed while saving left in ``folder``; returns them. A folder that was moved aside to
+    be replaced (``.NAME.XXXX.old``) is put back when nothing replaced it, else deleted.
+    Call it only while no other process writes there (under the run's lock)."""
     removed = []
     for item in sorted(Path(folder).iterdir()) if Path(folder).is_dir() else []:
-        if not _TEMP_NAME.match(item.name):
+        match = _TEMP_NAME.match(item.name)
+        if match is None:
             continue
-        if item.is_dir() and not item.is_symlink():
+        target = item.with_name(match["name"])
+        if match["kind"] == "old" and not (target.exists() or target.is_symlink()):
+            os.replace(item, target)  # (the earlier version: nothing saved is lost)
+        elif item.is_dir() and not item.is_symlink():
             shutil.rmtree(item, ignore_errors=True)
         else:
             item.unlink(missing_ok=True)

@@ -149,13 +149,24 @@ def test_a_file_without_a_checksum_is_read_unchecked_and_json_errors_are_one_lin
 
 
 def test_stale_temporary_files_are_removed(tmp_path):
-    for name in (".checkpoint.pt.x1y2.tmp", ".m-sft-hf.ab12.tmp", ".m-sft-hf.ab12.old"):
-        (tmp_path / name).mkdir() if "hf" in name else (tmp_path / name).write_text("")
+    for name in (".checkpoint.pt.x1y2.tmp", ".m-sft.pth.sha256.a1b2.tmp"):
+        (tmp_path / name).write_text("half")
+    (tmp_path / ".m-sft-hf.ab12.tmp").mkdir()  # an export being written
+    (tmp_path / ".m-sft-gguf.cd34.old").mkdir()  # an export moved aside, never replaced
+    (tmp_path / ".m-sft-gguf.cd34.old" / "model.gguf").write_text("earlier export")
+    (tmp_path / "m-sft-hf").mkdir()
+    (tmp_path / ".m-sft-hf.ef56.old").mkdir()  # moved aside and replaced: no longer needed
     (tmp_path / "keep.tmp").write_text("")  # not ours: not hidden
     (tmp_path / run_config.LOCK_FILE).write_text("")
     removed = outputs.remove_stale_temp_files(tmp_path)
-    assert len(removed) == 3
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "keep.tmp"]
+    assert len(removed) == 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".lock",
+        "keep.tmp",
+        "m-sft-gguf",
+        "m-sft-hf",
+    ]
+    assert (tmp_path / "m-sft-gguf" / "model.gguf").read_text() == "earlier export"
 
 
 # --------------------------------------------------------------------------------------
