@@ -150,14 +150,15 @@ def load_checkpoint(
             optimizer.load_state_dict(checkpoint["optimizer"])
             saved, shuffle = dict(checkpoint["state"]), dict(checkpoint["shuffle"])
             state = TrainState(**saved)
-            wrong = [
+            wrong = [  # (a field's value of its default's type; a float may be an int)
                 k
                 for k, v in saved.items()
-                if not isinstance(
+                if defaults[k] is not None
+                and not isinstance(
                     v, (int, float) if isinstance(defaults[k], float) else type(defaults[k])
                 )
             ]
-            if wrong or set(shuffle) != {"epoch_start", "now"}:
+            if wrong or not {"epoch_start", "now"} <= set(shuffle):
                 raise ValueError(f"its training state is malformed ({(wrong or ['shuffle'])[0]})")
             _set_rng_states(checkpoint["rng"])
         except Exception as exc:  # pickle errors, a truncated zip, a wrong structure, ...
