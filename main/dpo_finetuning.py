@@ -24,6 +24,10 @@ from pathlib import Path
 _ROOT = Path(__file__).resolve().parents[1]
 if (_ROOT / "previous_chapters.py").is_file() and str(_ROOT) not in sys.path:
     sys.path.append(str(_ROOT))
+if __name__ == "__main__":  # (before the slow imports: Ctrl-C there is one line too)
+    import interrupts
+
+    interrupts.guard_startup()
 
 import argparse
 import json
@@ -442,4 +446,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(interrupts.run_command(main))

@@ -40,6 +40,10 @@ from pathlib import Path
 for _path in (Path(__file__).resolve().parent, Path(__file__).resolve().parents[1]):
     if str(_path) not in sys.path:
         sys.path.append(str(_path))
+if __name__ == "__main__":  # (before the slow imports: Ctrl-C there is one line too)
+    import interrupts
+
+    interrupts.guard_startup()
 
 import argparse
 import re
@@ -302,4 +306,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(interrupts.run_command(main))

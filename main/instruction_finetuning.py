@@ -28,9 +28,12 @@ from pathlib import Path
 _ROOT = Path(__file__).resolve().parents[1]
 if (_ROOT / "previous_chapters.py").is_file() and str(_ROOT) not in sys.path:
     sys.path.append(str(_ROOT))
+if __name__ == "__main__":  # (before the slow imports: Ctrl-C there is one line too)
+    import interrupts
+
+    interrupts.guard_startup()
 
 import argparse
-import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -69,6 +72,8 @@ from instruction_data import (
     report_long_entries,
     split_data,
 )
+from interrupts import INTERRUPTED
+from interrupts import describe as describe_stop
 from judge_host import redact_urls
 from lora import (
     adapter_file_name,
@@ -77,11 +82,14 @@ from lora import (
     save_lora_adapter,
     save_merged_model,
 )
+from model_file import read_state_dict
 from ollama_evaluate import judge_settings, score_responses
-from outputs import save_figure, save_json, save_model
+from outputs import OutputError, checksum_path, read_json, save_figure, save_json, save_model
 from run_config import (
+    CHECKPOINT_FILE,
     RESPONSES_FILE,
     SMOKE_MODEL_OVERRIDES,
+    TRAINING_RESULT_FILE,
     RunConfig,
     allowed_max_length,
     check_settings,
@@ -89,14 +97,12 @@ from run_config import (
     latest_run,
     make_config,
     model_config,
+    release_run,
     start_run,
 )
 from run_settings import add_flags, flag_settings
 from token_ids import token_lengths
 from trainer import NonFiniteLossError, TrainingInterrupted
-
-CHECKPOINT_FILE = "checkpoint.pt"
-TRAINING_RESULT_FILE = "training-result.json"
 
 __all__ = [  # the settings, re-exported for the notebook and the command line
     "DATA_URL",
@@ -237,12 +243,13 @@ def train(
         if not ranks.is_main:
             return None
         if cfg.lora_rank is None:
-            model.load_state_dict(torch.load(model_path, map_location=device, weights_only=True))
+            model.load_state_dict(read_state_dict(model_path))
         else:  # the model file holds merged weights; the adapter fits the LoRA model
             load_lora_adapter(model, run_dir / adapter_file_name(cfg.model_file_name()))
         model.eval()
         print(f"Training finished in an earlier session of this run; loaded {model_path}")
-        return TrainingResult(**json.loads(done.read_text(encoding="utf-8")))
+        saved = read_json(done, f"delete it and {model_path.name} to train again with --resume")
+        return TrainingResult(**saved)
     return finetune(
         model,
         train_loader,
@@ -283,8 +290,10 @@ def save_training(cfg: RunConfig, model, result: TrainingResult) -> tuple[dict[s
         adapter = run_dir / adapter_file_name(cfg.model_file_name())
         paths["lora_adapter"] = save_lora_adapter(model, adapter)
         print(f"LoRA adapter saved as {adapter}")
-    save_json(asdict(result), run_dir / TRAINING_RESULT_FILE)
-    (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+    save_json(asdict(result), run_dir / TRAINING_RESULT_FILE, checksum=True)
+    for name in (CHECKPOINT_FILE, CHECKPOINT_FILE.replace(".pt", ".prev.pt")):
+        (run_dir / name).unlink(missing_ok=True)
+        checksum_path(run_dir / name).unlink(missing_ok=True)
     print(f"Model saved as {paths['model']}")
     return paths, fig
 
@@ -298,8 +307,12 @@ def write_responses(
     """
     path = cfg.run_dir / RESPONSES_FILE
     if path.is_file():
-        saved = json.loads(path.read_text(encoding="utf-8"))
-        if len(saved) == len(test_data) and all("model_response" in e for e in saved):
+        saved = read_json(path, "delete it to generate the responses again with --resume")
+        if (
+            isinstance(saved, list)
+            and len(saved) == len(test_data)
+            and all(isinstance(e, dict) and "model_response" in e for e in saved)
+        ):
             print(f"Responses of an earlier session of this run: {path}")
             return saved, path
     responses = generate_responses(
@@ -312,7 +325,7 @@ def write_responses(
         batch_size=cfg.gen_batch_size,
         progress=progress,
     )
-    save_json(responses, path)
+    save_json(responses, path, checksum=True)
     print(f"Responses saved as {path}")
     return responses, path
 
@@ -400,7 +413,9 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict | None:
         cfg, model, splits.test, tokenizer, progress=progress
     )
     scores = evaluate(cfg, responses, progress=progress)
-    return write_summary(cfg, device, splits, model_cfg, result, outputs, scores)
+    summary = write_summary(cfg, device, splits, model_cfg, result, outputs, scores)
+    release_run(cfg.run_dir)  # (the run is complete: another process may read or resume it)
+    return summary
 
 
 # --------------------------------------------------------------------------------------
@@ -474,8 +489,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if ranks.is_main:
             print(f"error: {exc}", file=sys.stderr)
         return 2
-    except ChapterError as exc:  # expected failures: one clear message, no traceback
-        print(f"{'' if ranks.is_main else f'[rank {ranks.rank}] '}error: {exc}", file=sys.stderr)
+    except (ChapterError, OSError) as exc:  # expected failures: one clear line, no traceback
+        resume = f"; then resume with: {_resume_command(cfg, ranks)}"
+        hint = resume if isinstance(exc, OutputError) and cfg and cfg.run_name else ""
+        print(
+            f"{'' if ranks.is_main else f'[rank {ranks.rank}] '}error: {exc}{hint}", file=sys.stderr
+        )
         return 2
     except (gpt_download.DownloadError, gpt_download.CheckpointError) as exc:
         offline = SMOKE_HINT in str(exc) or isinstance(exc, gpt_download.DiskError)
@@ -483,9 +502,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         details = getattr(exc, "details", "") if args.verbose else ""
         print(f"error: {exc}{hint}" + (f"\n{details}" if details else ""), file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # outside training: whatever was saved stays; resume finishes it
-        print(f"\ninterrupted. Resume with: {_resume_command(cfg, ranks)}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # outside training: what was saved stays; resume finishes
+        print(
+            f"\n{describe_stop(exc)}. Resume with: {_resume_command(cfg, ranks)}", file=sys.stderr
+        )
+        return INTERRUPTED
     return 0
 
 
@@ -498,4 +519,4 @@ def _resume_command(cfg: RunConfig | None, ranks: Ranks) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(interrupts.run_command(main))

@@ -3,9 +3,11 @@
 ``RunConfig`` holds every choice of a run (its defaults are the chapter's); ``make_config``
 builds it for the command line and the notebook alike; ``check_settings`` refuses a setting
 that cannot work before any download or training starts. ``start_run`` gives every run a
-folder of its own, ``OUTPUT_DIR/<date>-<time>-<model>/``, and points ``OUTPUT_DIR/latest`` at
-it, so that no run overwrites or mixes with another; ``make_config(resume=...)`` continues
-an earlier run in its folder, with the settings it started with.
+folder of its own, ``OUTPUT_DIR/<date>-<time>-<model>[-<variant>]/`` (``run_tag``), and points
+``OUTPUT_DIR/latest`` at it, so that no run overwrites or mixes with another;
+``make_config(resume=...)`` continues an earlier run in its folder, with the settings it
+started with (``read_saved_config`` checks the file and each setting's type). One process at a
+time writes a run folder (``lock_run``).
 """
 
 from __future__ import annotations
@@ -15,21 +17,24 @@ import json
 import os
 import re
 import tempfile
+import types
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Union, get_args, get_origin, get_type_hints
+from urllib.parse import urlsplit
 
 import torch
 
 from instruction_data import (
+    DATA_URL,
     SAMPLE_DATA_PATH,
     ConfigError,
     check_prompt_style,
 )
 from judge_host import redact_url, redact_urls
 from ollama_evaluate import judge_endpoint
-from outputs import save_json
+from outputs import read_json, remove_stale_temp_files, save_json
 from previous_chapters import gpt2_config, resolve_model_name
 from run_settings import PRECISIONS, ranges, setting
 
@@ -38,6 +43,8 @@ SMOKE_MODEL_OVERRIDES = {"emb_dim": 64, "n_layers": 2, "n_heads": 4, "context_le
 # A chapter run's folder holds these files (and its model, ``RunConfig.model_file_name``)
 RUN_CONFIG_FILE = "run-config.json"
 RESPONSES_FILE = "instruction-data-with-response.json"  # 7.7: the test set, answered
+CHECKPOINT_FILE = "checkpoint.pt"  # 7.6: training so far (with checkpoint.prev.pt before it)
+TRAINING_RESULT_FILE = "training-result.json"  # 7.6: the losses, once training ended
 
 
 @dataclass
@@ -297,6 +304,63 @@ def check_settings(cfg: RunConfig) -> torch.device:
 # One folder per run
 # --------------------------------------------------------------------------------------
 
+_RUN_NAME = re.compile(r"^\d{8}-\d{6}-")  # <date>-<time>-<tag>, as new_run_folder names them
+LOCK_FILE = ".lock"  # held (flock) by the process that writes the run; it holds the pid
+_LOCKS: dict[Path, int] = {}  # the run folders this process holds: their lock files' fds
+
+
+class RunLockedError(ConfigError):
+    """Another process is writing the run folder."""
+
+
+def lock_run(folder: str | os.PathLike) -> None:
+    """Make this process the only writer of ``folder`` until it exits (or ``release_run``).
+
+    The lock is the operating system's (``flock``) on ``folder/.lock``, so a process that
+    crashes or is killed cannot leave it stuck. A folder another live process holds raises
+    ``RunLockedError`` naming that process. (Without ``fcntl``, as on Windows: no lock.)
+    """
+    key = Path(folder).resolve()
+    if key in _LOCKS:
+        return
+    try:
+        import fcntl
+    except ImportError:
+        return
+    try:
+        fd = os.open(key / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot lock the run folder {folder} ({exc.strerror or exc}); check that it "
+            "exists and that you can write in it"
+        ) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+        os.close(fd)
+        raise RunLockedError(
+            f"{folder} is being written by another process (pid {holder}); wait for it to "
+            f"end or stop it (kill {holder}), then try again; or start a new run"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _LOCKS[key] = fd
+
+
+def release_run(folder: str | os.PathLike) -> None:
+    """Let other processes write ``folder`` again (a no-op if this process does not hold it)."""
+    fd = _LOCKS.pop(Path(folder).resolve(), None)
+    if fd is not None:
+        os.close(fd)  # (closing the file releases the flock)
+
+
+def run_folders(output_dir: str | os.PathLike) -> list[Path]:
+    """The run folders in ``output_dir``, newest first (by the date and time in their names)."""
+    out = Path(output_dir)
+    found = [p for p in out.iterdir() if _RUN_NAME.match(p.name)] if out.is_dir() else []
+    return sorted((p for p in found if p.is_dir() and not p.is_symlink()), reverse=True)
+
 
 def latest_run(output_dir: str | os.PathLike) -> Path | None:
     """The newest run folder in ``output_dir`` (what ``latest`` points to), or None."""
@@ -324,28 +388,99 @@ def _point_latest(out: Path, name: str, link: str = "latest") -> None:
 
 def new_run_folder(output_dir: str | os.PathLike, tag: str, *, link: str = "latest") -> Path:
     """A new, empty folder ``output_dir/<date>-<time>-<tag>/`` (numbered if the name is
-    taken), which ``output_dir/<link>`` then points to."""
+    taken, even by a process starting in the same second), locked for this process
+    (``lock_run``), which ``output_dir/<link>`` then points to."""
     out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     name, n = f"{stamp}-{tag}", 2
-    while (out / name).exists():
-        name, n = f"{stamp}-{tag}-{n}", n + 1
-    (out / name).mkdir(parents=True)
+    while True:
+        try:
+            (out / name).mkdir()  # (creating it is the test: no other process can have it)
+            break
+        except FileExistsError:
+            name, n = f"{stamp}-{tag}-{n}", n + 1
+    lock_run(out / name)
     _point_latest(out, name, link)
     return out / name
 
 
+def run_tag(cfg: RunConfig) -> str:
+    """What a run folder's name says after its date: the model (``smoke`` for the tiny one),
+    then what differs from the chapter: ``lora16``, ``phi3``, ``mask``, the data's name."""
+    parts = ["smoke" if cfg.smoke else cfg.model_file_name().removesuffix("-sft.pth")]
+    if cfg.lora_rank is not None:
+        parts.append(f"lora{cfg.lora_rank}")
+    if cfg.prompt_style != "alpaca":
+        parts.append(cfg.prompt_style)
+    if cfg.mask_prompt:
+        parts.append("mask")
+    usual = SAMPLE_DATA_PATH.name if cfg.smoke else DATA_URL
+    if cfg.data != usual and Path(cfg.data).name != usual:
+        stem = Path(urlsplit(cfg.data).path).stem
+        parts.append(re.sub(r"[^A-Za-z0-9_.]+", "-", stem).strip("-.")[:24] or "data")
+    return "-".join(parts)
+
+
+def _check_run_files(run_dir: Path) -> None:
+    """Refuse a run folder where a file the run writes is something else (e.g. a folder)."""
+    for name in (RUN_CONFIG_FILE, RESPONSES_FILE, CHECKPOINT_FILE, TRAINING_RESULT_FILE):
+        path = run_dir / name
+        if path.exists() and not path.is_file():
+            raise ConfigError(f"{path} is not a file; move it out of the run folder and resume")
+
+
 def start_run(cfg: RunConfig) -> Path:
     """The run's folder: a new one (named and recorded in ``cfg.run_name``), or the folder of
-    the run being resumed. It holds the run's settings as ``run-config.json``."""
+    the run being resumed. It holds the run's settings as ``run-config.json``. The process
+    becomes the folder's only writer (``lock_run``); on a resume, the temporary files that
+    an earlier session left when it was killed while saving are deleted."""
     if cfg.run_name is not None:
+        lock_run(cfg.run_dir)
+        _check_run_files(cfg.run_dir)
+        for stale in remove_stale_temp_files(cfg.run_dir):
+            print(f"Removed {stale.name}, left by an earlier session killed while saving")
         print(f"Continuing the run in {cfg.run_dir}")
         return cfg.run_dir
-    tag = "smoke" if cfg.smoke else cfg.model_file_name().removesuffix("-sft.pth")
-    cfg.run_name = new_run_folder(cfg.output_dir, tag).name
-    save_json(redact_urls(asdict(cfg)), cfg.run_dir / RUN_CONFIG_FILE)  # (no URL secrets)
+    cfg.run_name = new_run_folder(cfg.output_dir, run_tag(cfg)).name
+    # (no URL secrets in the file)
+    save_json(redact_urls(asdict(cfg)), cfg.run_dir / RUN_CONFIG_FILE, checksum=True)
     print(f"This run's outputs go to {cfg.run_dir}")
     return cfg.run_dir
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether a JSON value fits a field's type hint (``int``, ``float | None``, ``dict``...)."""
+    if isinstance(hint, types.UnionType) or get_origin(hint) is Union:
+        return any(_matches(value, arg) for arg in get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint in (int, bool, str):
+        return type(value) is hint
+    origin = get_origin(hint) or hint
+    return not isinstance(origin, type) or isinstance(value, origin)
+
+
+def read_saved_config(path: Path, config_class: type, advice: str) -> Any:
+    """The ``config_class`` saved as JSON at ``path`` (checksum checked, each field's type
+    too); anything wrong is a ``ConfigError`` that names the file, the field and ``advice``."""
+    saved = read_json(path, advice)
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{path} does not hold a run's settings (a JSON object); {advice}")
+    hints = get_type_hints(config_class)
+    unknown = sorted(set(saved) - set(hints))
+    if unknown:
+        raise ConfigError(f"{path}: unknown setting {unknown[0]!r}; {advice}")
+    for name, value in saved.items():
+        if not _matches(value, hints[name]):
+            hint = hints[name]
+            wanted = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+            raise ConfigError(
+                f"{path}: {name} must be {wanted} but is {json.dumps(value)[:40]}; {advice}"
+            )
+    return config_class(**saved)
 
 
 def _resume_config(resume: bool | str | os.PathLike, given: dict) -> RunConfig:
@@ -354,15 +489,13 @@ def _resume_config(resume: bool | str | os.PathLike, given: dict) -> RunConfig:
     run = latest_run(output_dir) if resume is True or resume == "latest" else Path(resume)
     if run is None:
         raise ConfigError(f"nothing to resume: {output_dir}/ holds no earlier run")
+    if resume is True or resume == "latest":
+        print(f"--resume: the latest run in {output_dir}/ is {run.name}")
     path = run / RUN_CONFIG_FILE
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-        cfg = RunConfig(**saved)
-    except (OSError, ValueError, TypeError) as exc:
-        raise ConfigError(
-            f"cannot resume from {run}: {path} is missing or unreadable ({exc}); "
-            "pass the folder of an earlier run"
-        ) from None
+    advice = "pass the folder of an earlier run (its run-config.json is as the run wrote it)"
+    if not path.is_file():
+        raise ConfigError(f"cannot resume from {run}: {path} is missing or unreadable; {advice}")
+    cfg = read_saved_config(path, RunConfig, advice)
     cfg = replace(cfg, output_dir=str(run.parent), run_name=run.name)
     secrets = {  # a URL's credentials given again (run-config.json holds the URL without them)
         name: value

@@ -451,9 +451,10 @@ def test_cli_smoke_end_to_end(tmp_path, monkeypatch):
         "model": str(out / run.name / "gpt-random-init-sft.pth"),
         "responses": str(out / run.name / "instruction-data-with-response.json"),
     }
-    assert sorted(p.name for p in run.iterdir()) == sorted(
-        ["loss-plot.png", "gpt-random-init-sft.pth", "instruction-data-with-response.json"]
-        + ["run-summary.json", "run-config.json", "training-result.json"]
+    read_back = ["gpt-random-init-sft.pth", "instruction-data-with-response.json"]
+    read_back += ["run-config.json", "training-result.json"]  # (each with its checksum)
+    assert sorted(p.name for p in run.iterdir() if p.name != ".lock") == sorted(
+        ["loss-plot.png", "run-summary.json", *read_back, *(f"{n}.sha256" for n in read_back)]
     )
     assert not (tmp_path / "outputs").exists()  # everything went to --output-dir
 
