@@ -19,6 +19,11 @@ saves the numbers as JSON beside the plot.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # (before the slow imports: Ctrl-C there is one line too)
+    import interrupts
+
+    interrupts.guard_startup()
+
 import sys
 from pathlib import Path
 
@@ -236,4 +241,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(interrupts.run_command(main))

@@ -23,6 +23,11 @@ runs of each seed and reports each metric's mean and spread across the seeds.
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # (before the slow imports: Ctrl-C there is one line too)
+    import interrupts
+
+    interrupts.guard_startup()
+
 import sys
 from pathlib import Path
 
@@ -392,4 +397,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(interrupts.run_command(main))

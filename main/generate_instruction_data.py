@@ -25,6 +25,11 @@ the first version under ``original`` (with the critiques), so the two can be com
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # (before the slow imports: Ctrl-C there is one line too)
+    import interrupts
+
+    interrupts.guard_startup()
+
 import sys
 from pathlib import Path
 
@@ -457,4 +462,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(interrupts.run_command(main))
