@@ -4,29 +4,21 @@
     bash benchmarks/gpu_check.sh                         # the same; results into $OUT if set
     python benchmarks/gpu_check.py --device cpu --tiny   # the same parts, tiny, on the CPU
 
-Three parts, each in processes of its own: one that fails or runs out of time leaves the
-others running, and its failure is one line.
+Three parts, each in processes of its own, so that one that fails (one line) or runs out of
+its share of the budget (stopped, keeping what it measured) leaves the others running:
 
-1. workload: the chapter's own steps, GPT-2 medium's shapes with random weights, in fp32 and
-   in bf16 (the chapter's --precision: autocast in training, a bf16 model and KV cache for
-   the responses): ``instruction_finetuning.prepare_data / prepare_tokenizer /
-   prepare_loaders / prepare_model``, ``finetuning.finetune`` as the chapter's ``train`` step
-   calls it (2 epochs over the 935 training entries, batch 8, evaluation every 5 steps; no
-   checkpoints unless --checkpoints, as in the course's timing), then
-   ``finetuning.generate_responses`` for the 110 test entries (up to 256 new tokens, each
-   stopped at its end-of-text token as in the chapter; random weights rarely emit it, so
-   nearly every response runs to 256). Each timed separately, the device synchronised.
-2. torchrun: ``torchrun --standalone --nproc_per_node=N main/instruction_finetuning.py
-   --smoke`` on the device (N: the GPUs; 2 with Gloo on the CPU), then an all_reduce among
-   N processes in an NCCL group (with N = 1 the chapter's run makes no process group).
-3. bench: ``python benchmarks/bench.py --device cuda --out RESULTS``, with its own files.
+1. workload: the chapter's own steps (``instruction_finetuning.prepare_*``,
+   ``finetuning.finetune`` as its ``train`` step calls it, ``finetuning.generate_responses``)
+   with GPT-2 medium's shapes and random weights, in fp32 and in bf16: 2 epochs over the 935
+   training entries, then the 110 test responses (up to 256 new tokens, each stopped at its
+   end-of-text token as in the chapter), each timed with the device synchronised;
+2. torchrun: the chapter's smoke run under ``torchrun --nproc_per_node=N`` (N: the GPUs;
+   2 with Gloo on the CPU), then an all_reduce among N processes in an NCCL group;
+3. bench: ``python benchmarks/bench.py --device cuda --out RESULTS``.
 
-Data: --data FILE, else the chapter's dataset in ../shared/data (or shared/data), else 1,100
-synthetic entries with the chapter's lengths. Budget (--budget): the workload may run until
-70% of it, torchrun until 85%, bench until its end; a part still running then is stopped.
-Results: a table, and RESULTS/gpu-<gpu>.{json,md,log} (RESULTS: benchmarks/results), with
-the course's time (355M, 2 epochs: 0.86 min on an A100) and the goals on one H100/H200
-(2 epochs in 20 s or less, the 110 responses in 10 s or less) marked met or not met.
+Results: a table, and RESULTS/gpu-<gpu>.{json,md,log} (RESULTS: benchmarks/results), with the
+course's time (355M, 2 epochs: 0.86 min on an A100) and the goals on one H100/H200 marked met
+or not met. benchmarks/README.md ("GPU check") says more.
 """
 
 from __future__ import annotations
@@ -226,14 +218,14 @@ def workload_worker(args: argparse.Namespace) -> int:
             cfg = chapter_config(args, precision)
             device = check_settings(cfg)  # e.g. bf16 where the hardware has none: refused
             splits = chapter.prepare_data(cfg)
-            tokenizer = CountingTokenizer(chapter.prepare_tokenizer(cfg))
+            tokenizer = chapter.prepare_tokenizer(cfg)
             loaders = chapter.prepare_loaders(cfg, splits, tokenizer, device)[:2]
             model, model_cfg = chapter.prepare_model(cfg, device)
             shape = [model_cfg[key] for key in ("n_layers", "emb_dim", "n_heads")]
             row = timed_training(args, cfg, device, model, loaders, tokenizer)
             emit(step=step, precision=precision, status="ok", layers_emb_heads=shape, **row)
             step = "responses"
-            row = timed_responses(cfg, device, model, splits.test, tokenizer)
+            row = timed_responses(cfg, device, model, splits.test, CountingTokenizer(tokenizer))
             emit(step=step, precision=precision, status="ok", **row)
         except Exception as exc:  # one line, then the next precision
             status = "refused" if isinstance(exc, ConfigError) else "failed"
@@ -290,13 +282,16 @@ def stop_process(proc: subprocess.Popen) -> None:
 
 
 def error_line(text: str) -> str:
-    """What went wrong, in a process's output: its last ``error:`` or exception line, else
-    its last line."""
+    """What went wrong, in a process's output: its last ``error:`` line, else its last
+    exception (torchrun's ChildFailedError only names the rank), else its last line."""
     lines = [line.strip() for line in text.splitlines() if line.strip() and ROW not in line]
-    for line in reversed(lines):
-        if line.startswith("error:") or re.match(r"[\w.]*(Error|Exception)\b", line):
-            return line[:300]
-    return lines[-1][:300] if lines else "no output"
+    errors = [line for line in lines if re.match(r"(\[rank \d+\] )?error:", line)]
+    exceptions = [
+        line
+        for line in lines
+        if re.match(r"[\w.]*(Error|Exception)\b", line) and "ChildFailedError" not in line
+    ]
+    return ((errors or exceptions or lines or ["no output"])[-1])[:300]
 
 
 def run_process(cmd: list[str], deadline: float, log: Path, env: dict) -> dict:
@@ -338,18 +333,15 @@ def run_process(cmd: list[str], deadline: float, log: Path, env: dict) -> dict:
 def workload_part(args: argparse.Namespace, deadline: float, log: Path, env: dict) -> dict:
     cmd = [sys.executable, str(SCRIPT), "--worker", "workload", "--device", args.device]
     cmd += ["--data-file", args.data_file, "--work", args.work, "--precisions", *args.precisions]
-    part = run_process(cmd + ["--tiny"] * args.tiny + ["--checkpoints"] * args.checkpoints,
-                       deadline, log, env)  # fmt: skip
+    cmd += ["--tiny"] * args.tiny + ["--checkpoints"] * args.checkpoints
+    part = run_process(cmd, deadline, log, env)
     rows = {(row["precision"], row["step"]): row for row in part["rows"]}
     part["rows"] = []
     for precision in args.precisions:  # every measurement, in order; what did not run and why
         for step in ("train", "responses"):
-            missing = {
-                "status": "not run",
-                "error": part.get("error") or "its training did not end",
-            }
-            part["rows"].append(rows.get((precision, step), {**missing, "step": step}))
-            part["rows"][-1]["precision"] = precision
+            why = part.get("error") or "its training did not end"
+            missing = {"step": step, "precision": precision, "status": "not run", "error": why}
+            part["rows"].append(rows.get((precision, step), missing))
     if part["status"] == "ok" and any(row["status"] == "failed" for row in part["rows"]):
         part.update(status="failed", error="a measurement failed (see its row)")
     return part
@@ -520,7 +512,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", help="instruction data (default: the chapter's, else synthetic)")
     p.add_argument("--synthetic", action="store_true", help="synthetic data even if real exists")
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for the results")
-    p.add_argument("--name", help="results file name: gpu-NAME.* (default: from the GPU)")
     p.add_argument("--skip", action="append", default=[], choices=list(PARTS))
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     p.add_argument("--checkpoints", action="store_true", help="train with the run's checkpoints")
@@ -559,24 +550,22 @@ def main(argv=None) -> int:
         return (workload_worker if args.worker == "workload" else collective_worker)(args)
     start = time.monotonic()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print(
-            "error: PyTorch sees no CUDA GPU here (on a CPU: --device cpu --tiny)", file=sys.stderr
-        )
+        print("error: PyTorch sees no CUDA GPU (on a CPU: --device cpu --tiny)", file=sys.stderr)
         return 2
     info = machine(args)
-    name = args.name or re.sub(r"[^a-z0-9]+", "-", info.get("gpu", args.device).lower())
-    name = name.removeprefix("nvidia-").strip("-") + (
-        "-tiny" if args.tiny and not args.name else ""
-    )
-    stem = args.out / f"gpu-{name}"
-    command = shlex.join(
-        ["python", "benchmarks/gpu_check.py", *(sys.argv[1:] if argv is None else argv)]
-    )
+    name = re.sub(r"[^a-z0-9]+", "-", info.get("gpu", args.device).lower()).strip("-")
+    stem = args.out / f"gpu-{name.removeprefix('nvidia-')}{'-tiny' * args.tiny}"
+    given = sys.argv[1:] if argv is None else list(argv)
+    command = shlex.join(["python", "benchmarks/gpu_check.py", *given])
     result = {"command": command, "machine": info, "budget_s": args.budget, "parts": {}}
     result.update(course_s=COURSE_SECONDS, goals_s=GOALS, goals_apply=not args.tiny)
-    args.out.mkdir(parents=True, exist_ok=True)
     log = stem.with_suffix(".log")
-    log.write_text(f"{command}\n", encoding="utf-8")
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+        log.write_text(f"{command}\n", encoding="utf-8")
+    except OSError as exc:
+        print(f"error: results folder {args.out}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     interrupted = False
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as work:
         try:

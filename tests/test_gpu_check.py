@@ -79,11 +79,24 @@ def test_a_process_past_its_deadline_is_stopped_and_keeps_what_it_reported(tmp_p
     assert failed["error"] == "exit status 1: RuntimeError: CUDA error: no kernel image"
 
 
+def test_a_failure_is_told_by_its_own_line_not_by_torchruns_summary():
+    torchrun = [
+        "Traceback (most recent call last):",
+        "RuntimeError: NCCL error: unhandled system error",
+        "torch.distributed.elastic.multiprocessing.errors.ChildFailedError:",
+        "main/instruction_finetuning.py FAILED",
+    ]
+    assert gpu_check.error_line("\n".join(torchrun)) == torchrun[1]
+    chapter = ["Training set length: 34", "[rank 1] error: no such file", "Exception ignored"]
+    assert gpu_check.error_line("\n".join(chapter)) == chapter[1]
+    assert gpu_check.error_line("step 3\nKilled\n") == "Killed"
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_without_a_gpu_the_full_check_is_one_line(capsys, tmp_path):
     assert gpu_check.main(["--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err == (
-        "error: PyTorch sees no CUDA GPU here (on a CPU: --device cpu --tiny)\n"
+        "error: PyTorch sees no CUDA GPU (on a CPU: --device cpu --tiny)\n"
     )
     assert list(tmp_path.iterdir()) == []
 
