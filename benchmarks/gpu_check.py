@@ -24,6 +24,7 @@ or not met. benchmarks/README.md ("GPU check") says more.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
 import gc
@@ -211,6 +212,7 @@ def workload_worker(args: argparse.Namespace) -> int:
     a precision the hardware lacks, or a failure, is one row."""
     import instruction_finetuning as chapter
     from run_config import check_settings
+    from trainer import TrainingInterrupted
 
     for precision in args.precisions:
         step = "train"
@@ -227,6 +229,9 @@ def workload_worker(args: argparse.Namespace) -> int:
             step = "responses"
             row = timed_responses(cfg, device, model, splits.test, CountingTokenizer(tokenizer))
             emit(step=step, precision=precision, status="ok", **row)
+        except TrainingInterrupted as exc:  # SIGTERM: the budget ran out
+            emit(step=step, precision=precision, status="stopped", error=str(exc))
+            return 1
         except Exception as exc:  # one line, then the next precision
             status = "refused" if isinstance(exc, ConfigError) else "failed"
             lines = str(exc).strip().splitlines() or [""]
@@ -269,16 +274,13 @@ def collective_worker(args: argparse.Namespace) -> int:
 
 
 def stop_process(proc: subprocess.Popen) -> None:
-    """SIGTERM to the process and its children (its own session), SIGKILL after 10 s."""
+    """SIGTERM to the process and its children (its own session); SIGKILL to whatever of
+    them is left once it has ended, or after 10 s."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=10)
-            return
-        except ProcessLookupError:
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 def error_line(text: str) -> str:
@@ -324,7 +326,7 @@ def run_process(cmd: list[str], deadline: float, log: Path, env: dict) -> dict:
     part = {"status": {None: "stopped", 0: "ok"}.get(rc, "failed"), "rows": rows}
     part["seconds"] = time.monotonic() - start
     if rc is None:
-        part["error"] = "stopped: the time budget ran out"
+        part["error"] = "the time budget ran out"
     elif rc != 0:
         part["error"] = f"exit status {rc}: {error_line(text)}"
     return part
@@ -380,6 +382,8 @@ def torchrun_part(args: argparse.Namespace, deadline: float, log: Path, env: dic
         part["rows"].append(row)
         if row["status"] != "ok" and part["status"] == "ok":
             part.update(status=row["status"], error=f"{step}: {row['error']}")
+        if row["status"] == "stopped":
+            break
     return part
 
 
@@ -460,15 +464,18 @@ def table_rows(result: dict) -> list[list[str]]:
             rows.append([name, f"{row['status']}: {row['error']}", "", "", "", ""])
     torchrun = parts.get("torchrun", {})
     for row in torchrun.get("rows", []):
-        what = f"{torchrun['processes']} process(es), {torchrun['backend']}: " + (
-            row["error"] if row["status"] != "ok" else f"ran on {row.get('device', 'cpu')}"
-        )
-        if row["status"] == "ok" and row["step"] == "all_reduce":
-            what += f", sum correct, {row['all_reduce_s'] * 1e3:.1f} ms"
+        if row["status"] != "ok":
+            result_text = f"{row['status']}: {row['error']}"
+        elif row["step"] == "all_reduce":
+            result_text = f"sum correct, {row['all_reduce_s'] * 1e3:.1f} ms"
+        else:
+            result_text = f"ran on {row['device']}"
+        what = f"{torchrun['processes']} process(es), {torchrun['backend']}: {result_text}"
         rows.append([f"torchrun: {row['step']}", what, f"{row['seconds']:.1f}", "", "", ""])
     for name, part in parts.items():
         if name == "bench" or not part.get("rows"):
-            what = f"{part['status']}: " + (part.get("error") or part.get("command", ""))
+            detail = part.get("error") or part.get("command")
+            what = part["status"] + (f": {detail}" if detail else "")
             seconds = f"{part['seconds']:.1f}" if "seconds" in part else ""
             rows.append([name, what, seconds, "", "", ""])
     return rows
