@@ -30,8 +30,8 @@ from pathlib import Path
 
 import requests
 import urllib3
-from tqdm import tqdm
 
+from progress_bars import progress_bar
 from tf_checkpoint import (
     CHECKPOINT_PATH_PATTERN,
     CheckpointError,
@@ -245,8 +245,8 @@ def _receive(response, part: Path, mode: str, have: int, total, deadline, progre
     give_up_at = time.monotonic() + seconds
     # read1 (urllib3 >= 2.3) returns what has arrived, so a trickle cannot outlast the deadline
     read = getattr(response.raw, "read1", response.raw.read)
-    bar = tqdm(
-        total=total, initial=have, unit="B", unit_scale=True, desc=part.stem, disable=not progress
+    bar = progress_bar(
+        total=total, initial=have, unit="B", unit_scale=True, desc=part.stem, enabled=progress
     )
     with _on_disk("write", part):
         file = open(part, mode)

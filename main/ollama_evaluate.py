@@ -40,7 +40,6 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import requests
-from tqdm import tqdm
 
 from instruction_data import (
     ChapterError,
@@ -69,6 +68,7 @@ from local_metrics import (  # noqa: F401 (re-exported: ollama_evaluate.rouge_l_
     rouge_l_f1,
 )
 from outputs import save_json
+from progress_bars import progress_bar
 
 JUDGE_OPTIONS = {"seed": 123, "temperature": 0, "num_ctx": 2048}
 JUDGE_TIMEOUT = 120.0  # seconds to wait for one reply
@@ -332,7 +332,7 @@ def ask_each(
     as the judge's score, or as ``keep(entry, reply)`` stores it (``preference_data`` keeps
     the judge's rewrites this way)."""
     in_a_row = 0
-    for i in tqdm(todo, desc=desc, disable=not progress):
+    for i in progress_bar(todo, desc=desc, enabled=progress):
         try:
             reply = ask(records[i])
         except JudgeUnavailableError as exc:
