@@ -33,6 +33,7 @@ if (_ROOT / "previous_chapters.py").is_file() and str(_ROOT) not in sys.path:
 
 import argparse
 import os
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -115,7 +116,11 @@ def build_page(
 
 
 def launch(page: Any, *, host: str = "127.0.0.1", port: int = 7860, block: bool = True) -> str:
-    """Serve the page on ``host:port``; returns its URL. ``block=False`` returns at once."""
+    """Serve the page on ``host:port``; returns its URL. ``block=False`` returns at once.
+
+    Gradio's own start-up lines are left out (``quiet``): they end in advice to "set
+    `share=True`", a public link through Gradio's servers that this offline page never makes.
+    ``main`` prints the address and what to do instead."""
     gr = import_gradio()
     theme = gr.themes.Default(font=SYSTEM_FONTS, font_mono=SYSTEM_MONO_FONTS)
     _, url, _ = page.launch(
@@ -125,11 +130,23 @@ def launch(page: Any, *, host: str = "127.0.0.1", port: int = 7860, block: bool 
         inbrowser=False,
         ssr_mode=False,
         mcp_server=False,
-        prevent_thread_lock=not block,
+        prevent_thread_lock=True,
         theme=theme,
-        quiet=not block,
+        quiet=True,
     )
+    if block:
+        serve_until_interrupted(page)
     return url
+
+
+def serve_until_interrupted(page: Any) -> None:
+    """Wait while the page serves; Ctrl-C closes it and is raised on."""
+    try:
+        while page.is_running:
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        page.close()
+        raise
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
@@ -159,8 +176,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ChapterError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"Chat page for {loaded.path} on http://{args.host}:{args.port} (Ctrl-C stops it)")
-    launch(page, host=args.host, port=args.port)
+    url = launch(page, host=args.host, port=args.port, block=False)
+    reach = (
+        "only this machine can open it (--host 0.0.0.0 serves it to your network)"
+        if args.host in ("127.0.0.1", "localhost")
+        else "other machines open it through this machine's address"
+    )
+    print(f"Chat page for {loaded.path}: open {url} in a browser; {reach}. Ctrl-C stops it.")
+    try:
+        serve_until_interrupted(page)
+    except KeyboardInterrupt:
+        print("\nchat page stopped")
+        return 130
     return 0
 
 
