@@ -372,7 +372,7 @@ def start_run(cfg: RunConfig) -> Path:
     tag = "smoke" if cfg.smoke else cfg.model_file_name().removesuffix("-sft.pth")
     cfg.run_name = new_run_folder(cfg.output_dir, tag).name
     save_json(asdict(cfg), cfg.run_dir / RUN_CONFIG_FILE)
-    print(f"This run's outputs go to {cfg.run_dir}")
+    print(f"This run's outputs go to {cfg.run_dir.resolve()}")  # absolute: whatever the cwd
     return cfg.run_dir
 
 
