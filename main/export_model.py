@@ -56,6 +56,7 @@ from instruction_data import (
 from model_file import LoadedModel, find_model_file, load_model_file
 from outputs import write_folder_atomically
 from previous_chapters import GPT_CONFIG_124M, MODEL_CONFIGS
+from progress_bars import on_terminal
 
 FORMATS = ("hf", "gguf")
 DTYPES = {"f32": torch.float32, "f16": torch.float16}
@@ -257,7 +258,7 @@ def _write_gguf_folder(folder: Path, loaded: LoadedModel, dtype: str, progress: 
         writer.add_tensor(tensor_name, tensor.to(wanted).numpy())
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
-    writer.write_tensors_to_file(progress=progress)
+    writer.write_tensors_to_file(progress=progress and on_terminal())  # gguf's own tqdm bar
     writer.close()
     modelfile = ollama_modelfile(f"{name}.gguf", loaded.prompt_style, cfg["context_length"])
     (folder / "Modelfile").write_text(modelfile, encoding="utf-8")
