@@ -84,6 +84,8 @@ def test_the_readme_commands_are_found_with_their_needs():
     commands = readme_commands(README.read_text(encoding="utf-8"))
     assert [c.text for c in commands[:2]] == QUICK_START
     assert commands[0].needs() == {"internet"}
+    servers = [c.text for c in commands if "until Ctrl-C" in c.comment]
+    assert servers == ["python main/chat_page.py"]
     multi = [c for c in commands if "--json_output_file" in c.text]
     assert multi and multi[0].text.startswith("python main/find_near_duplicates.py --json_file")
 
@@ -216,9 +218,10 @@ def test_every_readme_command_runs_in_order_offline(tmp_path, system_program):
             text = text.split(" && ")[-1]
             if text == "python -m pytest":
                 continue  # this very test suite
+        assert "pip install" not in text, f"README.md:{command.line}: an install beyond the two"
         if command.needs() & set(NOT_RUN_HERE):
             continue
-        if "Ctrl-C stops it" in command.comment and "chat_page" in text:
+        if "until Ctrl-C" in command.comment:  # a server
             rc, out, err = _serve_then_interrupt(text, clone, env)
             assert rc == 130, f"{text}: Ctrl-C should exit 130, not {rc}\n{out}\n{err}"
             rc = 0
