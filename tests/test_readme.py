@@ -224,6 +224,7 @@ def test_every_readme_command_runs_in_order_offline(tmp_path, system_program):
         if "until Ctrl-C" in command.comment:  # a server
             rc, out, err = _serve_then_interrupt(text, clone, env)
             assert rc == 130, f"{text}: Ctrl-C should exit 130, not {rc}\n{out}\n{err}"
+            assert "share=True" not in out + err  # Gradio's advice, which no user can act on
             rc = 0
         else:
             rc, out, err = _run(text, clone, env)
