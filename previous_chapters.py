@@ -29,6 +29,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from progress_bars import progress_bar
+
 # ---------------------------------------------------------------------------
 # Configurations
 # ---------------------------------------------------------------------------
@@ -431,7 +433,7 @@ def train_model_simple(
     """
     train_losses, val_losses, track_tokens_seen = [], [], []
     tokens_seen, global_step = 0, -1
-    bar = tqdm(total=num_epochs * len(train_loader), unit="step", disable=not progress)
+    bar = progress_bar(total=num_epochs * len(train_loader), unit="step", enabled=progress)
     for epoch in range(num_epochs):
         model.train()
         for input_batch, target_batch in train_loader:

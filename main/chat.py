@@ -89,18 +89,24 @@ def repl(
     *,
     read: Callable[[str], str] = input,
     out: TextIO = sys.stdout,
+    echo: bool = False,
 ) -> int:
     """Read an instruction, stream the reply, repeat until exit/quit or end of input.
 
-    Returns the number of instructions answered.
+    ``echo`` writes each line read after the prompt, as a terminal would show it: with piped
+    input, a transcript then holds the questions as well as the answers. Returns the number of
+    instructions answered.
     """
     answered = 0
     while True:
         try:
-            line = read(">> ").strip()
+            line = read(">> ")
         except (EOFError, KeyboardInterrupt):
             out.write("\n")
             return answered
+        if echo:
+            out.write(f"{line}\n")
+        line = line.strip()
         if line.lower() in QUIT_WORDS:
             return answered
         if not line:
@@ -199,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"Chatting with {loaded.path} ({loaded.prompt_style.name} prompts). Type an instruction; "
         "each line is answered on its own. exit, quit or Ctrl-D ends the chat."
     )
-    repl(reply)
+    repl(reply, echo=not sys.stdin.isatty())  # piped questions: show them with the answers
     return 0
 
 

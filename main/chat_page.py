@@ -39,6 +39,7 @@ import argparse
 import errno
 import os
 import socket
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -123,7 +124,11 @@ def build_page(
 
 
 def launch(page: Any, *, host: str = "127.0.0.1", port: int = 7860, block: bool = True) -> str:
-    """Serve the page on ``host:port``; returns its URL. ``block=False`` returns at once."""
+    """Serve the page on ``host:port``; returns its URL. ``block=False`` returns at once.
+
+    Gradio's own start-up lines are left out (``quiet``): they end in advice to "set
+    `share=True`", a public link through Gradio's servers that this offline page never makes.
+    ``main`` prints the address and what to do instead."""
     gr = import_gradio()
     theme = gr.themes.Default(font=SYSTEM_FONTS, font_mono=SYSTEM_MONO_FONTS)
     _, url, _ = page.launch(
@@ -133,10 +138,12 @@ def launch(page: Any, *, host: str = "127.0.0.1", port: int = 7860, block: bool 
         inbrowser=False,
         ssr_mode=False,
         mcp_server=False,
-        prevent_thread_lock=not block,
+        prevent_thread_lock=True,
         theme=theme,
-        quiet=not block,
+        quiet=True,
     )
+    if block:
+        serve_until_interrupted(page)
     return url
 
 
@@ -155,6 +162,16 @@ def check_port(host: str, port: int) -> None:
             + f"; pass another with --port, e.g. --port {port + 1 if port < 65535 else 7860}"
             + ("" if busy else ", or another --host")
         ) from None
+
+
+def serve_until_interrupted(page: Any) -> None:
+    """Wait while the page serves; Ctrl-C closes it and is raised on."""
+    try:
+        while page.is_running:
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        page.close()
+        raise
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
@@ -182,8 +199,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             top_k=args.top_k,
             seed=args.seed,
         )
-        print(f"Chat page for {loaded.path} on http://{args.host}:{args.port} (Ctrl-C stops it)")
-        launch(page, host=args.host, port=args.port)
+        url = launch(page, host=args.host, port=args.port, block=False)
+        reach = (
+            "only this machine can open it (--host 0.0.0.0 serves it to your network)"
+            if args.host in ("127.0.0.1", "localhost")
+            else "other machines open it through this machine's address"
+        )
+        print(f"Chat page for {loaded.path}: open {url} in a browser; {reach}. Ctrl-C stops it.")
+        serve_until_interrupted(page)
     except (ChapterError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

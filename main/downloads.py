@@ -25,7 +25,8 @@ from pathlib import Path
 
 import requests
 import urllib3
-from tqdm import tqdm
+
+from progress_bars import progress_bar
 
 DOWNLOAD_TIMEOUT = (5.0, 30.0)  # seconds to connect, seconds of silence while receiving
 MIN_RATE = 1000.0  # bytes per second: a transfer slower than this ...
@@ -198,8 +199,8 @@ def _receive(response, part: Path, mode: str, have: int, total, limits, watch) -
     received = window_bytes = 0
     # read1 (urllib3 >= 2.3) returns what has arrived, so a trickle cannot outlast the deadline
     read = getattr(response.raw, "read1", response.raw.read)
-    bar = tqdm(
-        total=total, initial=have, unit="B", unit_scale=True, desc=part.stem, disable=not progress
+    bar = progress_bar(
+        total=total, initial=have, unit="B", unit_scale=True, desc=part.stem, enabled=progress
     )
     with _on_disk("write", part):
         file = open(part, mode)

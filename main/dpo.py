@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from engine import attention_dropout, causal_attention, ends_after_last, hidden_states
 from previous_chapters import generate_and_print_sample
+from progress_bars import progress_bar
 from trainer import NonFiniteLossError
 
 REDUCTIONS = ("sum", "mean")
@@ -294,7 +295,7 @@ def train_model_dpo_simple(
     """
     tracking, tokens_seen, global_step = new_tracking(), 0, -1
     device = next(policy_model.parameters()).device
-    bar = tqdm(total=num_epochs * len(train_loader), unit="step", disable=not progress)
+    bar = progress_bar(total=num_epochs * len(train_loader), unit="step", enabled=progress)
     for epoch in range(num_epochs):
         policy_model.train()
         for batch in train_loader:

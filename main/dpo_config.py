@@ -172,5 +172,5 @@ def start_dpo_run(cfg: DPOConfig) -> Path:
     folder = new_run_folder(cfg.output_dir, "dpo-smoke" if cfg.smoke else "dpo", link="latest-dpo")
     cfg.run_name = folder.name
     save_json(redact_urls(asdict(cfg)), folder / DPO_CONFIG_FILE)  # (no URL secrets)
-    print(f"This DPO run's outputs go to {folder}")
+    print(f"This DPO run's outputs go to {folder.resolve()}")  # absolute: whatever the cwd
     return folder

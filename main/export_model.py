@@ -62,6 +62,7 @@ from interrupts import describe as describe_stop
 from model_file import LoadedModel, find_model_file, load_model_file
 from outputs import write_folder_atomically
 from previous_chapters import GPT_CONFIG_124M, MODEL_CONFIGS
+from progress_bars import on_terminal
 from run_config import check_writable_folder
 
 FORMATS = ("hf", "gguf")
@@ -264,7 +265,7 @@ def _write_gguf_folder(folder: Path, loaded: LoadedModel, dtype: str, progress: 
         writer.add_tensor(tensor_name, tensor.to(wanted).numpy())
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
-    writer.write_tensors_to_file(progress=progress)
+    writer.write_tensors_to_file(progress=progress and on_terminal())  # gguf's own tqdm bar
     writer.close()
     modelfile = ollama_modelfile(f"{name}.gguf", loaded.prompt_style, cfg["context_length"])
     (folder / "Modelfile").write_text(modelfile, encoding="utf-8")

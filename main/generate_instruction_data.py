@@ -287,7 +287,7 @@ def generate_instruction_data(
     attempts in all (default: 4 per entry); fewer entries than asked after them:
     ``DatasetError``. ``max_failures`` failed requests in a row: ``JudgeUnavailableError``.
     """
-    from tqdm import tqdm
+    from progress_bars import progress_bar
 
     output = Path(output)
     entries, rejected = _read_list(output), _read_list(rejected_path(output))
@@ -301,7 +301,7 @@ def generate_instruction_data(
                 with failures:
                     entries[i] = entry = _reflected(magpie, entry, seed + entry.get("attempt", i))
             save_json(entries, output)
-    bar = tqdm(total=num_entries, initial=min(len(entries), num_entries), disable=not progress)
+    bar = progress_bar(total=num_entries, initial=min(len(entries), num_entries), enabled=progress)
     while len(entries) < num_entries and attempt < limit:
         with failures:
             try:

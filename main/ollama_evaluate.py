@@ -43,8 +43,6 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from tqdm import tqdm
-
 import judge_client
 from instruction_data import (
     ChapterError,
@@ -83,6 +81,7 @@ from local_metrics import (  # noqa: F401 (re-exported: ollama_evaluate.rouge_l_
     rouge_l_f1,
 )
 from outputs import save_json
+from progress_bars import progress_bar
 
 JUDGE_OPTIONS = {"seed": 123, "temperature": 0, "num_ctx": 2048}
 JUDGE_MAX_FAILURES = 3  # failed requests in a row after which the judge counts as down
@@ -367,7 +366,7 @@ def ask_each(
     (``preference_data`` keeps the judge's rewrites this way). A failed request (unusable
     replies included) saves nothing, so the entry is asked again next time."""
     in_a_row = 0
-    for i in tqdm(todo, desc=desc, disable=not progress):
+    for i in progress_bar(todo, desc=desc, enabled=progress):
         try:
             reply = ask(records[i])
         except JudgeUnavailableError as exc:

@@ -445,7 +445,7 @@ def start_run(cfg: RunConfig) -> Path:
     cfg.run_name = new_run_folder(cfg.output_dir, run_tag(cfg)).name
     # (no URL secrets in the file)
     save_json(redact_urls(asdict(cfg)), cfg.run_dir / RUN_CONFIG_FILE, checksum=True)
-    print(f"This run's outputs go to {cfg.run_dir}")
+    print(f"This run's outputs go to {cfg.run_dir.resolve()}")  # absolute: whatever the cwd
     return cfg.run_dir
 
 

@@ -55,6 +55,7 @@ from engine import IGNORE_INDEX
 from instruction_data import ChapterError
 from outputs import keep_previous, load_failure, verify_file, write_atomically
 from previous_chapters import LossFn, calc_loss_batch, evaluate_model, generate_and_print_sample
+from progress_bars import progress_bar
 
 
 class TrainingInterrupted(ChapterError):
@@ -422,7 +423,7 @@ def train_resumable(
                 f"{state.global_step}{saved}"
             )
 
-    bar = tqdm(total=num_epochs * len(train_loader), unit="step", disable=not (progress and main))
+    bar = progress_bar(total=num_epochs * len(train_loader), unit="step", enabled=progress and main)
     bar.update(state.epoch * len(train_loader) + state.batches_done)
     started = time.monotonic()
     with StopRequests() as stop, contextlib.closing(bar):
