@@ -14,6 +14,7 @@ This module imports nothing slow: it must load in milliseconds.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -28,9 +29,12 @@ class Terminated(KeyboardInterrupt):
 
 
 def _stop_during_startup(signum: int, frame: Any) -> None:
+    """Exit at once: nothing was done yet. (``os._exit``, not ``SystemExit``: an exception
+    raised here could land in a library's ``except:`` around one of its imports and be lost.)"""
     name = signal.Signals(signum).name
     print(f"\ninterrupted ({name}) while starting; nothing was done", file=sys.stderr)
-    raise SystemExit(INTERRUPTED)
+    sys.stderr.flush()
+    os._exit(INTERRUPTED)
 
 
 def _raise_terminated(signum: int, frame: Any) -> None:
