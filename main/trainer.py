@@ -278,9 +278,9 @@ class ResumableRun(TrainingRun):
         ranks: Ranks = SINGLE_PROCESS,
         history_type: type | None = None,
     ) -> None:
-        rows = _batch_rows(train_loader)
+        rows = _batch_rows(train_loader)  # (evaluation runs in chunks of a micro-batch)
         chunk = rows // (ranks.world_size * grad_accum) if rows else 0
-        super().__init__(in_chunks(loss_fn, chunk) if chunk else loss_fn)
+        super().__init__(in_chunks(loss_fn, chunk) if 0 < chunk < rows else loss_fn)
         self.model, self.optimizer, self.train_loader = model, optimizer, train_loader
         self.val_loader, self.device, self.eval_iter = val_loader, device, eval_iter
         self.num_epochs = num_epochs
