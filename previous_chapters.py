@@ -30,6 +30,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from progress_bars import progress_bar
+
 # ---------------------------------------------------------------------------
 # Configurations
 # ---------------------------------------------------------------------------
@@ -513,7 +515,7 @@ def train_model_simple(
     run = run or TrainingRun(loss_fn)
     step_loss = run.step_loss(model, loss_fn, device)
     steps = num_epochs * len(train_loader)
-    bar = tqdm(total=steps, unit="step", disable=not (progress and run.is_main))
+    bar = progress_bar(total=steps, unit="step", enabled=progress and run.is_main)
     with run as state, bar:  # (a run that resumes starts where its checkpoint stopped)
         bar.update(state.epoch * len(train_loader) + state.batches_done)
         while state.epoch < num_epochs:

@@ -20,6 +20,10 @@ from pathlib import Path
 _ROOT = Path(__file__).resolve().parents[1]
 if (_ROOT / "previous_chapters.py").is_file() and str(_ROOT) not in sys.path:
     sys.path.append(str(_ROOT))
+if __name__ == "__main__":  # (before the slow imports: Ctrl-C there is one line too)
+    import interrupts
+
+    interrupts.guard_startup()
 
 import argparse
 import codecs
@@ -85,18 +89,24 @@ def repl(
     *,
     read: Callable[[str], str] = input,
     out: TextIO = sys.stdout,
+    echo: bool = False,
 ) -> int:
     """Read an instruction, stream the reply, repeat until exit/quit or end of input.
 
-    Returns the number of instructions answered.
+    ``echo`` writes each line read after the prompt, as a terminal would show it: with piped
+    input, a transcript then holds the questions as well as the answers. Returns the number of
+    instructions answered.
     """
     answered = 0
     while True:
         try:
-            line = read(">> ").strip()
+            line = read(">> ")
         except (EOFError, KeyboardInterrupt):
             out.write("\n")
             return answered
+        if echo:
+            out.write(f"{line}\n")
+        line = line.strip()
         if line.lower() in QUIT_WORDS:
             return answered
         if not line:
@@ -195,9 +205,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"Chatting with {loaded.path} ({loaded.prompt_style.name} prompts). Type an instruction; "
         "each line is answered on its own. exit, quit or Ctrl-D ends the chat."
     )
-    repl(reply)
+    repl(reply, echo=not sys.stdin.isatty())  # piped questions: show them with the answers
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(interrupts.run_command(main))

@@ -30,9 +30,16 @@ from pathlib import Path
 _ROOT = Path(__file__).resolve().parents[1]
 if (_ROOT / "previous_chapters.py").is_file() and str(_ROOT) not in sys.path:
     sys.path.append(str(_ROOT))
+if __name__ == "__main__":  # (before the slow imports: Ctrl-C there is one line too)
+    import interrupts
+
+    interrupts.guard_startup()
 
 import argparse
+import errno
 import os
+import socket
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,6 +47,8 @@ import torch
 
 from chat import add_generation_args, load_for_chat, stream_reply
 from instruction_data import ChapterError
+from interrupts import INTERRUPTED
+from interrupts import describe as describe_stop
 from model_file import LoadedModel
 
 # Nothing is fetched from the internet (set before Gradio is imported, which reads them)
@@ -115,7 +124,11 @@ def build_page(
 
 
 def launch(page: Any, *, host: str = "127.0.0.1", port: int = 7860, block: bool = True) -> str:
-    """Serve the page on ``host:port``; returns its URL. ``block=False`` returns at once."""
+    """Serve the page on ``host:port``; returns its URL. ``block=False`` returns at once.
+
+    Gradio's own start-up lines are left out (``quiet``): they end in advice to "set
+    `share=True`", a public link through Gradio's servers that this offline page never makes.
+    ``main`` prints the address and what to do instead."""
     gr = import_gradio()
     theme = gr.themes.Default(font=SYSTEM_FONTS, font_mono=SYSTEM_MONO_FONTS)
     _, url, _ = page.launch(
@@ -125,11 +138,40 @@ def launch(page: Any, *, host: str = "127.0.0.1", port: int = 7860, block: bool 
         inbrowser=False,
         ssr_mode=False,
         mcp_server=False,
-        prevent_thread_lock=not block,
+        prevent_thread_lock=True,
         theme=theme,
-        quiet=not block,
+        quiet=True,
     )
+    if block:
+        serve_until_interrupted(page)
     return url
+
+
+def check_port(host: str, port: int) -> None:
+    """Refuse a port that is out of range or that another program already listens on."""
+    if not 0 < port < 65536:
+        raise ChapterError(f"--port {port} is out of range; pass one from 1 to 65535, e.g. 7860")
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.bind((host, port))
+    except OSError as exc:
+        busy = exc.errno == errno.EADDRINUSE
+        raise ChapterError(
+            f"cannot serve on {host}:{port}: "
+            + ("the port is in use (another chat page?)" if busy else str(exc.strerror or exc))
+            + f"; pass another with --port, e.g. --port {port + 1 if port < 65535 else 7860}"
+            + ("" if busy else ", or another --host")
+        ) from None
+
+
+def serve_until_interrupted(page: Any) -> None:
+    """Wait while the page serves; Ctrl-C closes it and is raised on."""
+    try:
+        while page.is_running:
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        page.close()
+        raise
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
@@ -148,6 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         import_gradio()  # before loading a large model: is the page possible at all?
         loaded, tokenizer = load_for_chat(args)
+        check_port(args.host, args.port)
         page = build_page(
             loaded,
             tokenizer,
@@ -156,13 +199,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             top_k=args.top_k,
             seed=args.seed,
         )
-    except ChapterError as exc:
+        url = launch(page, host=args.host, port=args.port, block=False)
+        reach = (
+            "only this machine can open it (--host 0.0.0.0 serves it to your network)"
+            if args.host in ("127.0.0.1", "localhost")
+            else "other machines open it through this machine's address"
+        )
+        print(f"Chat page for {loaded.path}: open {url} in a browser; {reach}. Ctrl-C stops it.")
+        serve_until_interrupted(page)
+    except (ChapterError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"Chat page for {loaded.path} on http://{args.host}:{args.port} (Ctrl-C stops it)")
-    launch(page, host=args.host, port=args.port)
+    except KeyboardInterrupt as exc:
+        print(f"\n{describe_stop(exc)}: the chat page stopped", file=sys.stderr)
+        return INTERRUPTED
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(interrupts.run_command(main))

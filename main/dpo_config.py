@@ -12,7 +12,6 @@ command's own ``--resume`` continues the run ``latest-dpo`` points to, or a give
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -21,12 +20,12 @@ import torch
 
 from dpo import REDUCTIONS
 from instruction_data import ConfigError, check_prompt_style
+from judge_host import redact_urls
 from model_file import find_model_file, model_in_folder
 from ollama_evaluate import judge_endpoint
 from outputs import save_json
 from preference_data import PREFERENCE_FILE, SAMPLE_PREFERENCE_PATH
 from run_config import (
-    COMMON_RANGES,
     check_device,
     check_ranges,
     check_writable_folder,
@@ -34,45 +33,75 @@ from run_config import (
     latest_run,
     new_run_folder,
 )
+from run_settings import FLOAT, SWITCH, TEXT, Setting, above_zero, ranges, setting
 
 DPO_CONFIG_FILE = "dpo-config.json"
+THE_SFT_RUNS = "the SFT run's"
+
+# DPO's own settings; the others are the chapter's (run_settings.SETTINGS), some with DPO defaults.
+DPO_SETTINGS: dict[str, Setting] = {
+    "model": Setting(
+        None,
+        "the SFT model (*-sft.pth) or its run folder",
+        flag=TEXT,
+        shown="the latest run's in --output-dir",
+    ),
+    "preferences": Setting(None, "preference file", flag=TEXT, shown=PREFERENCE_FILE),
+    "make_preferences": Setting(
+        False, "let the judge write (or finish) the preference file first", flag=SWITCH
+    ),
+    "beta": Setting(0.1, "DPO's beta", above_zero, "a number above 0, such as {default}", FLOAT),
+    "reduction": Setting(
+        "sum",
+        "an answer's log-probability: sum of its tokens' (DPO paper) or mean (course)",
+        lambda v: v in REDUCTIONS,
+        f"one of {', '.join(REDUCTIONS)}",
+        {"choices": REDUCTIONS},
+    ),
+}
+
+
+def _dpo(name: str) -> Any:
+    return setting(name, DPO_SETTINGS)
 
 
 @dataclass
 class DPOConfig:
     """Every choice of a DPO run. The defaults are the course's (beta 0.1, lr 5e-6, 1 epoch)."""
 
-    model: str | None = None  # the SFT model file or its run folder (None: outputs/latest's)
-    preferences: str | None = None  # the preference file (None: PREFERENCE_FILE)
-    make_preferences: bool = False  # first let the judge write (or finish) the preference file
-    data: str | None = None  # what the judge rewrites (None: the SFT run's data)
-    data_cache: str | None = None
-    prompt_style: str | None = None  # None: the SFT run's
+    model: str | None = _dpo("model")  # None: outputs/latest's
+    preferences: str | None = _dpo("preferences")  # None: PREFERENCE_FILE
+    make_preferences: bool = _dpo("make_preferences")
+    data: str | None = setting(
+        "data", default=None, help="instruction data the judge rewrites", shown=THE_SFT_RUNS
+    )
+    data_cache: str | None = setting("data_cache")
+    prompt_style: str | None = setting("prompt_style", default=None, shown=THE_SFT_RUNS)
     train_frac: float | None = None  # None: the SFT run's split (0.85 / 0.10, file order)
     test_frac: float | None = None
     split_seed: int | None = None
-    beta: float = 0.1
-    lr: float = 5e-6
-    weight_decay: float = 0.01
-    epochs: int = 1
-    batch_size: int = 8
-    eval_freq: int = 5
-    eval_iter: int = 5
-    checkpoint_every: int = 100  # steps between checkpoints (0: only at the end of each epoch)
-    reduction: str = "sum"  # answer log-probability: "sum" of its tokens' (DPO paper), or "mean"
-    allowed_max_length: int = 1024
-    seed: int = 123
-    device: str | None = None  # None: cuda when available, else cpu
-    max_new_tokens: int = 256
-    gen_batch_size: int = 8
-    use_judge: bool = True
-    judge_url: str | None = None
-    judge_model: str = "llama3"
-    judge_api: str = "ollama"
-    judge_timeout: float = 120.0
-    judge_max_failures: int = 3
-    models_dir: str = "gpt2"  # where GPT-2's tokenizer files may be found offline
-    output_dir: str = "outputs"
+    beta: float = _dpo("beta")
+    lr: float = setting("lr", default=5e-6)
+    weight_decay: float = setting("weight_decay", default=0.01)
+    epochs: int = setting("epochs", default=1)
+    batch_size: int = setting("batch_size", help="entries per batch")
+    eval_freq: int = setting("eval_freq")
+    eval_iter: int = setting("eval_iter")
+    checkpoint_every: int = setting("checkpoint_every")
+    reduction: str = _dpo("reduction")
+    allowed_max_length: int = setting("allowed_max_length", flag=None)
+    seed: int = setting("seed")
+    device: str | None = setting("device")
+    max_new_tokens: int = setting("max_new_tokens")
+    gen_batch_size: int = setting("gen_batch_size")
+    use_judge: bool = setting("use_judge")
+    judge_url: str | None = setting("judge_url")
+    judge_model: str = setting("judge_model")
+    judge_api: str = setting("judge_api")
+    judge_timeout: float = setting("judge_timeout")
+    judge_max_failures: int = setting("judge_max_failures")
+    models_dir: str = setting("models_dir", help="where GPT-2's tokenizer files are kept")
+    output_dir: str = setting("output_dir")
     run_name: str | None = None  # set when the run starts
     smoke: bool = False
 
@@ -139,19 +168,9 @@ def _resume_dpo_config(resume: bool | str, given: dict) -> DPOConfig:
     return replace(cfg, device=given.get("device", cfg.device))
 
 
-# (setting, test, what it must be): the chapter run's rules, and DPO's own
-_RANGES = [
-    *COMMON_RANGES,
-    ("beta", lambda v: math.isfinite(v) and v > 0, "a number above 0, such as 0.1"),
-    ("lr", lambda v: math.isfinite(v) and v > 0, "a number above 0, such as 5e-6"),
-    ("reduction", lambda v: v in REDUCTIONS, f"one of {', '.join(REDUCTIONS)}"),
-    ("checkpoint_every", lambda v: v >= 0, "at least 0 (0: only at the end of each epoch)"),
-]
-
-
 def check_dpo_settings(cfg: DPOConfig) -> torch.device:
     """Check every setting and path before any work; returns the device. Writes nothing."""
-    check_ranges(cfg, _RANGES)
+    check_ranges(cfg, ranges(DPOConfig))
     if cfg.prompt_style is not None:
         check_prompt_style(cfg.prompt_style)
     if cfg.model is not None and not Path(cfg.model).exists():
@@ -193,6 +212,6 @@ def start_dpo_run(cfg: DPOConfig) -> Path:
         return cfg.run_dir
     folder = new_run_folder(cfg.output_dir, "dpo-smoke" if cfg.smoke else "dpo", link="latest-dpo")
     cfg.run_name = folder.name
-    save_json(asdict(cfg), folder / DPO_CONFIG_FILE)
-    print(f"This DPO run's outputs go to {folder}")
+    save_json(redact_urls(asdict(cfg)), folder / DPO_CONFIG_FILE)  # (no URL secrets)
+    print(f"This DPO run's outputs go to {folder.resolve()}")  # absolute: whatever the cwd
     return folder

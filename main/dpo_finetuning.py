@@ -24,18 +24,21 @@ from pathlib import Path
 _ROOT = Path(__file__).resolve().parents[1]
 if (_ROOT / "previous_chapters.py").is_file() and str(_ROOT) not in sys.path:
     sys.path.append(str(_ROOT))
+if __name__ == "__main__":  # (before the slow imports: Ctrl-C there is one line too)
+    import interrupts
+
+    interrupts.guard_startup()
 
 import argparse
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
 
 from dpo import (
-    REDUCTIONS,
     DPOHistory,
     plot_dpo_tracking,
     policy_and_reference,
@@ -54,7 +57,6 @@ from gpt2_tokenizer import get_tokenizer
 from gpt_download import DownloadError
 from instruction_data import (
     DATA_URL,
-    PROMPT_STYLES,
     ChapterError,
     DatasetError,
     format_input,
@@ -62,9 +64,10 @@ from instruction_data import (
     report_long_entries,
     split_data,
 )
+from judge_host import redact_urls
 from model_file import LoadedModel, load_model_file, read_run_config
-from ollama_evaluate import add_judge_args, judge_settings, score_responses
-from outputs import save_figure, save_json, save_model
+from ollama_evaluate import judge_settings, score_responses
+from outputs import checksum_path, save_figure, save_json, save_model
 from preference_data import (
     PREFERENCE_FILE,
     create_preference_loaders,
@@ -73,6 +76,7 @@ from preference_data import (
     usable_pairs,
 )
 from run_config import RESPONSES_FILE, RunConfig, model_config
+from run_settings import add_flags, flag_settings
 from trainer import TrainingInterrupted
 
 CHECKPOINT_FILE = "checkpoint.pt"  # DPO training's, in the run's folder until the model is saved
@@ -268,7 +272,9 @@ def save_dpo(cfg: DPOConfig, policy, result: DPOResult) -> tuple[dict[str, Path]
         "model": save_model(policy, cfg.run_dir / dpo_model_name(cfg)),
         "training": save_json(asdict(result), cfg.run_dir / TRAINING_FILE),
     }
-    (cfg.run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)  # (the model file holds it now)
+    for name in (CHECKPOINT_FILE, CHECKPOINT_FILE.replace(".pt", ".prev.pt")):  # (the model
+        (cfg.run_dir / name).unlink(missing_ok=True)  # file holds what they held)
+        checksum_path(cfg.run_dir / name).unlink(missing_ok=True)
     print(f"DPO model saved as {paths['model']}")
     return paths, fig
 
@@ -376,7 +382,7 @@ def write_dpo_summary(
     """The run's settings and numbers, saved as dpo-summary.json (and returned)."""
     h = result.tracking
     summary = {
-        "config": asdict(cfg),
+        "config": redact_urls(asdict(cfg)),  # (no URL secrets)
         "device": str(device),
         "model": {"sft_model": cfg.model, "config": model_cfg},
         "data": {
@@ -449,50 +455,13 @@ def build_arg_parser() -> argparse.ArgumentParser:
         help="continue the latest DPO run in --output-dir (or the run folder RUN) where it "
         "stopped, with its settings",
     )
-    p.add_argument(
-        "--model",
-        help="the SFT model (*-sft.pth) or its run folder (default: "
-        "the latest run's in --output-dir)",
-    )
-    p.add_argument("--preferences", help=f"preference file (default: {PREFERENCE_FILE})")
-    p.add_argument(
-        "--make-preferences",
-        action="store_true",
-        help="let the judge write (or finish) the preference file first",
-    )
-    p.add_argument("--data", help="instruction data the judge rewrites (default: the SFT run's)")
-    p.add_argument("--data-cache", help="where a downloaded --data file is kept")
-    p.add_argument("--beta", type=float, help="DPO's beta (default: 0.1)")
-    p.add_argument("--lr", type=float, help="AdamW learning rate (default: 5e-6)")
-    p.add_argument("--weight-decay", type=float, help="default: 0.01")
-    p.add_argument("--epochs", type=int, help="default: 1")
-    p.add_argument("--batch-size", type=int, help="default: 8")
-    p.add_argument(
-        "--checkpoint-every",
-        type=int,
-        help="steps between training checkpoints (default: 100; 0: only after each epoch)",
-    )
-    p.add_argument(
-        "--reduction",
-        choices=REDUCTIONS,
-        help="an answer's log-probability: sum of its tokens' (default) or mean (course)",
-    )
-    p.add_argument("--prompt-style", choices=list(PROMPT_STYLES), help="default: the SFT run's")
-    p.add_argument("--max-new-tokens", type=int, help="response length limit (default: 256)")
-    p.add_argument("--seed", type=int, help="default: 123")
-    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
-    p.add_argument("--output-dir", help="where run folders go (default: outputs)")
-    p.add_argument("--models-dir", help="where GPT-2's files are kept (default: gpt2)")
-    add_judge_args(p)
+    add_flags(p, DPOConfig)  # its settings' flags (run_settings.add_flags)
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> DPOConfig:
     """The DPO configuration of parsed command-line flags (see ``make_dpo_config``)."""
-    names = {f.name for f in fields(DPOConfig)} - {"smoke", "make_preferences"}
-    settings = {name: value for name, value in vars(args).items() if name in names}
-    settings["use_judge"] = False if args.no_judge else None
-    settings["make_preferences"] = True if args.make_preferences else None
+    settings = flag_settings(args, DPOConfig)
     return make_dpo_config(smoke=args.smoke, resume=args.resume, **settings)
 
 
@@ -527,4 +496,4 @@ def _resume_command(cfg: DPOConfig | None) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(interrupts.run_command(main))

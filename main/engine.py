@@ -35,9 +35,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import Sampler
-from tqdm import tqdm
 
 from previous_chapters import calc_loss_batch, check_generation_settings, sample_next_token
+from progress_bars import progress_bar
 
 IGNORE_INDEX = -100  # cross_entropy's default: targets with this value are skipped
 
@@ -407,7 +407,7 @@ def generate_batch(
     step = batch_size or max(len(order), 1)
     chunks = [order[i : i + step] for i in range(0, len(order), step)]
     results: list[list[int]] = [[] for _ in prompts]
-    for chunk in tqdm(chunks, desc="generating", unit="batch", disable=not progress):
+    for chunk in progress_bar(chunks, desc="generating", unit="batch", enabled=progress):
         if max_new_tokens == 0:
             continue
         rows = [list(prompts[i]) for i in chunk]

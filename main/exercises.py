@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from instruction_data import ConfigError
+from judge_stats import mean_and_spread
 from lora import apply_lora, count_parameters
 from outputs import save_json
 from previous_chapters import GPTModel
@@ -243,3 +244,43 @@ def plot_comparison(summaries: Mapping[str, dict]):
     right.tick_params(axis="x", labelrotation=20)
     fig.tight_layout()
     return fig
+
+
+# --------------------------------------------------------------------------------------
+# Against the baseline, pairwise, over several seeds
+# --------------------------------------------------------------------------------------
+
+SEED_METRICS = {  # what each seed's run of a variant reports, read from its summary
+    "final_val_loss": lambda s: s["final_losses"]["val"],
+    "rouge_l": lambda s: s["local_metrics"]["rouge_l_f1"],
+    "judge_mean": lambda s: (s.get("judge") or {}).get("mean_score"),
+}
+
+
+def seed_spreads(
+    runs: Mapping[int, Mapping[str, dict]], pairwise: Mapping[int, Mapping[str, dict]]
+) -> dict[str, dict[str, dict]]:
+    """Per variant, each metric's ``mean_and_spread`` across seeds: the run's own numbers
+    (``runs[seed][variant]`` is a run summary) and its pairwise win rates against the baseline
+    (``pairwise[seed][variant]``, a ``compare_models`` report)."""
+    names = dict.fromkeys(name for by_name in runs.values() for name in by_name)
+    result = {}
+    for name in names:
+        summaries = [by_name[name] for by_name in runs.values() if name in by_name]
+        metrics = {
+            m: mean_and_spread([read(s) for s in summaries]) for m, read in SEED_METRICS.items()
+        }
+        reports = [p[name] for p in pairwise.values() if name in p]
+        for metric in ("win_rate", "length_controlled_win_rate", "position_bias"):
+            if reports:
+                metrics[metric] = mean_and_spread([r[metric]["value"] for r in reports])
+        result[name] = metrics
+    return result
+
+
+def print_seed_spreads(spreads: Mapping[str, Mapping[str, dict]]) -> None:
+    """One line per variant and metric: mean +- standard deviation over n seeds."""
+    for name, metrics in spreads.items():
+        for metric, s in metrics.items():
+            std = "" if s["std"] is None else f" +- {s['std']:.3f}"
+            print(f"{name:18s} {metric:27s} {_number(s['mean'])}{std}  ({s['n_seeds']} seeds)")

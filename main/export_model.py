@@ -34,6 +34,10 @@ from pathlib import Path
 _ROOT = Path(__file__).resolve().parents[1]
 if (_ROOT / "previous_chapters.py").is_file() and str(_ROOT) not in sys.path:
     sys.path.append(str(_ROOT))
+if __name__ == "__main__":  # (before the slow imports: Ctrl-C there is one line too)
+    import interrupts
+
+    interrupts.guard_startup()
 
 import argparse
 import functools
@@ -53,9 +57,13 @@ from instruction_data import (
     PromptStyle,
     check_prompt_style,
 )
+from interrupts import INTERRUPTED
+from interrupts import describe as describe_stop
 from model_file import LoadedModel, find_model_file, load_model_file
 from outputs import write_folder_atomically
 from previous_chapters import GPT_CONFIG_124M, MODEL_CONFIGS
+from progress_bars import on_terminal
+from run_config import check_writable_folder
 
 FORMATS = ("hf", "gguf")
 DTYPES = {"f32": torch.float32, "f16": torch.float16}
@@ -257,7 +265,7 @@ def _write_gguf_folder(folder: Path, loaded: LoadedModel, dtype: str, progress: 
         writer.add_tensor(tensor_name, tensor.to(wanted).numpy())
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
-    writer.write_tensors_to_file(progress=progress)
+    writer.write_tensors_to_file(progress=progress and on_terminal())  # gguf's own tqdm bar
     writer.close()
     modelfile = ollama_modelfile(f"{name}.gguf", loaded.prompt_style, cfg["context_length"])
     (folder / "Modelfile").write_text(modelfile, encoding="utf-8")
@@ -306,6 +314,7 @@ def export_model(
         raise ExportError(
             f"{out} already exists; pass --overwrite to replace it, or another --output"
         )
+    check_writable_folder(out.parent, "output folder")  # (before the model is read)
     loaded = load_model_file(
         model_path, model_size=model_size, prompt_style=prompt_style, n_heads=n_heads
     )
@@ -366,7 +375,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command line entry point; a problem prints one ``error:`` line and exits with 2."""
+    """Command line entry point; a problem prints one ``error:`` line and exits with 2
+    (Ctrl-C: 130, and any earlier export stays as it was)."""
     args = build_arg_parser().parse_args(argv)
     try:
         export_model(
@@ -379,11 +389,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             n_heads=args.n_heads,
             overwrite=args.overwrite,
         )
-    except ChapterError as exc:
+    except (ChapterError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:
+        print(f"\n{describe_stop(exc)}: nothing was exported", file=sys.stderr)
+        return INTERRUPTED
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(interrupts.run_command(main))

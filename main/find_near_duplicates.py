@@ -40,6 +40,10 @@ from pathlib import Path
 for _path in (Path(__file__).resolve().parent, Path(__file__).resolve().parents[1]):
     if str(_path) not in sys.path:
         sys.path.append(str(_path))
+if __name__ == "__main__":  # (before the slow imports: Ctrl-C there is one line too)
+    import interrupts
+
+    interrupts.guard_startup()
 
 import argparse
 import re
@@ -48,10 +52,10 @@ from collections.abc import Sequence
 import numpy as np
 import scipy.sparse as sp
 import torch
-from tqdm import tqdm
 
 from instruction_data import ChapterError, read_instruction_file
 from outputs import save_json
+from progress_bars import progress_bar
 from run_config import cpu_has_fast_bf16
 
 FIELDS = ("instruction", "input", "output")
@@ -124,7 +128,7 @@ def similar_pairs(
     blocks = [slice(start, min(start + block_rows, n)) for start in range(0, n, block_rows)]
     work = [(a, b) for a in range(len(blocks)) for b in range(a, len(blocks))]
     found, row_block, last_a = [np.zeros((0, 2), dtype=np.int64)], None, None
-    for a, b in tqdm(work, desc="comparing", unit="block", disable=not progress):
+    for a, b in progress_bar(work, desc="comparing", unit="block", enabled=progress):
         if a != last_a:  # (the work goes through each block of rows in turn)
             row_block, last_a = _dense(common[blocks[a]], dtype), a
         found.append(_block_candidates(row_block, common, rare, blocks[a], blocks[b], cut, dtype))
@@ -302,4 +306,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(interrupts.run_command(main))

@@ -121,6 +121,9 @@ def _read_json_lines(text: str, source: str, *, max_listed: int = 10) -> list[di
         except json.JSONDecodeError as exc:
             problems.append(f"line {number}: invalid JSON at column {exc.colno}: {exc.msg}")
             continue
+        except RecursionError:
+            problems.append(f"line {number}: nested too deeply to read")
+            continue
         problems += [f"line {number}: {p}" for p in _entry_problems(entry)]
         entries.append(entry)
     if not lines:
@@ -158,6 +161,8 @@ def read_instruction_file(path: str | os.PathLike, source: str | None = None) ->
         raise DatasetError(
             f"{source}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"
         ) from None
+    except RecursionError:
+        raise DatasetError(f"{source}: nested too deeply to read; pass a list of entries") from None
     validate_instruction_data(data, source)
     return data
 

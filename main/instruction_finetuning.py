@@ -28,9 +28,12 @@ from pathlib import Path
 _ROOT = Path(__file__).resolve().parents[1]
 if (_ROOT / "previous_chapters.py").is_file() and str(_ROOT) not in sys.path:
     sys.path.append(str(_ROOT))
+if __name__ == "__main__":  # (before the slow imports: Ctrl-C there is one line too)
+    import interrupts
+
+    interrupts.guard_startup()
 
 import argparse
-import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -59,7 +62,6 @@ from finetuning import (
 from gpt2_tokenizer import get_tokenizer
 from instruction_data import (
     DATA_URL,
-    PROMPT_STYLES,
     SAMPLE_DATA_PATH,
     SMOKE_HINT,
     ChapterError,
@@ -70,6 +72,9 @@ from instruction_data import (
     report_long_entries,
     split_data,
 )
+from interrupts import INTERRUPTED
+from interrupts import describe as describe_stop
+from judge_host import redact_urls
 from lora import (
     adapter_file_name,
     apply_lora,
@@ -77,13 +82,14 @@ from lora import (
     save_lora_adapter,
     save_merged_model,
 )
-from ollama_evaluate import add_judge_args, judge_settings, score_responses
-from outputs import save_figure, save_json, save_model
-from previous_chapters import MODEL_CONFIGS
+from model_file import read_state_dict
+from ollama_evaluate import judge_settings, score_responses
+from outputs import OutputError, checksum_path, read_json, save_figure, save_json, save_model
 from run_config import (
-    PRECISIONS,
+    CHECKPOINT_FILE,
     RESPONSES_FILE,
     SMOKE_MODEL_OVERRIDES,
+    TRAINING_RESULT_FILE,
     RunConfig,
     allowed_max_length,
     check_settings,
@@ -91,13 +97,12 @@ from run_config import (
     latest_run,
     make_config,
     model_config,
+    release_run,
     start_run,
 )
+from run_settings import add_flags, flag_settings
 from token_ids import token_lengths
 from trainer import NonFiniteLossError, TrainingInterrupted
-
-CHECKPOINT_FILE = "checkpoint.pt"
-TRAINING_RESULT_FILE = "training-result.json"
 
 __all__ = [  # the settings, re-exported for the notebook and the command line
     "DATA_URL",
@@ -238,12 +243,13 @@ def train(
         if not ranks.is_main:
             return None
         if cfg.lora_rank is None:
-            model.load_state_dict(torch.load(model_path, map_location=device, weights_only=True))
+            model.load_state_dict(read_state_dict(model_path))
         else:  # the model file holds merged weights; the adapter fits the LoRA model
             load_lora_adapter(model, run_dir / adapter_file_name(cfg.model_file_name()))
         model.eval()
         print(f"Training finished in an earlier session of this run; loaded {model_path}")
-        return TrainingResult(**json.loads(done.read_text(encoding="utf-8")))
+        saved = read_json(done, f"delete it and {model_path.name} to train again with --resume")
+        return TrainingResult(**saved)
     return finetune(
         model,
         train_loader,
@@ -284,8 +290,10 @@ def save_training(cfg: RunConfig, model, result: TrainingResult) -> tuple[dict[s
         adapter = run_dir / adapter_file_name(cfg.model_file_name())
         paths["lora_adapter"] = save_lora_adapter(model, adapter)
         print(f"LoRA adapter saved as {adapter}")
-    save_json(asdict(result), run_dir / TRAINING_RESULT_FILE)
-    (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+    save_json(asdict(result), run_dir / TRAINING_RESULT_FILE, checksum=True)
+    for name in (CHECKPOINT_FILE, CHECKPOINT_FILE.replace(".pt", ".prev.pt")):
+        (run_dir / name).unlink(missing_ok=True)
+        checksum_path(run_dir / name).unlink(missing_ok=True)
     print(f"Model saved as {paths['model']}")
     return paths, fig
 
@@ -299,8 +307,12 @@ def write_responses(
     """
     path = cfg.run_dir / RESPONSES_FILE
     if path.is_file():
-        saved = json.loads(path.read_text(encoding="utf-8"))
-        if len(saved) == len(test_data) and all("model_response" in e for e in saved):
+        saved = read_json(path, "delete it to generate the responses again with --resume")
+        if (
+            isinstance(saved, list)
+            and len(saved) == len(test_data)
+            and all(isinstance(e, dict) and "model_response" in e for e in saved)
+        ):
             print(f"Responses of an earlier session of this run: {path}")
             return saved, path
     responses = generate_responses(
@@ -313,7 +325,7 @@ def write_responses(
         batch_size=cfg.gen_batch_size,
         progress=progress,
     )
-    save_json(responses, path)
+    save_json(responses, path, checksum=True)
     print(f"Responses saved as {path}")
     return responses, path
 
@@ -340,7 +352,7 @@ def write_summary(
 ) -> dict:
     """The run's settings and numbers, saved as run-summary.json (and returned)."""
     summary = {
-        "config": asdict(cfg),
+        "config": redact_urls(asdict(cfg)),  # (no URL secrets)
         "device": str(device),
         "data": {
             "source": cfg.data,
@@ -401,7 +413,9 @@ def run(cfg: RunConfig, *, progress: bool = True) -> dict | None:
         cfg, model, splits.test, tokenizer, progress=progress
     )
     scores = evaluate(cfg, responses, progress=progress)
-    return write_summary(cfg, device, splits, model_cfg, result, outputs, scores)
+    summary = write_summary(cfg, device, splits, model_cfg, result, outputs, scores)
+    release_run(cfg.run_dir)  # (the run is complete: another process may read or resume it)
+    return summary
 
 
 # --------------------------------------------------------------------------------------
@@ -428,109 +442,22 @@ def build_arg_parser() -> argparse.ArgumentParser:
         metavar="RUN_DIR",
         help="continue an interrupted run: the latest in --output-dir, or the folder given",
     )
-    p.add_argument(
-        "--model-size", help=f"one of {', '.join(MODEL_CONFIGS)}, or e.g. 355M (default: medium)"
-    )
-    p.add_argument("--epochs", type=int, help="default: 2")
-    p.add_argument("--batch-size", type=int, help="per process and micro-batch (default: 8)")
-    p.add_argument(
-        "--grad-accum",
-        type=int,
-        metavar="K",
-        help="accumulate K micro-batches per step: the update of a K times larger batch "
-        "(default: 1)",
-    )
-    p.add_argument(
-        "--precision",
-        choices=PRECISIONS,
-        help="fp32 (default) or bf16 (autocast; on CUDA GPUs, and on CPUs with fast bf16)",
-    )
-    p.add_argument("--lr", type=float, help="AdamW learning rate (default: 5e-5)")
-    p.add_argument("--weight-decay", type=float, help="default: 0.1")
-    p.add_argument(
-        "--checkpoint-every",
-        type=int,
-        help="steps between training checkpoints (default: 100; 0: only after each epoch)",
-    )
-    p.add_argument("--data", help="instruction data: a JSON or JSON Lines file, or an http(s) URL")
-    p.add_argument("--data-cache", help="where a downloaded --data file is kept")
-    p.add_argument("--output-dir", help="where run folders go (default: outputs)")
-    p.add_argument("--models-dir", help="where GPT-2 weights are kept (default: gpt2)")
-    add_judge_args(p)
-    p.add_argument("--prompt-style", choices=list(PROMPT_STYLES), help="default: alpaca")
-    p.add_argument(
-        "--mask-prompt", action="store_true", help="leave the instruction and input out of the loss"
-    )
-    p.add_argument(
-        "--group-by-length",
-        action="store_true",
-        help="batch training entries of similar length together (less padding, faster)",
-    )
-    p.add_argument(
-        "--allowed-max-length",
-        type=int,
-        help="cut entries to this many tokens (default: 1024, the model's context)",
-    )
-    p.add_argument(
-        "--lora-rank",
-        type=int,
-        nargs="?",
-        const=16,
-        metavar="RANK",
-        help="LoRA (exercise 7.4): freeze the model, train rank-RANK adapters (flag alone: 16)",
-    )
-    p.add_argument(
-        "--lora-alpha",
-        type=float,
-        help="LoRA scale: updates are scaled by alpha/rank (default: 16)",
-    )
+    add_flags(p, RunConfig)  # every setting's flag, as run_settings.SETTINGS defines it
     p.add_argument(
         "--exercise",
         choices=list(VARIANTS),
         help="run a variant of the chapter's exercises with its settings (flags given override "
         "them): phi3_prompt 7.1, mask_instructions 7.2, alpaca_52k 7.3, lora 7.4",
     )
-    p.add_argument("--max-new-tokens", type=int, help="response length limit (default: 256)")
-    p.add_argument("--seed", type=int, help="default: 123")
-    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument(
+        "--verbose", action="store_true", help="on a failed download, also print every error"
+    )
     return p
-
-
-# RunConfig fields set by the flag of the same name
-_FLAG_FIELDS = (
-    "model_size",
-    "epochs",
-    "batch_size",
-    "grad_accum",
-    "precision",
-    "lr",
-    "weight_decay",
-    "checkpoint_every",
-    "data",
-    "data_cache",
-    "output_dir",
-    "models_dir",
-    "judge_url",
-    "judge_model",
-    "judge_api",
-    "judge_timeout",
-    "judge_max_failures",
-    "prompt_style",
-    "max_new_tokens",
-    "seed",
-    "device",
-    "allowed_max_length",
-    "lora_rank",
-    "lora_alpha",
-)
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """The run configuration of parsed command-line flags (see ``make_config``)."""
-    settings = {name: getattr(args, name) for name in _FLAG_FIELDS}
-    settings["use_judge"] = False if args.no_judge else None
-    settings["mask_prompt"] = True if args.mask_prompt else None
-    settings["group_by_length"] = True if args.group_by_length else None
+    settings = flag_settings(args, RunConfig)
     if args.exercise:  # the variant's settings, under the flags given
         output_dir = args.output_dir or RunConfig.output_dir
         variant = variant_settings(args.exercise, smoke=args.smoke, output_dir=output_dir)
@@ -562,17 +489,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         if ranks.is_main:
             print(f"error: {exc}", file=sys.stderr)
         return 2
-    except ChapterError as exc:  # expected failures: one clear message, no traceback
-        print(f"{'' if ranks.is_main else f'[rank {ranks.rank}] '}error: {exc}", file=sys.stderr)
+    except (ChapterError, OSError) as exc:  # expected failures: one clear line, no traceback
+        resume = f"; then resume with: {_resume_command(cfg, ranks)}"
+        hint = resume if isinstance(exc, OutputError) and cfg and cfg.run_name else ""
+        print(
+            f"{'' if ranks.is_main else f'[rank {ranks.rank}] '}error: {exc}{hint}", file=sys.stderr
+        )
         return 2
     except (gpt_download.DownloadError, gpt_download.CheckpointError) as exc:
         offline = SMOKE_HINT in str(exc) or isinstance(exc, gpt_download.DiskError)
-        hint = "" if offline else f"\n{SMOKE_HINT}"
-        print(f"error: {exc}{hint}", file=sys.stderr)
+        hint = "" if offline else f" {SMOKE_HINT}"  # (on the line that says what to do)
+        details = getattr(exc, "details", "") if args.verbose else ""
+        print(f"error: {exc}{hint}" + (f"\n{details}" if details else ""), file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # outside training: whatever was saved stays; resume finishes it
-        print(f"\ninterrupted. Resume with: {_resume_command(cfg, ranks)}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # outside training: what was saved stays; resume finishes
+        print(
+            f"\n{describe_stop(exc)}. Resume with: {_resume_command(cfg, ranks)}", file=sys.stderr
+        )
+        return INTERRUPTED
     return 0
 
 
@@ -585,4 +519,4 @@ def _resume_command(cfg: RunConfig | None, ranks: Ranks) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(interrupts.run_command(main))

@@ -1,23 +1,17 @@
-"""Where the LLM judge of section 7.8 runs, and whether it is up.
+"""Where the LLM judge of section 7.8 runs, and what its failures say.
 
 ``judge_endpoint`` turns a host (or $OLLAMA_HOST) into the chat URL of Ollama's API or of an
-OpenAI-compatible one; ``check_judge`` asks the server over HTTP whether it is up and has the
-model. ``ollama_evaluate`` imports all of it back, so ``ollama_evaluate.check_judge`` and
-friends keep working.
+OpenAI-compatible one; ``redact_url`` takes the credentials out of a URL before it is shown
+or saved; the errors and hints say what to do. ``judge_client`` talks to the server.
 """
 
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
-
-import requests
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from instruction_data import ChapterError, ConfigError
-
-if TYPE_CHECKING:
-    from ollama_evaluate import JudgeResult
 
 OLLAMA_DEFAULT_PORT = 11434
 JUDGE_APIS = ("ollama", "openai")
@@ -28,9 +22,45 @@ class JudgeUnavailableError(ChapterError, ConnectionError):
 
     ``result``: set by ``ollama_evaluate.judge_responses`` to the ``JudgeResult`` of what was
     scored before (in this or an earlier session); None when raised elsewhere.
+    ``server_down``: True when starting the server is what to do (no connection, no reply
+    in time); False when the server answered and the message says what to do.
     """
 
-    result: JudgeResult | None = None
+    result: Any = None
+    server_down: bool = True
+
+
+class JudgeReplyError(JudgeUnavailableError):
+    """The judge answered, but not with a usable reply (an HTTP error, an empty or null
+    reply, not JSON, too large, not the API's shape): a failed attempt, never a result."""
+
+    server_down = False
+
+
+def redact_url(url: str | None) -> str | None:
+    """``url`` without the user name and password it may carry (``http://user:pw@host`` gives
+    ``http://host``), so that no secret is printed or saved; other strings are returned as
+    they are."""
+    if not isinstance(url, str) or "@" not in url:
+        return url
+    try:
+        parts = urlsplit(url if "://" in url else f"//{url}")
+    except ValueError:
+        return url
+    if "@" not in parts.netloc:
+        return url
+    clean = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    return clean if "://" in url else clean.removeprefix("//")
+
+
+def redact_urls(value: Any) -> Any:
+    """A copy of ``value`` (JSON-like: dicts, lists, strings) with every URL redacted: what a
+    run writes into run-config.json and its summaries."""
+    if isinstance(value, dict):
+        return {key: redact_urls(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact_urls(item) for item in value]
+    return redact_url(value) if isinstance(value, str) else value
 
 
 def ollama_base_url(host: str | None = None) -> str:
@@ -51,7 +81,7 @@ def ollama_base_url(host: str | None = None) -> str:
     try:
         port = parsed.port or port
     except ValueError:
-        raise ConfigError(f"OLLAMA_HOST / judge host {value!r}: invalid port") from None
+        raise ConfigError(f"OLLAMA_HOST / judge host {redact_url(value)!r}: invalid port") from None
     name = parsed.hostname or "127.0.0.1"
     if name in ("0.0.0.0", "::"):
         name = "127.0.0.1" if name == "0.0.0.0" else "::1"
@@ -77,9 +107,9 @@ def judge_endpoint(url: str | None = None, api: str = "ollama") -> str:
     try:
         _ = parts.port  # raises ValueError for a non-numeric port
     except ValueError:
-        raise ConfigError(f"judge URL {base!r}: invalid port") from None
+        raise ConfigError(f"judge URL {redact_url(base)!r}: invalid port") from None
     if not parts.hostname:
-        raise ConfigError(f"judge URL {base!r}: no host name")
+        raise ConfigError(f"judge URL {redact_url(base)!r}: no host name")
     path = parts.path
     if api == "ollama":
         return base if path else base + "/api/chat"
@@ -106,47 +136,9 @@ def judge_hint(api: str, model: str) -> str:
 
 
 def with_judge_hint(error: Exception, api: str, model: str) -> str:
-    """The judge's failure followed by ``judge_hint`` (once: some failures already say it)."""
+    """The judge's failure, followed by ``judge_hint`` when starting the server is what to do
+    (once: some failures already say it)."""
     hint = judge_hint(api, model)
-    return str(error) if hint in str(error) else f"{str(error).rstrip('.')}. {hint}"
-
-
-def check_judge(
-    url: str | None = None,
-    model: str = "llama3",
-    *,
-    api: str = "ollama",
-    timeout: float | tuple[float, float] = (3.0, 10.0),
-) -> str:
-    """Ask the judge over HTTP whether it is up (and for Ollama, has ``model`` pulled).
-
-    Returns the chat endpoint; raises ``JudgeUnavailableError`` saying what to do.
-    """
-    endpoint = judge_endpoint(url, api)
-    base = judge_base(endpoint, api)
-    probe = base + ("/api/tags" if api == "ollama" else "/models")
-    try:
-        response = requests.get(probe, timeout=timeout)
-    except requests.RequestException as exc:
-        raise JudgeUnavailableError(
-            f"the LLM judge at {base} is not reachable ({exc.__class__.__name__}). "
-            + judge_hint(api, model)
-        ) from None
-    if api == "ollama":
-        if response.status_code != 200:
-            raise JudgeUnavailableError(
-                f"{probe} answered HTTP {response.status_code}; is this an Ollama server? "
-                + start_hint(model)
-            )
-        try:
-            names = {m.get("name") for m in response.json().get("models", [])}
-            names |= {m.get("model") for m in response.json().get("models", [])}
-        except (ValueError, AttributeError):
-            raise JudgeUnavailableError(f"{probe} did not answer Ollama's JSON") from None
-        wanted = model if ":" in model else f"{model}:latest"
-        if model not in names and wanted not in names:
-            raise JudgeUnavailableError(
-                f"the Ollama server at {base} does not have the model {model!r}; "
-                f"run `ollama pull {model}`"
-            )
-    return endpoint
+    if not getattr(error, "server_down", True) or hint in str(error):
+        return str(error)
+    return f"{str(error).rstrip('.')}. {hint}"

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import math
 import os
-import pickle
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -37,7 +36,7 @@ import torch
 import torch.nn as nn
 
 from instruction_data import ChapterError
-from outputs import write_atomically
+from outputs import load_failure, verify_file, write_atomically
 
 ADAPTER_FORMAT = "lora-adapter-v1"
 
@@ -239,7 +238,7 @@ def merge_lora(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_merged_model(model: nn.Module, path: str | os.PathLike) -> Path:
     """Save ``merge_lora(model)`` atomically; ``torch.load(path, weights_only=True)`` reads it."""
     state = merge_lora(model)
-    return write_atomically(path, lambda tmp: torch.save(state, tmp))
+    return write_atomically(path, lambda tmp: torch.save(state, tmp), checksum=True)
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -270,22 +269,37 @@ def save_lora_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
         "alpha": float(alpha),
         "tensors": {k: v.detach().cpu() for k, v in lora_state_dict(model).items()},
     }
-    return write_atomically(path, lambda tmp: torch.save(adapter, tmp))
+    return write_atomically(path, lambda tmp: torch.save(adapter, tmp), checksum=True)
 
 
 def read_lora_adapter(path: str | os.PathLike) -> dict:
     """An adapter file's contents, checked to be one."""
+    verify_file(path, "train the adapter again, or use the merged *-sft.pth file beside it")
     try:
         adapter = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as exc:
-        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+    except Exception as exc:  # pickle errors, a truncated zip, unsafe content, ...
         raise LoRAError(
-            f"{path} is not a readable LoRA adapter file ({type(exc).__name__}: {reason})"
+            f"{path} is not a readable LoRA adapter file ({load_failure(exc)})"
         ) from None
     if not isinstance(adapter, Mapping) or adapter.get("format") != ADAPTER_FORMAT:
         raise LoRAError(
             f"{path} is not a LoRA adapter file (expected format {ADAPTER_FORMAT!r}); "
             "pass the *-lora-adapter.pth file a LoRA run saved"
+        )
+    rank, alpha, tensors = adapter.get("rank"), adapter.get("alpha"), adapter.get("tensors")
+    well_formed = (
+        type(rank) is int
+        and rank >= 1
+        and isinstance(alpha, (int, float))
+        and math.isfinite(alpha)
+        and alpha > 0
+        and isinstance(tensors, Mapping)
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items())
+    )
+    if not well_formed:
+        raise LoRAError(
+            f"{path} is a damaged LoRA adapter file (its rank, alpha or tensors are not what "
+            "a LoRA run saves); train the adapter again"
         )
     return dict(adapter)
 

@@ -10,7 +10,8 @@ terminal chat, the chat page) loads it here:
   sizes use 64-dimensional heads);
 * the prompt style (``alpaca`` or ``phi3``) comes from that ``run-config.json`` too, unless given;
 * a file that is not a ``GPTModel`` state dict, or whose shapes do not match the size it is
-  said to be, is refused with one line naming the file and the first tensor that is wrong.
+  said to be, is refused with one line naming the file and the first tensor that is wrong;
+  so is one whose bytes differ from the checksum its run saved beside it (``NAME.sha256``).
 
 LoRA: a run with LoRA adapters saves its ``*-sft.pth`` already merged (``lora.save_merged_model``),
 so it loads like any other. The adapter file itself (``*-lora-adapter.pth``), or the state dict
@@ -19,8 +20,8 @@ of a model that still has its adapters, is refused with that advice.
 
 from __future__ import annotations
 
-import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,8 +29,9 @@ from typing import Any
 import torch
 
 from instruction_data import ChapterError, PromptStyle, get_prompt_style
+from outputs import load_failure, read_json, verify_file
 from previous_chapters import MODEL_CONFIGS, GPTModel, gpt2_config
-from run_config import RUN_CONFIG_FILE
+from run_config import RUN_CONFIG_FILE, latest_run, run_folders
 
 MODEL_FILE_GLOB = "*-sft.pth"
 MAKE_ONE = (
@@ -58,8 +60,30 @@ class LoadedModel:
 
 
 def find_model_file(output_dir: str | os.PathLike = "outputs") -> Path:
-    """The fine-tuned model of the latest run in ``output_dir`` (``outputs/latest/*-sft.pth``)."""
-    return model_in_folder(Path(output_dir) / "latest")
+    """The fine-tuned model of the latest run in ``output_dir`` (``outputs/latest/*-sft.pth``).
+
+    When the latest run has none (it failed, or has not finished), the newest run that has
+    one is taken instead. Either way a line on stderr says which run's model it is.
+    """
+    out = Path(output_dir)
+    latest = latest_run(out)
+    if latest is None or not latest.is_dir():
+        return model_in_folder(out / "latest")  # (its error says what to do)
+    try:
+        found = model_in_folder(latest)
+    except ModelFileError as exc:
+        for run in run_folders(out):
+            if run.resolve() != latest.resolve() and len(list(run.glob(MODEL_FILE_GLOB))) == 1:
+                found = model_in_folder(run)
+                print(
+                    f"The latest run, {latest.name}, holds no model file; using the newest "
+                    f"run that does: {found}",
+                    file=sys.stderr,
+                )
+                return found
+        raise exc from None
+    print(f"Using the latest run's model: {found}", file=sys.stderr)
+    return found
 
 
 def model_in_folder(folder: str | os.PathLike) -> Path:
@@ -82,12 +106,9 @@ def model_in_folder(folder: str | os.PathLike) -> Path:
 def read_run_config(model_path: str | os.PathLike) -> dict | None:
     """The ``run-config.json`` saved beside the model file by its run, or None."""
     path = Path(model_path).parent / RUN_CONFIG_FILE
-    if not path.is_file():
+    if not path.exists():
         return None
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ModelFileError(f"{path} is unreadable ({exc}); fix or delete it") from None
+    saved = read_json(path, "fix or delete it")
     if not isinstance(saved, dict):
         raise ModelFileError(f"{path} does not hold a run's settings (a JSON object); delete it")
     return saved
@@ -100,10 +121,11 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise ModelFileError(
             f"no model file at {path}; pass the .pth file a run saved, or {MAKE_ONE}"
         )
+    verify_file(path, "fine-tune it again (`--resume` of its run, after deleting the file)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors, truncated zip files, unsafe content...
-        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        reason = load_failure(exc)
         raise ModelFileError(
             f"{path} is not a PyTorch state dict file ({reason}); pass the *-sft.pth file a run saved"
         ) from None

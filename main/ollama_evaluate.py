@@ -7,10 +7,13 @@ from 0 to 100. ``judge_prompt`` writes the question, ``query_model`` asks it ove
 ``parse_score`` reads the number out of the reply. Without a judge, ``local_metrics`` gives
 reference-based numbers (exact match and ROUGE-L), which are not the judge's score.
 
-A judge that stops answering cannot stall a run: each reply gets ``timeout`` seconds, and after
-``max_failures`` failed requests in a row the judge counts as down. Each entry's score and the
-judge's raw reply are saved into the responses file as they arrive, so Ctrl-C, a crash or a
-judge that went away loses nothing, and the next run asks only the entries still missing.
+A judge that stops answering cannot stall a run: ``ask_judge`` sends ``query_model`` through
+``judge_client``, which gives each whole reply ``timeout`` seconds and a size limit and
+refuses an unusable reply; after ``max_failures`` failed attempts in a row the judge counts
+as down. Each entry's score and a short excerpt of the judge's reply are saved into the
+responses file as they arrive, so Ctrl-C, a crash or a judge that went away loses nothing,
+and the next run asks only the entries still missing (``--rescore-unscored``: also those
+whose reply had no score).
 
 Score an existing responses file (again), as the course's script does:
 
@@ -26,22 +29,21 @@ from pathlib import Path
 _ROOT = Path(__file__).resolve().parents[1]
 if (_ROOT / "previous_chapters.py").is_file() and str(_ROOT) not in sys.path:
     sys.path.append(str(_ROOT))
+if __name__ == "__main__":  # (before the slow imports: Ctrl-C there is one line too)
+    import interrupts
+
+    interrupts.guard_startup()
 
 import argparse
 import json
-import math
 import os
 import re
-import sys
-import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import requests
-from tqdm import tqdm
-
+import judge_client
 from instruction_data import (
     ChapterError,
     ConfigError,
@@ -50,17 +52,27 @@ from instruction_data import (
     format_input,
     read_instruction_file,
 )
+from judge_client import (  # noqa: F401 (re-exported: ollama_evaluate.check_judge etc.)
+    JUDGE_TIMEOUT,
+    MAX_REPLY_BYTES,
+    check_judge,
+    excerpt,
+    post_json,
+    split_timeout,
+)
 from judge_host import (  # noqa: F401 (re-exported: ollama_evaluate.judge_endpoint etc.)
     JUDGE_APIS,
     OLLAMA_DEFAULT_PORT,
+    JudgeReplyError,
     JudgeUnavailableError,
-    check_judge,
     judge_endpoint,
     judge_hint,
     ollama_base_url,
+    redact_url,
     start_hint,
     with_judge_hint,
 )
+from judge_stats import mean_with_ci
 from local_metrics import (  # noqa: F401 (re-exported: ollama_evaluate.rouge_l_f1 etc.)
     LOCAL_METRICS_NOTE,
     exact_match,
@@ -69,26 +81,25 @@ from local_metrics import (  # noqa: F401 (re-exported: ollama_evaluate.rouge_l_
     rouge_l_f1,
 )
 from outputs import save_json
+from progress_bars import progress_bar
 
 JUDGE_OPTIONS = {"seed": 123, "temperature": 0, "num_ctx": 2048}
-JUDGE_TIMEOUT = 120.0  # seconds to wait for one reply
-JUDGE_CONNECT_TIMEOUT = 3.0  # seconds to wait for the connection (at most)
 JUDGE_MAX_FAILURES = 3  # failed requests in a row after which the judge counts as down
+RUBRICS = {"0-100": (0, 100), "1-5": (1, 5)}  # the scales a judge scores on: (lowest, highest)
+RUBRIC_1_5 = """Score it on this rubric of 1 to 5, judging four criteria:
+correctness (is it true and does it agree with the correct output?), completeness (does it do
+all that was asked?), following the instruction (does it do what was asked, in the form
+asked?) and conciseness (no padding, repetition or text that was not asked for).
+5: correct, complete, follows the instruction exactly, and concise.
+4: correct and follows the instruction, with a small omission or some unneeded text.
+3: partly correct or partly complete, or does not quite follow the instruction.
+2: mostly wrong or incomplete, or largely ignores the instruction.
+1: wrong, empty, off-topic or nonsense.
+Respond with the integer number only."""
 
 
 class JudgeReplyWarning(UserWarning):
     """The judge's reply to one entry could not be turned into a score in 0..100."""
-
-
-def _timeouts(timeout: float | tuple[float, float]) -> tuple[float, float]:
-    """(connect, read) seconds: a number is the wait for the reply, with a short connect wait."""
-    pair = timeout if isinstance(timeout, tuple) else (timeout, timeout)
-    if not all(isinstance(t, (int, float)) and math.isfinite(t) and t > 0 for t in pair):
-        raise ConfigError(f"judge timeout {timeout!r}: give a number of seconds above 0")
-    connect, read = pair
-    if isinstance(timeout, tuple):
-        return connect, read
-    return min(JUDGE_CONNECT_TIMEOUT, read), read
 
 
 def query_model(
@@ -97,110 +108,87 @@ def query_model(
     url: str | None = None,
     *,
     api: str = "ollama",
-    seed: int = 123,
-    temperature: float = 0.0,
-    num_ctx: int = 2048,
-    timeout: float | tuple[float, float] = JUDGE_TIMEOUT,
-    api_key: str | None = None,
+    post: Callable[[str, dict], Iterable[bytes]] = post_json,
 ) -> str:
-    """Send one user message to the judge and return its reply text.
+    """The book's function: send ``prompt`` to the judge ``model``; return its reply text.
 
-    ``api="ollama"``: POST {host}/api/chat, read the streamed NDJSON lines and join their
-    ``message.content`` until ``done``. ``api="openai"``: POST {base}/v1/chat/completions
-    (non-streaming) and return ``choices[0].message.content``. ``url=None`` uses $OLLAMA_HOST.
-    ``timeout``: seconds to wait for the whole reply (the connection gets at most 3 s of
-    them), or a (connect, read) pair. A failed request raises ``JudgeUnavailableError``.
+    ``api="ollama"``: Ollama's ``/api/chat`` streams one JSON line per piece of the reply,
+    whose ``message.content`` are joined. ``api="openai"``: an OpenAI-compatible
+    ``/v1/chat/completions`` answers one JSON object. ``url=None`` means $OLLAMA_HOST.
+    ``post(url, data)`` sends the request and yields the reply's lines; the default,
+    ``judge_client.post_json``, bounds the reply's time and size. ``ask_judge`` also checks it.
     """
-    endpoint = judge_endpoint(url, api)
-    timeouts = _timeouts(timeout)  # (connect, read)
     messages = [{"role": "user", "content": prompt}]
     if api == "ollama":
-        payload = {
-            "model": model,
-            "messages": messages,
-            "stream": True,
-            "options": {"seed": seed, "temperature": temperature, "num_ctx": num_ctx},
-        }
+        data = {"model": model, "messages": messages, "options": JUDGE_OPTIONS}
     else:
-        payload = {"model": model, "messages": messages, "temperature": temperature, "seed": seed}
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    try:
-        with requests.post(
-            endpoint, json=payload, headers=headers, stream=(api == "ollama"), timeout=timeouts
-        ) as response:
-            if response.status_code == 404 and api == "ollama":
-                raise JudgeUnavailableError(
-                    f"{endpoint}: {_error_text(response)}; run `ollama pull {model}`"
-                )
-            if response.status_code != 200:
-                raise JudgeUnavailableError(
-                    f"{endpoint} answered HTTP {response.status_code}: {_error_text(response)}"
-                )
-            if api == "openai":
-                return response.json()["choices"][0]["message"]["content"]
-            return _read_ollama_stream(response.iter_lines(), endpoint, timeouts[1])
-    except requests.Timeout:
-        raise JudgeUnavailableError(
-            f"the LLM judge at {endpoint} gave no reply within {timeouts[1]:g} s "
-            "(a slow judge needs a longer timeout)"
-        ) from None
-    except requests.RequestException as exc:
-        raise JudgeUnavailableError(
-            f"the LLM judge at {endpoint} failed: {exc.__class__.__name__}. "
-            + (start_hint(model) if api == "ollama" else "")
-        ) from None
-    except (KeyError, IndexError, TypeError, ValueError) as exc:
-        raise JudgeUnavailableError(f"{endpoint}: unexpected reply format ({exc!r})") from None
+        data = {"model": model, "messages": messages, "temperature": 0, "seed": 123}
+    lines = post(judge_endpoint(url, api), data)
+    if api == "openai":
+        return json.loads(b"".join(lines))["choices"][0]["message"]["content"]
+    pieces = [json.loads(line)["message"]["content"] for line in lines if line.strip()]
+    return "".join(pieces)
 
 
-def _error_text(response: requests.Response) -> str:
-    try:
-        return str(response.json().get("error", response.text))
-    except (ValueError, AttributeError):
-        return response.text[:200]
+def ask_judge(
+    prompt: str,
+    model: str = "llama3",
+    url: str | None = None,
+    *,
+    api: str = "ollama",
+    timeout: float | tuple[float, float] = JUDGE_TIMEOUT,
+    max_bytes: int = MAX_REPLY_BYTES,
+    key: str | None = None,
+) -> str:
+    """``query_model`` within ``judge_client``'s limits, its reply checked: an unusable
+    reply or a failed request raises ``JudgeUnavailableError`` (see ``judge_client.ask``)."""
+    return judge_client.ask(
+        query_model, prompt, model, url, api=api, timeout=timeout, max_bytes=max_bytes, key=key
+    )
 
 
-def _read_ollama_stream(lines, endpoint: str, seconds: float = math.inf) -> str:
-    """Join the streamed pieces of a reply; a reply still streaming after ``seconds`` fails."""
-    deadline = time.monotonic() + seconds
-    parts = []
-    for line in lines:
-        if time.monotonic() > deadline:
-            raise JudgeUnavailableError(f"{endpoint}: the reply took longer than {seconds:g} s")
-        if not line.strip():
-            continue
-        chunk = json.loads(line)
-        if "error" in chunk:
-            raise JudgeUnavailableError(f"{endpoint}: {chunk['error']}")
-        parts.append(chunk.get("message", {}).get("content", ""))
-        if chunk.get("done"):
-            break
-    return "".join(parts)
+def check_rubric(rubric: str) -> str:
+    """``rubric`` if it is one of ``RUBRICS``, else a ``ConfigError`` naming them."""
+    if rubric not in RUBRICS:
+        raise ConfigError(f"unknown rubric {rubric!r}; choose one of: {', '.join(RUBRICS)}")
+    return rubric
 
 
-def judge_prompt(entry: dict, json_key: str = "model_response") -> str:
-    """The judge's instruction: the input, the correct output, the response to score."""
-    return (
+def judge_prompt(entry: dict, json_key: str = "model_response", rubric: str = "0-100") -> str:
+    """The judge's instruction: the input, the correct output, the response to score.
+
+    ``rubric="1-5"`` writes out the criteria of a 1-5 rubric instead of the book's 0-100.
+    """
+    question = (
         f"Given the input `{format_input(entry)}` "
         f"and correct output `{entry['output']}`, "
         f"score the model response `{entry[json_key]}`"
+    )
+    if check_rubric(rubric) == "1-5":
+        return f"{question}.\n\n{RUBRIC_1_5}"
+    return (
+        f"{question}"
         f" on a scale from 0 to 100, where 100 is the best score. "
         f"Respond with the integer number only."
     )
 
 
-_SCALE_MENTIONS = re.compile(r"(?:/|\bout of|\bof)\s*100\b|\b0\s*(?:-|to)\s*100\b", re.I)
+_SCALE_MENTIONS = re.compile(
+    r"(?:/|\bout of|\bof)\s*(?:100|5)\b|\b[01]\s*(?:-|to)\s*(?:100|5)\b", re.I
+)
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 _AFTER_SCORE = re.compile(r"\bscore\b\W{0,6}?(?:is\W{0,3})?(-?\d+(?:\.\d+)?)", re.I)
 
 
-def parse_score(reply: str) -> int | None:
-    """The integer score 0..100 in a judge reply, or None.
+def parse_score(reply: str, rubric: str = "0-100") -> int | None:
+    """The integer score in a judge reply, within the ``rubric``'s range (0..100), or None.
 
     "85", "Score: 85", "85/100", "**85**", "85 out of 100" all give 85; a number right after
     the word "score" wins over an earlier one ("1. Accurate. Score: 85" gives 85). A reply
-    without a number, with a non-integer number, or outside 0..100 gives None.
+    without a number, with a non-integer number, or outside the range gives None ("4/5" gives
+    4 on the 1-5 rubric; "85" gives None there).
     """
+    low, high = RUBRICS[check_rubric(rubric)]
     text = _SCALE_MENTIONS.sub(" ", reply)
     match = _AFTER_SCORE.search(text) or _NUMBER.search(text)
     if match is None:
@@ -209,7 +197,7 @@ def parse_score(reply: str) -> int | None:
     if "." in number or len(number.lstrip("-0")) > 3:  # 1000 and up (int() fails past 4300 digits)
         return None
     score = int(number)
-    return score if 0 <= score <= 100 else None
+    return score if low <= score <= high else None
 
 
 @dataclass
@@ -220,6 +208,12 @@ class JudgeFailure:
 
 
 NO_SCORE = "no integer score in 0..100"
+
+
+def no_score(rubric: str = "0-100") -> str:
+    """The failure reason of a reply without a score on ``rubric``."""
+    low, high = RUBRICS[rubric]
+    return f"no integer score in {low}..{high}"
 
 
 @dataclass
@@ -235,6 +229,7 @@ class JudgeResult:
     model: str
     url: str
     n_entries: int | None = None  # all entries given to the judge (None: scored + failed)
+    rubric: str = "0-100"
 
     def __post_init__(self) -> None:
         if self.n_entries is None:
@@ -279,6 +274,8 @@ class JudgeResult:
             "n_failed": self.n_failed,
             "n_not_asked": self.n_not_asked,
             "mean_score": self.mean,
+            "mean_ci95": mean_with_ci(self.scores)["ci95"],  # bootstrap, fixed seed
+            "rubric": self.rubric,
             "note": self.note(),
             "scores": self.scores,
             "scored_indices": self.scored_indices,
@@ -286,31 +283,66 @@ class JudgeResult:
         }
 
 
-def has_judge_reply(entry: dict, model: str) -> bool:
-    """Whether ``entry`` holds a saved reply of judge ``model``: its score, or None if unusable."""
-    score = entry.get("judge_score")
-    usable = score is None or (type(score) is int and 0 <= score <= 100)
-    return entry.get("judge_model") == model and "judge_score" in entry and usable
+def has_judge_reply(entry: dict, model: str, rubric: str = "0-100") -> bool:
+    """Whether ``entry`` holds a saved reply of judge ``model`` on ``rubric`` (none saved:
+    the book's 0-100): its score, or None for a reply without one. An empty saved reply is no
+    reply (an older version stored failed attempts so)."""
+    score, (low, high) = entry.get("judge_score"), RUBRICS[rubric]
+    if score is None:
+        reply = entry.get("judge_reply")
+        usable = "judge_score" in entry and isinstance(reply, str) and bool(reply.strip())
+    else:
+        usable = type(score) is int and low <= score <= high
+    same = entry.get("judge_model") == model and entry.get("judge_rubric", "0-100") == rubric
+    return same and usable
+
+
+def _with_short_reply(entry: dict) -> dict:
+    """A copy of ``entry`` whose saved ``judge_reply`` is an excerpt (an older version saved
+    whole replies, however large)."""
+    entry = dict(entry)
+    if isinstance(entry.get("judge_reply"), str):
+        entry["judge_reply"] = excerpt(entry["judge_reply"])
+    return entry
+
+
+def to_ask(
+    records: Sequence[dict], model: str, rescore_unscored: bool = False, rubric: str = "0-100"
+) -> list[int]:
+    """The entries to ask judge ``model`` about on ``rubric``: those without its reply, and
+    with ``rescore_unscored`` also those whose saved reply had no score."""
+    return [
+        i
+        for i, entry in enumerate(records)
+        if not has_judge_reply(entry, model, rubric)
+        or (rescore_unscored and entry.get("judge_score") is None)
+    ]
 
 
 def _collect(
-    records: Sequence[dict], model: str, endpoint: str, request_failures: dict[int, str]
+    records: Sequence[dict],
+    model: str,
+    endpoint: str,
+    request_failures: dict[int, str],
+    rubric: str = "0-100",
 ) -> JudgeResult:
     """The result read from the entries' saved replies and this session's failed requests."""
     scores, indices, failures = [], [], []
     for i, entry in enumerate(records):
-        if has_judge_reply(entry, model) and entry["judge_score"] is not None:
+        if has_judge_reply(entry, model, rubric) and entry["judge_score"] is not None:
             scores.append(entry["judge_score"])
             indices.append(i)
-        elif has_judge_reply(entry, model):
-            failures.append(JudgeFailure(i, str(entry.get("judge_reply", "")), NO_SCORE))
+        elif has_judge_reply(entry, model, rubric):
+            reply = str(entry.get("judge_reply", ""))
+            failures.append(JudgeFailure(i, reply, no_score(rubric)))
         elif i in request_failures:
             failures.append(JudgeFailure(i, "", f"request failed: {request_failures[i]}"))
-    return JudgeResult(scores, indices, failures, model, endpoint, n_entries=len(records))
+    shown = redact_url(endpoint)
+    return JudgeResult(scores, indices, failures, model, shown, len(records), rubric)
 
 
 def _warn(index: int, reason: str, reply: str | None = None) -> None:
-    shown = "" if reply is None else f"; judge reply: {reply!r}"
+    shown = "" if reply is None else f"; judge reply: {excerpt(reply)!r}"
     warnings.warn(f"entry {index}: {reason}{shown}", JudgeReplyWarning, stacklevel=4)
 
 
@@ -326,13 +358,15 @@ def ask_each(
     progress: bool,
     keep: Callable[[dict, str], None] | None = None,
     desc: str = "Scoring entries",
+    rubric: str = "0-100",
 ) -> None:
     """Ask the judge about each entry in ``todo``; stop after ``max_failures`` failed requests
     in a row (``JudgeUnavailableError``). Each reply is saved into ``records`` (and the file):
-    as the judge's score, or as ``keep(entry, reply)`` stores it (``preference_data`` keeps
-    the judge's rewrites this way)."""
+    as the judge's score with an excerpt of the reply, or as ``keep(entry, reply)`` stores it
+    (``preference_data`` keeps the judge's rewrites this way). A failed request (unusable
+    replies included) saves nothing, so the entry is asked again next time."""
     in_a_row = 0
-    for i in tqdm(todo, desc=desc, disable=not progress):
+    for i in progress_bar(todo, desc=desc, enabled=progress):
         try:
             reply = ask(records[i])
         except JudgeUnavailableError as exc:
@@ -340,7 +374,7 @@ def ask_each(
             _warn(i, f"request failed: {exc}")
             in_a_row += 1
             if in_a_row >= max_failures:
-                raise JudgeUnavailableError(
+                raise type(exc)(  # (its kind decides what to do: start the server, or not)
                     f"the LLM judge failed {in_a_row} requests in a row, so it counts as down; "
                     f"last: {exc}"
                 ) from None
@@ -349,10 +383,11 @@ def ask_each(
         if keep is not None:
             keep(records[i], reply)
         else:
-            score = parse_score(reply)
-            records[i].update(judge_model=model, judge_score=score, judge_reply=reply)
+            score = parse_score(reply, rubric)
+            records[i].update(judge_model=model, judge_score=score, judge_reply=excerpt(reply))
+            records[i]["judge_rubric"] = rubric
             if score is None:
-                _warn(i, NO_SCORE, reply)
+                _warn(i, no_score(rubric), reply)
         if save_path is not None:
             save_json(records, save_path)
 
@@ -368,55 +403,51 @@ def judge_responses(
     max_failures: int = JUDGE_MAX_FAILURES,
     save_path: str | os.PathLike | None = None,
     api_key: str | None = None,
+    rescore_unscored: bool = False,
     check: bool = True,
     progress: bool = True,
+    rubric: str = "0-100",
 ) -> JudgeResult:
     """Score every entry's ``json_key`` response with the judge; the detailed result.
 
-    A reply without an integer 0..100 is a failure of its entry (a ``JudgeReplyWarning`` names
-    the entry and the reply). So is a failed request (no connection, no reply within ``timeout``
-    seconds, an HTTP error); after ``max_failures`` of those in a row the judge counts as down:
-    ``JudgeUnavailableError``, whose ``result`` holds what was scored. A reply without a score
-    does not count towards ``max_failures``. ``check=True`` first asks whether the judge is up.
-
-    ``save_path``: after each reply all entries are saved there (atomically) with three more
-    keys: ``judge_model``, ``judge_score`` (None: no usable score) and ``judge_reply`` (the raw
-    text). Entries holding a reply of this ``model`` are not asked again, so a re-run after
-    Ctrl-C, a crash or a give-up asks only the others. ``json_data`` itself is left unchanged.
+    A reply without an integer on the ``rubric`` ("0-100", the book's, or "1-5") fails its
+    entry (a ``JudgeReplyWarning`` names it). So does a failed request (no connection, no whole
+    reply within ``timeout`` s, an HTTP error, an empty, null or malformed reply);
+    ``max_failures`` of those in a row (replies without a score do not count) raise
+    ``JudgeUnavailableError``, whose ``result`` holds what was scored. ``check=True`` first
+    asks whether the judge is up. ``api_key``: a bearer token (default: $OPENAI_API_KEY for
+    ``api="openai"``). ``save_path``: after each reply all entries are saved there
+    (atomically) with ``judge_model``, ``judge_score`` (None: no usable score), ``judge_reply``
+    (an excerpt) and ``judge_rubric``; entries holding a reply of this ``model`` on this
+    ``rubric`` are not asked again (with ``rescore_unscored``, those without a score are).
     """
-    endpoint = judge_endpoint(url, api)
-    _timeouts(timeout)  # a bad timeout fails before any request
+    endpoint, _ = judge_endpoint(url, api), check_rubric(rubric)
+    split_timeout(timeout)  # a bad timeout fails before any request
     if max_failures < 1:
         raise ConfigError(f"max_failures={max_failures}: give at least 1")
-    records = [dict(entry) for entry in json_data]
-    todo = [i for i, entry in enumerate(records) if not has_judge_reply(entry, model)]
+    key = api_key if api_key is not None else judge_client.api_key(api)
+    records = [_with_short_reply(entry) for entry in json_data]
+    todo = to_ask(records, model, rescore_unscored, rubric)
     if len(todo) < len(records):
         print(f"{len(records) - len(todo)} of {len(records)} entries have a saved reply of {model}")
 
     def ask(entry: dict) -> str:
-        prompt = judge_prompt(entry, json_key)
-        return query_model(prompt, model, endpoint, api=api, timeout=timeout, api_key=api_key)
+        prompt = judge_prompt(entry, json_key, rubric)
+        return ask_judge(prompt, model, endpoint, api=api, timeout=timeout, key=key)
 
     request_failures: dict[int, str] = {}
     try:
         if todo and check:
-            check_judge(endpoint, model, api=api)
-        ask_each(
-            records,
-            todo,
-            ask,
-            model=model,
-            max_failures=max_failures,
-            request_failures=request_failures,
-            save_path=save_path,
-            progress=progress,
-        )
+            check_judge(endpoint, model, api=api, key=key)
+        limits = {"max_failures": max_failures, "request_failures": request_failures}
+        limits.update(model=model, save_path=save_path, progress=progress, rubric=rubric)
+        ask_each(records, todo, ask, **limits)
     except JudgeUnavailableError as exc:
-        saved = save_path is not None and any(has_judge_reply(r, model) for r in records)
-        error = JudgeUnavailableError(_what_to_do(exc, api, model, save_path if saved else None))
-        error.result = _collect(records, model, endpoint, request_failures)
+        saved = save_path is not None and any(has_judge_reply(r, model, rubric) for r in records)
+        error = type(exc)(_what_to_do(exc, api, model, save_path if saved else None))
+        error.result = _collect(records, model, endpoint, request_failures, rubric)
         raise error from None
-    return _collect(records, model, endpoint, request_failures)
+    return _collect(records, model, endpoint, request_failures, rubric)
 
 
 def _what_to_do(exc: Exception, api: str, model: str, saved_in: str | os.PathLike | None) -> str:
@@ -447,6 +478,9 @@ def generate_model_scores(
 def print_scores(result: JudgeResult, label: str = "") -> None:
     """The course's two lines (number of scores, average score), and what the mean covers."""
     mean = "n/a" if result.mean is None else f"{result.mean:.2f}"
+    low, high = mean_with_ci(result.scores)["ci95"] or (None, None)
+    if low is not None:
+        mean += f" (95% bootstrap interval {low:.2f} to {high:.2f}; rubric {result.rubric})"
     print(f"Number of scores: {result.n_scored} of {result.n_entries}")
     print(f"Average score{label}: {mean}")
     if result.n_scored < result.n_entries:
@@ -465,6 +499,7 @@ def score_responses(
     max_failures: int = JUDGE_MAX_FAILURES,
     save_path: str | os.PathLike | None = None,
     progress: bool = True,
+    rubric: str = "0-100",
 ) -> dict:
     """Judge scores when a judge is reachable, and always the local reference metrics.
 
@@ -494,6 +529,7 @@ def score_responses(
                 max_failures=max_failures,
                 save_path=save_path,
                 progress=progress,
+                rubric=rubric,
             )
         except JudgeUnavailableError as exc:
             judge_error = str(exc)
@@ -527,21 +563,6 @@ def judge_settings(cfg: Any) -> dict[str, Any]:
         "timeout": cfg.judge_timeout,
         "max_failures": cfg.judge_max_failures,
     }
-
-
-def add_judge_args(p: argparse.ArgumentParser) -> None:
-    """The judge's flags of a run's command line (each None unless given: the run's
-    settings fill in the defaults)."""
-    p.add_argument("--judge-url", help="judge host or endpoint (default: $OLLAMA_HOST)")
-    p.add_argument("--judge-model", help="judge model (default: llama3)")
-    p.add_argument("--judge-api", choices=JUDGE_APIS, help="default: ollama")
-    p.add_argument("--judge-timeout", type=float, help="seconds per judge reply (default: 120)")
-    p.add_argument(
-        "--judge-max-failures",
-        type=int,
-        help="failed judge requests in a row before giving up (default: 3)",
-    )
-    p.add_argument("--no-judge", action="store_true", help="skip the judge: local metrics only")
 
 
 def read_responses(path: str | os.PathLike, json_key: str = "model_response") -> list[dict]:
@@ -586,6 +607,23 @@ def build_arg_parser() -> argparse.ArgumentParser:
         default=JUDGE_MAX_FAILURES,
         help=f"failed requests in a row before giving up (default: {JUDGE_MAX_FAILURES})",
     )
+    p.add_argument(
+        "--rescore-unscored",
+        action="store_true",
+        help="ask the judge again about the entries whose saved reply had no score",
+    )
+    p.add_argument(
+        "--api-key-env",
+        metavar="NAME",
+        help=f"environment variable holding the judge's API key (default for --api openai: "
+        f"{judge_client.OPENAI_KEY_ENV})",
+    )
+    p.add_argument(
+        "--rubric",
+        choices=RUBRICS,
+        default="0-100",
+        help="the judge's scale: 0-100 (the book's) or a 1-5 rubric with written criteria",
+    )
     return p
 
 
@@ -597,6 +635,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args = build_arg_parser().parse_args(argv)
     try:
+        key = judge_client.api_key(args.api, args.api_key_env)
         entries = read_responses(args.file_path, args.json_key)
         result = judge_responses(
             entries,
@@ -607,6 +646,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             timeout=args.timeout,
             max_failures=args.max_failures,
             save_path=args.file_path,
+            api_key=key,
+            rescore_unscored=args.rescore_unscored,
+            rubric=args.rubric,
         )
     except KeyboardInterrupt:
         print(
@@ -625,4 +667,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(interrupts.run_command(main))

@@ -27,6 +27,10 @@ from pathlib import Path
 _ROOT = Path(__file__).resolve().parents[1]
 if (_ROOT / "previous_chapters.py").is_file() and str(_ROOT) not in sys.path:
     sys.path.append(str(_ROOT))
+if __name__ == "__main__":  # (before the slow imports: Ctrl-C there is one line too)
+    import interrupts
+
+    interrupts.guard_startup()
 
 import argparse
 import functools
@@ -55,6 +59,7 @@ from instruction_data import (
     raise_problems,
     read_instruction_file,
 )
+from interrupts import describe as describe_stop
 from ollama_evaluate import (
     JUDGE_APIS,
     JUDGE_MAX_FAILURES,
@@ -62,12 +67,12 @@ from ollama_evaluate import (
     JudgeReplyWarning,
     JudgeUnavailableError,
     ask_each,
+    ask_judge,
     check_judge,
     judge_endpoint,
-    query_model,
     with_judge_hint,
 )
-from outputs import save_json
+from outputs import save_json, verify_file
 from token_ids import shared_prefix_length
 
 PREFERENCE_KEYS = ("chosen", "rejected")
@@ -125,6 +130,9 @@ def load_preference_data(path: str | os.PathLike) -> list[dict]:
     ``rejected``) or the ``preference_error`` mark of an entry the judge gave no usable
     rewrite for; ``usable_pairs`` leaves those out.
     """
+    verify_file(
+        path, f"delete it (and its {Path(path).name}.sha256) and make it again; {MAKE_HINT}"
+    )
     entries = read_instruction_file(path)
     validate_preference_data(entries, str(path))
     return entries
@@ -199,6 +207,7 @@ def _resume_records(entries: Sequence[dict], save_path: Path) -> list[dict]:
     records = [dict(entry) for entry in entries]
     if not save_path.is_file():
         return records
+    verify_file(save_path, "delete it to ask the judge for every entry again")
     saved = read_instruction_file(save_path)
     same = len(saved) == len(records) and all(
         [s[k] for k in REQUIRED_KEYS] == [r[k] for k in REQUIRED_KEYS]
@@ -244,7 +253,7 @@ def generate_preference_data(
 
     def ask(entry: dict) -> str:
         prompt = rewrite_prompt(entry, entry["politeness"])
-        return query_model(prompt, model, endpoint, api=api, timeout=timeout)
+        return ask_judge(prompt, model, endpoint, api=api, timeout=timeout)
 
     try:
         if todo and check:
@@ -269,7 +278,7 @@ def generate_preference_data(
                 "only the missing entries."
             )
         raise JudgeUnavailableError(message) from None
-    save_json(records, save_path)
+    save_json(records, save_path, checksum=True)
     _report(records, save_path)
     return records
 
@@ -438,18 +447,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_failures=args.judge_max_failures,
             seed=args.seed,
         )
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print(
-            f"\ninterrupted: the rewrites so far are saved in {args.output}; "
+            f"\n{describe_stop(exc)}: the rewrites so far are saved in {args.output}; "
             "run the same command again to ask the rest",
             file=sys.stderr,
         )
         return 130
-    except (ChapterError, DownloadError) as exc:
+    except (ChapterError, DownloadError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(interrupts.run_command(main))

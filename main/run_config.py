@@ -3,23 +3,26 @@
 ``RunConfig`` holds every choice of a run (its defaults are the chapter's); ``make_config``
 builds it for the command line and the notebook alike; ``check_settings`` refuses a setting
 that cannot work before any download or training starts. ``start_run`` gives every run a
-folder of its own, ``OUTPUT_DIR/<date>-<time>-<model>/``, and points ``OUTPUT_DIR/latest`` at
-it, so that no run overwrites or mixes with another; ``make_config(resume=...)`` continues
-an earlier run in its folder, with the settings it started with.
+folder of its own, ``OUTPUT_DIR/<date>-<time>-<model>[-<variant>]/`` (``run_tag``), and points
+``OUTPUT_DIR/latest`` at it, so that no run overwrites or mixes with another;
+``make_config(resume=...)`` continues an earlier run in its folder, with the settings it
+started with (``read_saved_config`` checks the file and each setting's type). One process at a
+time writes a run folder (``lock_run``).
 """
 
 from __future__ import annotations
 
 import datetime
 import json
-import math
 import os
 import re
 import tempfile
+import types
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Union, get_args, get_origin, get_type_hints
+from urllib.parse import urlsplit
 
 import torch
 
@@ -29,64 +32,69 @@ from instruction_data import (
     ConfigError,
     check_prompt_style,
 )
+from judge_host import redact_url, redact_urls
 from ollama_evaluate import judge_endpoint
-from outputs import save_json
+from outputs import read_json, remove_stale_temp_files, save_json
 from previous_chapters import gpt2_config, resolve_model_name
+from run_settings import PRECISIONS, ranges, setting
 
 # The smoke run's model: GPT-2's vocabulary and layout, tiny sizes, random weights.
 SMOKE_MODEL_OVERRIDES = {"emb_dim": 64, "n_layers": 2, "n_heads": 4, "context_length": 256}
 # A chapter run's folder holds these files (and its model, ``RunConfig.model_file_name``)
 RUN_CONFIG_FILE = "run-config.json"
 RESPONSES_FILE = "instruction-data-with-response.json"  # 7.7: the test set, answered
+CHECKPOINT_FILE = "checkpoint.pt"  # 7.6: training so far (with checkpoint.prev.pt before it)
+TRAINING_RESULT_FILE = "training-result.json"  # 7.6: the losses, once training ended
 
 
 @dataclass
 class RunConfig:
     """Every choice of a chapter run. The defaults are the chapter's."""
 
+    # Each setting's default, range and help text are defined once, in run_settings.SETTINGS.
     # model
-    model_size: str | None = "gpt2-medium (355M)"  # None: GPT-2 small's shape + model_overrides
+    model_size: str | None = setting("model_size")  # None: GPT-2 small's shape + overrides
     pretrained: bool = True  # False: random initialisation (the smoke run)
     model_overrides: dict = field(default_factory=dict)  # e.g. a tiny emb_dim / n_layers
-    models_dir: str = "gpt2"
+    models_dir: str = setting("models_dir")
     # data
-    data: str = DATA_URL  # a local JSON / JSON Lines file or an http(s) URL
-    data_cache: str | None = None  # where a downloaded file is kept (default: named after the URL)
+    data: str = setting("data")
+    data_cache: str | None = setting("data_cache")
     train_frac: float = 0.85
     test_frac: float = 0.10
     split_seed: int | None = None  # None: split in file order, as the course does
-    prompt_style: str = "alpaca"
-    mask_prompt: bool = False
-    group_by_length: bool = False  # batch entries of similar length together (less padding)
+    prompt_style: str = setting("prompt_style")
+    mask_prompt: bool = setting("mask_prompt")
+    group_by_length: bool = setting("group_by_length")
     # training
-    batch_size: int = 8
+    batch_size: int = setting("batch_size")
     num_workers: int = 0
-    allowed_max_length: int = 1024
-    epochs: int = 2
-    lr: float = 5e-5
-    weight_decay: float = 0.1
-    eval_freq: int = 5
-    eval_iter: int = 5
-    seed: int = 123
-    device: str | None = None  # None: cuda when available, else cpu
-    checkpoint_every: int = 100  # steps between checkpoints (0: only at the end of each epoch)
-    grad_accum: int = 1  # micro-batches per step: global batch = batch_size x processes x this
-    precision: str = "fp32"  # or "bf16": autocast on CUDA GPUs (see check_precision)
+    allowed_max_length: int = setting("allowed_max_length")
+    epochs: int = setting("epochs")
+    lr: float = setting("lr")
+    weight_decay: float = setting("weight_decay")
+    eval_freq: int = setting("eval_freq")
+    eval_iter: int = setting("eval_iter")
+    seed: int = setting("seed")
+    device: str | None = setting("device")
+    checkpoint_every: int = setting("checkpoint_every")
+    grad_accum: int = setting("grad_accum")
+    precision: str = setting("precision")
     # LoRA (exercise 7.4): train low-rank adapters on the frozen model (None: full fine-tuning)
-    lora_rank: int | None = None
-    lora_alpha: float = 16.0  # the update is scaled by lora_alpha / lora_rank
+    lora_rank: int | None = setting("lora_rank")
+    lora_alpha: float = setting("lora_alpha")
     # responses
-    max_new_tokens: int = 256
-    gen_batch_size: int = 8
+    max_new_tokens: int = setting("max_new_tokens")
+    gen_batch_size: int = setting("gen_batch_size")
     # judge
-    use_judge: bool = True
-    judge_url: str | None = None  # None: $OLLAMA_HOST or http://localhost:11434
-    judge_model: str = "llama3"
-    judge_api: str = "ollama"  # or "openai" (any OpenAI-compatible chat endpoint)
-    judge_timeout: float = 120.0  # seconds to wait for one reply
-    judge_max_failures: int = 3  # failed requests in a row after which the judge counts as down
+    use_judge: bool = setting("use_judge")
+    judge_url: str | None = setting("judge_url")
+    judge_model: str = setting("judge_model")
+    judge_api: str = setting("judge_api")
+    judge_timeout: float = setting("judge_timeout")
+    judge_max_failures: int = setting("judge_max_failures")
     # outputs
-    output_dir: str = "outputs"  # each run gets a folder of its own in here
+    output_dir: str = setting("output_dir")  # each run gets a folder of its own in here
     run_name: str | None = None  # that folder's name, set when the run starts
     smoke: bool = False
 
@@ -197,38 +205,12 @@ def allowed_max_length(cfg: RunConfig) -> int:
 # Checks before any work
 # --------------------------------------------------------------------------------------
 
-# (setting, test, what it must be): the settings a chapter run and a DPO run share ...
-COMMON_RANGES = [
-    ("epochs", lambda v: v >= 1, "at least 1"),
-    ("batch_size", lambda v: v >= 1, "at least 1"),
-    ("weight_decay", lambda v: math.isfinite(v) and v >= 0, "a number of at least 0"),
-    ("eval_freq", lambda v: v >= 1, "at least 1"),
-    ("eval_iter", lambda v: v >= 1, "at least 1"),
-    ("allowed_max_length", lambda v: v >= 2, "at least 2"),
-    ("max_new_tokens", lambda v: v >= 1, "at least 1"),
-    ("gen_batch_size", lambda v: v >= 1, "at least 1"),
-    ("judge_timeout", lambda v: math.isfinite(v) and v > 0, "a number of seconds above 0"),
-    ("judge_max_failures", lambda v: v >= 1, "at least 1"),
-]
-# ... and the chapter run's own
-_RANGES = [
-    *COMMON_RANGES,
-    ("lr", lambda v: math.isfinite(v) and v > 0, "a number above 0, such as 5e-5"),
-    ("checkpoint_every", lambda v: v >= 0, "at least 0 (0: only at the end of each epoch)"),
-    ("grad_accum", lambda v: v >= 1, "at least 1 (1: no gradient accumulation)"),
-    (
-        "lora_rank",
-        lambda v: v is None or (type(v) is int and v >= 1),
-        "a whole number >= 1, e.g. 16",
-    ),
-    ("lora_alpha", lambda v: math.isfinite(v) and v > 0, "a number above 0, such as 16"),
-]
 
-
-def check_ranges(cfg: Any, ranges: list[tuple[str, Callable[[Any], bool], str]]) -> None:
-    """Refuse the first setting of ``cfg`` outside its range: ``ranges`` holds (setting,
-    test, what it must be), and the error names the setting, its value and the rule."""
-    for name, ok, rule in ranges:
+def check_ranges(cfg: Any, rules: list[tuple[str, Callable[[Any], bool], str]]) -> None:
+    """Refuse the first setting of ``cfg`` outside its range: ``rules`` holds (setting,
+    test, what it must be; see ``run_settings.ranges``), and the error names the setting, its
+    value and the rule."""
+    for name, ok, rule in rules:
         if not ok(getattr(cfg, name)):
             raise ConfigError(f"{name} = {getattr(cfg, name)} is out of range: it must be {rule}")
 
@@ -262,9 +244,6 @@ def check_device(name: str | None) -> torch.device:
     if device.type not in ("cpu", "cuda", "mps"):
         raise ConfigError(f"device {name!r} is not supported; use cpu or cuda")
     return device
-
-
-PRECISIONS = ("fp32", "bf16")
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -302,7 +281,7 @@ def check_settings(cfg: RunConfig) -> torch.device:
     Each problem is a ``ConfigError`` of one line that says what is wrong and what to do.
     Nothing is written.
     """
-    check_ranges(cfg, _RANGES)
+    check_ranges(cfg, ranges(RunConfig))
     if cfg.model_size is None and cfg.pretrained:
         raise ConfigError("a pretrained run needs a model size, e.g. 'gpt2-medium (355M)'")
     model_config(cfg)
@@ -324,6 +303,63 @@ def check_settings(cfg: RunConfig) -> torch.device:
 # --------------------------------------------------------------------------------------
 # One folder per run
 # --------------------------------------------------------------------------------------
+
+_RUN_NAME = re.compile(r"^\d{8}-\d{6}-")  # <date>-<time>-<tag>, as new_run_folder names them
+LOCK_FILE = ".lock"  # held (flock) by the process that writes the run; it holds the pid
+_LOCKS: dict[Path, int] = {}  # the run folders this process holds: their lock files' fds
+
+
+class RunLockedError(ConfigError):
+    """Another process is writing the run folder."""
+
+
+def lock_run(folder: str | os.PathLike) -> None:
+    """Make this process the only writer of ``folder`` until it exits (or ``release_run``).
+
+    The lock is the operating system's (``flock``) on ``folder/.lock``, so a process that
+    crashes or is killed cannot leave it stuck. A folder another live process holds raises
+    ``RunLockedError`` naming that process. (Without ``fcntl``, as on Windows: no lock.)
+    """
+    key = Path(folder).resolve()
+    if key in _LOCKS:
+        return
+    try:
+        import fcntl
+    except ImportError:
+        return
+    try:
+        fd = os.open(key / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot lock the run folder {folder} ({exc.strerror or exc}); check that it "
+            "exists and that you can write in it"
+        ) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+        os.close(fd)
+        raise RunLockedError(
+            f"{folder} is being written by another process (pid {holder}); wait for it to "
+            f"end or stop it (kill {holder}), then try again; or start a new run"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _LOCKS[key] = fd
+
+
+def release_run(folder: str | os.PathLike) -> None:
+    """Let other processes write ``folder`` again (a no-op if this process does not hold it)."""
+    fd = _LOCKS.pop(Path(folder).resolve(), None)
+    if fd is not None:
+        os.close(fd)  # (closing the file releases the flock)
+
+
+def run_folders(output_dir: str | os.PathLike) -> list[Path]:
+    """The run folders in ``output_dir``, newest first (by the date and time in their names)."""
+    out = Path(output_dir)
+    found = [p for p in out.iterdir() if _RUN_NAME.match(p.name)] if out.is_dir() else []
+    return sorted((p for p in found if p.is_dir() and not p.is_symlink()), reverse=True)
 
 
 def latest_run(output_dir: str | os.PathLike, *, link: str = "latest") -> Path | None:
@@ -353,28 +389,99 @@ def _point_latest(out: Path, name: str, link: str = "latest") -> None:
 
 def new_run_folder(output_dir: str | os.PathLike, tag: str, *, link: str = "latest") -> Path:
     """A new, empty folder ``output_dir/<date>-<time>-<tag>/`` (numbered if the name is
-    taken), which ``output_dir/<link>`` then points to."""
+    taken, even by a process starting in the same second), locked for this process
+    (``lock_run``), which ``output_dir/<link>`` then points to."""
     out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     name, n = f"{stamp}-{tag}", 2
-    while (out / name).exists():
-        name, n = f"{stamp}-{tag}-{n}", n + 1
-    (out / name).mkdir(parents=True)
+    while True:
+        try:
+            (out / name).mkdir()  # (creating it is the test: no other process can have it)
+            break
+        except FileExistsError:
+            name, n = f"{stamp}-{tag}-{n}", n + 1
+    lock_run(out / name)
     _point_latest(out, name, link)
     return out / name
 
 
+def run_tag(cfg: RunConfig) -> str:
+    """What a run folder's name says after its date: the model (``smoke`` for the tiny one),
+    then what differs from the chapter: ``lora16``, ``phi3``, ``mask``, the data's name."""
+    parts = ["smoke" if cfg.smoke else cfg.model_file_name().removesuffix("-sft.pth")]
+    if cfg.lora_rank is not None:
+        parts.append(f"lora{cfg.lora_rank}")
+    if cfg.prompt_style != "alpaca":
+        parts.append(cfg.prompt_style)
+    if cfg.mask_prompt:
+        parts.append("mask")
+    usual = SAMPLE_DATA_PATH.name if cfg.smoke else DATA_URL
+    if cfg.data != usual and Path(cfg.data).name != usual:
+        stem = Path(urlsplit(cfg.data).path).stem
+        parts.append(re.sub(r"[^A-Za-z0-9_.]+", "-", stem).strip("-.")[:24] or "data")
+    return "-".join(parts)
+
+
+def _check_run_files(run_dir: Path) -> None:
+    """Refuse a run folder where a file the run writes is something else (e.g. a folder)."""
+    for name in (RUN_CONFIG_FILE, RESPONSES_FILE, CHECKPOINT_FILE, TRAINING_RESULT_FILE):
+        path = run_dir / name
+        if path.exists() and not path.is_file():
+            raise ConfigError(f"{path} is not a file; move it out of the run folder and resume")
+
+
 def start_run(cfg: RunConfig) -> Path:
     """The run's folder: a new one (named and recorded in ``cfg.run_name``), or the folder of
-    the run being resumed. It holds the run's settings as ``run-config.json``."""
+    the run being resumed. It holds the run's settings as ``run-config.json``. The process
+    becomes the folder's only writer (``lock_run``); on a resume, the temporary files that
+    an earlier session left when it was killed while saving are deleted."""
     if cfg.run_name is not None:
+        lock_run(cfg.run_dir)
+        _check_run_files(cfg.run_dir)
+        for stale in remove_stale_temp_files(cfg.run_dir):
+            print(f"Removed {stale.name}, left by an earlier session killed while saving")
         print(f"Continuing the run in {cfg.run_dir}")
         return cfg.run_dir
-    tag = "smoke" if cfg.smoke else cfg.model_file_name().removesuffix("-sft.pth")
-    cfg.run_name = new_run_folder(cfg.output_dir, tag).name
-    save_json(asdict(cfg), cfg.run_dir / RUN_CONFIG_FILE)
-    print(f"This run's outputs go to {cfg.run_dir}")
+    cfg.run_name = new_run_folder(cfg.output_dir, run_tag(cfg)).name
+    # (no URL secrets in the file)
+    save_json(redact_urls(asdict(cfg)), cfg.run_dir / RUN_CONFIG_FILE, checksum=True)
+    print(f"This run's outputs go to {cfg.run_dir.resolve()}")  # absolute: whatever the cwd
     return cfg.run_dir
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether a JSON value fits a field's type hint (``int``, ``float | None``, ``dict``...)."""
+    if isinstance(hint, types.UnionType) or get_origin(hint) is Union:
+        return any(_matches(value, arg) for arg in get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint in (int, bool, str):
+        return type(value) is hint
+    origin = get_origin(hint) or hint
+    return not isinstance(origin, type) or isinstance(value, origin)
+
+
+def read_saved_config(path: Path, config_class: type, advice: str) -> Any:
+    """The ``config_class`` saved as JSON at ``path`` (checksum checked, each field's type
+    too); anything wrong is a ``ConfigError`` that names the file, the field and ``advice``."""
+    saved = read_json(path, advice)
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{path} does not hold a run's settings (a JSON object); {advice}")
+    hints = get_type_hints(config_class)
+    unknown = sorted(set(saved) - set(hints))
+    if unknown:
+        raise ConfigError(f"{path}: unknown setting {unknown[0]!r}; {advice}")
+    for name, value in saved.items():
+        if not _matches(value, hints[name]):
+            hint = hints[name]
+            wanted = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+            raise ConfigError(
+                f"{path}: {name} must be {wanted} but is {json.dumps(value)[:40]}; {advice}"
+            )
+    return config_class(**saved)
 
 
 def _resume_config(resume: bool | str | os.PathLike, given: dict) -> RunConfig:
@@ -383,16 +490,20 @@ def _resume_config(resume: bool | str | os.PathLike, given: dict) -> RunConfig:
     run = latest_run(output_dir) if resume is True or resume == "latest" else Path(resume)
     if run is None:
         raise ConfigError(f"nothing to resume: {output_dir}/ holds no earlier run")
+    if resume is True or resume == "latest":
+        print(f"--resume: the latest run in {output_dir}/ is {run.name}")
     path = run / RUN_CONFIG_FILE
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-        cfg = RunConfig(**saved)
-    except (OSError, ValueError, TypeError) as exc:
-        raise ConfigError(
-            f"cannot resume from {run}: {path} is missing or unreadable ({exc}); "
-            "pass the folder of an earlier run"
-        ) from None
+    advice = "pass the folder of an earlier run (its run-config.json is as the run wrote it)"
+    if not path.is_file():
+        raise ConfigError(f"cannot resume from {run}: {path} is missing or unreadable; {advice}")
+    cfg = read_saved_config(path, RunConfig, advice)
     cfg = replace(cfg, output_dir=str(run.parent), run_name=run.name)
+    secrets = {  # a URL's credentials given again (run-config.json holds the URL without them)
+        name: value
+        for name, value in given.items()
+        if isinstance(value, str) and value != getattr(cfg, name) == redact_url(value)
+    }
+    cfg = replace(cfg, **secrets)
     differ = {
         name: getattr(cfg, name)
         for name, value in given.items()

@@ -56,7 +56,7 @@ from distributed import (
 )
 from engine import IGNORE_INDEX
 from instruction_data import ChapterError
-from outputs import write_atomically
+from outputs import keep_previous, load_failure, verify_file, write_atomically
 from previous_chapters import (
     LoopState,
     LossFn,
@@ -114,7 +114,13 @@ def save_checkpoint(
     state: TrainState,
     shuffle: dict,
 ) -> Path:
-    """Write a checkpoint atomically: a crash while saving keeps the previous one whole."""
+    """Write a checkpoint atomically: a crash while saving keeps the previous one whole.
+
+    The checkpoint it replaces is kept as ``NAME.prev.pt``, and each has its checksum beside
+    it (``outputs.checksum_path``), so that a damaged checkpoint can fall back on the one
+    before it. A full disk raises ``outputs.OutputError``: the earlier checkpoints stay.
+    """
+    path = Path(path)
     checkpoint = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -122,7 +128,8 @@ def save_checkpoint(
         "shuffle": shuffle,
         "rng": _rng_states(),
     }
-    return write_atomically(path, lambda tmp: torch.save(checkpoint, tmp))
+    keep_previous(path, path.with_name(f"{path.stem}.prev{path.suffix}"))
+    return write_atomically(path, lambda tmp: torch.save(checkpoint, tmp), checksum=True)
 
 
 def load_checkpoint(
@@ -130,19 +137,52 @@ def load_checkpoint(
 ) -> tuple[TrainState, dict]:
     """Restore the model, optimizer and random states; returns (state, shuffle states).
 
-    The state's ``history`` comes back as a dict (``ResumableRun`` makes it its class again).
+    The file is checked first (its checksum, then its contents). A damaged checkpoint falls
+    back on the previous one (``NAME.prev.pt``) when that one is whole, and says so;
+    otherwise it raises ``ChapterError`` with one line that says what to do. The state's
+    ``history`` comes back as a dict (``ResumableRun`` makes it its class again).
     """
+    path = Path(path)
+    previous = path.with_name(f"{path.stem}.prev{path.suffix}")
+    defaults = asdict(TrainState())
+
+    def restore(file: Path) -> tuple[TrainState, dict]:
+        verify_file(file, "delete it (and its .sha256) to train from the start")
+        try:
+            checkpoint = torch.load(file, map_location="cpu", weights_only=True)
+            model.load_state_dict(checkpoint["model"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            saved, shuffle = dict(checkpoint["state"]), dict(checkpoint["shuffle"])
+            state = TrainState(**saved)
+            wrong = [  # (a field's value of its default's type; a float may be an int)
+                k
+                for k, v in saved.items()
+                if defaults[k] is not None
+                and not isinstance(
+                    v, (int, float) if isinstance(defaults[k], float) else type(defaults[k])
+                )
+            ]
+            if wrong or not {"epoch_start", "now"} <= set(shuffle):
+                raise ValueError(f"its training state is malformed ({(wrong or ['shuffle'])[0]})")
+            _set_rng_states(checkpoint["rng"])
+        except Exception as exc:  # pickle errors, a truncated zip, a wrong structure, ...
+            raise ChapterError(
+                f"{file} is not a usable checkpoint of this model ({load_failure(exc)}); "
+                "delete it to train from the start"
+            ) from None
+        return state, shuffle
+
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-    except (OSError, RuntimeError, KeyError, ValueError) as exc:
-        raise ChapterError(
-            f"{path} is not a usable checkpoint of this model ({type(exc).__name__}: "
-            f"{str(exc)[:200]}); delete it to train from the start"
-        ) from None
-    _set_rng_states(checkpoint["rng"])
-    return TrainState(**checkpoint["state"]), checkpoint["shuffle"]
+        return restore(path)
+    except ChapterError as exc:
+        if not previous.is_file():
+            raise
+        try:
+            restored = restore(previous)
+        except ChapterError:
+            raise exc from None
+        print(f"warning: {exc}; resuming from the previous checkpoint {previous} instead")
+        return restored
 
 
 STOP_SIGNALS = ("SIGINT", "SIGTERM")

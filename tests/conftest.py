@@ -10,7 +10,10 @@ its own loopback server fails loudly instead of quietly using the network.
 from __future__ import annotations
 
 import ipaddress
+import os
+import shutil
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,6 +22,9 @@ from helpers import FakeJudge
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = REPO_ROOT.parent / "shared"
+
+# .ci/run sets this: there, a test whose system program is missing fails instead of skipping
+REQUIRE_PROGRAMS_ENV = "TESTS_REQUIRE_SYSTEM_PROGRAMS"
 
 _LOCAL_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
 
@@ -102,15 +108,15 @@ def one_thread():
 
 @pytest.fixture
 def download_sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
-    """The retry back-off sleeps that gpt_download asks for: recorded, not slept.
+    """The retry back-off sleeps that downloads.download_file asks for: recorded, not slept.
 
     What makes a failing download fast is how often it retries and how long it waits; a
     test asserts those instead of timing itself.
     """
-    import gpt_download
+    import downloads
 
     asked: list[float] = []
-    monkeypatch.setattr(gpt_download.time, "sleep", asked.append)
+    monkeypatch.setattr(downloads.time, "sleep", asked.append)
     return asked
 
 
@@ -143,3 +149,25 @@ def judge_server():
     yield start
     for server in servers:
         server.close()
+
+
+def require_program(name: str, install: str) -> Path:
+    """The system program ``name`` (found on ``PATH``), which pip does not install.
+
+    Without it the calling test skips with one line that gives ``install``, the command that
+    installs it, so that the README's test command passes on a machine with only Python. Where
+    ``$TESTS_REQUIRE_SYSTEM_PROGRAMS`` is ``1`` (CI, through ``.ci/run``) the test fails instead.
+    """
+    found = shutil.which(name)
+    if found:
+        return Path(found)
+    reason = f"{name} is not installed: {install}"
+    if os.environ.get(REQUIRE_PROGRAMS_ENV) == "1":
+        pytest.fail(f"{reason} ({REQUIRE_PROGRAMS_ENV}=1: no skips allowed)", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def system_program() -> Callable[[str, str], Path]:
+    """``system_program(name, install)``: see ``require_program``."""
+    return require_program

@@ -146,6 +146,18 @@ def test_the_repl_answers_each_line_until_exit():
     assert out.getvalue() == "<first question>!\n\n<second>!\n\n"
 
 
+def test_the_repl_echoes_each_line_read_when_asked():
+    lines = iter(["first question", "exit"])
+    out = io.StringIO()
+
+    def read(prompt):
+        out.write(prompt)  # as input() does
+        return next(lines)
+
+    assert repl(lambda text: iter([f"<{text}>"]), read=read, out=out, echo=True) == 1
+    assert out.getvalue() == ">> first question\n<first question>\n\n>> exit\n"
+
+
 def test_the_repl_ends_at_end_of_input_and_ctrl_c_stops_one_answer():
     lines = ["go"]
 
@@ -185,7 +197,9 @@ def test_the_terminal_chat_answers_through_a_pipe(tmp_path, tokenizer):
     assert result.returncode == 0, result.stderr
     assert f"({style} prompts)" in result.stdout
     answers = ["".join(stream_reply(loaded, tokenizer, q, max_new_tokens=12)) for q in questions]
-    assert result.stdout.endswith(f">> {answers[0]}\n\n>> {answers[1]}\n\n>> \n")
+    # each piped question is echoed after its prompt, so the transcript shows both sides
+    transcript = "".join(f">> {q}\n{a}\n\n" for q, a in zip(questions, answers, strict=True))
+    assert result.stdout.endswith(transcript + ">> \n")
 
 
 def test_the_terminal_chat_says_when_there_is_no_model_file(tmp_path, monkeypatch, capsys):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -441,6 +442,7 @@ def test_cli_smoke_end_to_end(tmp_path, monkeypatch):
     assert summary["data"]["n_test"] == len(test_data)
     assert summary["final_losses"]["train"] < summary["initial_losses"]["train"]
     assert summary["judge"]["mean_score"] == 42 and summary["judge"]["n_failed"] == 0
+    assert summary["judge"]["mean_ci95"] == [42.0, 42.0]  # every score 42: no spread
     assert summary["judge_error"] is None
     assert len(judge.bodies) == len(test_data)
     assert summary["local_metrics"]["n"] == len(test_data)
@@ -449,9 +451,10 @@ def test_cli_smoke_end_to_end(tmp_path, monkeypatch):
         "model": str(out / run.name / "gpt-random-init-sft.pth"),
         "responses": str(out / run.name / "instruction-data-with-response.json"),
     }
-    assert sorted(p.name for p in run.iterdir()) == sorted(
-        ["loss-plot.png", "gpt-random-init-sft.pth", "instruction-data-with-response.json"]
-        + ["run-summary.json", "run-config.json", "training-result.json"]
+    read_back = ["gpt-random-init-sft.pth", "instruction-data-with-response.json"]
+    read_back += ["run-config.json", "training-result.json"]  # (each with its checksum)
+    assert sorted(p.name for p in run.iterdir() if p.name != ".lock") == sorted(
+        ["loss-plot.png", "run-summary.json", *read_back, *(f"{n}.sha256" for n in read_back)]
     )
     assert not (tmp_path / "outputs").exists()  # everything went to --output-dir
 
@@ -492,3 +495,51 @@ def test_resume_needs_an_earlier_run(tmp_path, capsys):
     (tmp_path / "notarun").mkdir()
     assert ift.main(["--resume", str(tmp_path / "notarun")]) == 2
     assert "run-config.json is missing or unreadable" in capsys.readouterr().err
+
+
+def test_the_readmes_flag_table_lists_every_flag_of_help():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    table = readme.split("| flag | meaning (default) |", 1)[1].split("\n\n", 1)[0]
+    documented = {
+        flag
+        for row in table.splitlines()[2:]
+        for flag in re.findall(r"--[a-z-]+", row.split("|")[1])
+    }
+    parser = ift.build_arg_parser()
+    flags = {s for a in parser._actions for s in a.option_strings if s.startswith("--")}
+    assert documented == flags - {"--help"}
+    assert set(re.findall(r"--[a-z-]+", parser.format_help())) >= documented  # --help shows them
+
+
+def test_every_flag_and_check_comes_from_the_settings_definitions():
+    from run_config import check_ranges
+    from run_settings import SETTINGS, definitions, ranges
+
+    flags = {s for a in ift.build_arg_parser()._actions for s in a.option_strings}
+    for name, definition in definitions(ift.RunConfig):
+        assert getattr(ift.RunConfig(), name) == SETTINGS[name].default  # the default, once
+        if definition.flag is not None:
+            flag = "--" + definition.flag.get("name", name.replace("_", "-"))
+            assert flag in flags
+    rules = dict((name, rule) for name, _, rule in ranges(ift.RunConfig))
+    assert rules["lr"] == "a number above 0, such as 5e-5" and "epochs" in rules
+    with pytest.raises(ConfigError, match="eval_iter = 0 is out of range: it must be at least 1"):
+        check_ranges(ift.RunConfig(eval_iter=0), ranges(ift.RunConfig))
+
+
+def test_dpo_settings_reuse_the_shared_definitions():
+    import dpo_finetuning as dft
+    from dpo_config import DPOConfig
+    from run_settings import SETTINGS, definitions
+
+    shared = {n: d for n, d in definitions(DPOConfig) if n in SETTINGS}
+    assert {"lr", "epochs", "batch_size", "judge_timeout", "seed", "device"} <= set(shared)
+    assert shared["judge_timeout"] == SETTINGS["judge_timeout"]  # the same definition ...
+    assert (
+        shared["lr"].check is SETTINGS["lr"].check and shared["lr"].default == 5e-6
+    )  # ... own default
+    args = dft.build_arg_parser().parse_args(["--lr", "1e-3", "--no-judge", "--make-preferences"])
+    cfg = dft.config_from_args(args)
+    assert (cfg.lr, cfg.use_judge, cfg.make_preferences, cfg.epochs) == (1e-3, False, True, 1)
+    help_text = dft.build_arg_parser().format_help()
+    assert "(default: 5e-6)" in help_text and "(default: 1)" in help_text

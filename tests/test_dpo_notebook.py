@@ -17,25 +17,31 @@ import pytest
 import dpo
 import dpo_finetuning as dft
 import preference_data as pdata
+from dpo_config import DPOConfig
 from figures import source_of
 from helpers import NotebookOutputs, closed_port, run_notebook_offline
+from notebook_sources import cell_definitions, differences, parameter_differences
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO_ROOT / "main" / "dpo.ipynb"
 
-# What the notebook must show, each as its module's own source, in this order.
+# What the notebook defines in its cells, as its modules do, in this order ...
+DEFINED = [
+    "compute_logprobs",
+    "compute_dpo_loss",
+    "compute_dpo_loss_batch",
+    "train_model_dpo_simple",
+]
+# ... and what it shows from the modules, each as its module's own source, in this order.
 LISTED = [
     dft.load_sft,
     pdata.rewrite_prompt,
     pdata.keep_rewrite,
     pdata.PreferenceDataset,
     pdata.preference_collate_fn,
-    dpo.compute_logprobs,
-    dpo.compute_dpo_loss,
     dpo.policy_and_reference,
     dpo.sequence_logprobs,
-    dpo.compute_dpo_loss_batch,
-    dpo.train_model_dpo_simple,
+    dpo.pair_logprobs,
 ]
 
 
@@ -56,6 +62,18 @@ def test_notebook_has_one_parameters_cell_whose_default_is_the_real_run() -> Non
     assert "SMOKE = False" in tagged[0].source
     names = set(re.findall(r"^([A-Z_]+) = ", tagged[0].source, flags=re.M))
     assert {"SMOKE", "MODEL", "PREFERENCES", "MAKE_PREFERENCES", "BETA", "REDUCTION"} <= names
+    # each parameter is declared as its setting's one definition says (run_settings)
+    assert parameter_differences(nb, DPOConfig, DPOConfig.smoke_preset()) == []
+    assert "notebook_settings(globals(), DPOConfig)" in "".join(c.source for c in _code_cells(nb))
+
+
+def test_the_cells_define_the_dpo_functions_as_the_module_does() -> None:
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    assert [d.name for d in cell_definitions(nb)] == DEFINED
+    assert differences(NOTEBOOK) == []  # (python tests/notebook_sources.py --sync fixes it)
+    code = "\n".join(c.source for c in _code_cells(nb))
+    assert "train_dpo(" not in code and "dpo.compute_" not in code
+    assert re.search(r"(?<!def )train_model_dpo_simple\(", code)
 
 
 def test_notebook_derives_the_loss_in_prose() -> None:

@@ -17,6 +17,7 @@ import instruction_data
 import instruction_finetuning as ift
 import lora
 from helpers import NotebookOutputs, run_notebook_offline
+from notebook_sources import cell_definitions, differences, parameter_differences
 from previous_chapters import gpt2_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -158,6 +159,20 @@ def test_notebook_is_committed_without_outputs_and_with_one_parameters_cell():
     assert len(tagged) == 1 and "SMOKE = False" in tagged[0].source
     names = set(re.findall(r"^([A-Z_]+) = ", tagged[0].source, flags=re.M))
     assert {"SMOKE", "VARIANTS", "LORA_RANK", "LORA_ALPHA", "OUTPUT_DIR", "USE_JUDGE"} <= names
+    # the shared ones as their one definition says (LoRA's: the lora variant's own defaults)
+    lora = frozenset({"LORA_RANK", "LORA_ALPHA"})
+    assert parameter_differences(nb, ift.RunConfig, ift.RunConfig.smoke_preset(), lora) == []
+
+
+def test_the_cells_define_the_lora_layers_as_the_module_does():
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    names = [d.name for d in cell_definitions(nb)]
+    lora_names = ["LoRALayer", "_adapter", "LinearWithLoRA", "replace_linear_with_lora"]
+    lora_names += ["QKVWithLoRA", "lora_layers", "apply_lora"]
+    assert names == ["run_variant", *lora_names, "pairwise_against_baseline"]
+    assert differences(NOTEBOOK) == []  # (python tests/notebook_sources.py --sync fixes it)
+    code = "\n".join(c.source for c in _code_cells(nb))
+    assert "lora.apply_lora(" not in code and "apply_lora(medium" in code
 
 
 def test_notebook_has_a_section_per_exercise():
@@ -194,10 +209,6 @@ def test_smoke_run_is_clean_and_shows_the_code_it_runs(executed) -> None:
         instruction_data.format_input,
         instruction_data.custom_collate_fn,
         exercises._stand_in_entry,
-        lora.LoRALayer,
-        lora.LinearWithLoRA,
-        lora.QKVWithLoRA,
-        lora.replace_linear_with_lora,
         lora.merge_lora,
         ift.run,
     ):
@@ -235,3 +246,81 @@ def test_smoke_run_compares_every_variant_in_one_table(executed) -> None:
     assert Path(summaries["lora"]["outputs"]["lora_adapter"]).is_file()
     for name in ("baseline", "phi3_prompt", "mask_instructions", "alpaca_52k"):
         assert "lora_adapter" not in summaries[name]["outputs"]
+
+
+# --- against the baseline, pairwise, over seeds ----------------------------------------------
+
+
+def _summary(val: float, rouge: float, judge: float | None) -> dict:
+    return {
+        "final_losses": {"train": 0.1, "val": val},
+        "local_metrics": {"rouge_l_f1": rouge},
+        "judge": None if judge is None else {"mean_score": judge},
+    }
+
+
+def test_seed_spreads_give_each_metrics_mean_and_spread_across_seeds():
+    import statistics
+
+    runs = {
+        seed: {
+            "baseline": _summary(1.0 + d, 0.3, None),
+            "lora": _summary(1.2 + d, 0.2 + d, 50 + 10 * d),
+        }
+        for seed, d in ((123, 0.0), (124, 0.1), (125, 0.3))
+    }
+    rate = lambda v: {"value": v}  # noqa: E731
+    pairwise = {
+        seed: {
+            "lora": {
+                "win_rate": rate(w),
+                "length_controlled_win_rate": rate(None),
+                "position_bias": rate(0.6),
+            }
+        }
+        for seed, w in ((123, 0.4), (124, 0.5), (125, 0.7))
+    }
+    spreads = exercises.seed_spreads(runs, pairwise)
+    lora_val = spreads["lora"]["final_val_loss"]
+    assert lora_val["mean"] == pytest.approx(statistics.mean([1.2, 1.3, 1.5]))
+    assert lora_val["std"] == pytest.approx(statistics.stdev([1.2, 1.3, 1.5]))
+    assert spreads["lora"]["win_rate"]["std"] == pytest.approx(statistics.stdev([0.4, 0.5, 0.7]))
+    assert spreads["lora"]["length_controlled_win_rate"] == {
+        "mean": None,
+        "std": None,
+        "n_seeds": 0,
+    }
+    assert (
+        spreads["baseline"]["judge_mean"]["n_seeds"] == 0 and "win_rate" not in spreads["baseline"]
+    )
+
+
+@pytest.mark.slow
+def test_notebook_compares_each_variant_with_the_baseline_pairwise_over_seeds(
+    tmp_path, judge_server
+):
+    judge = judge_server(lambda p: "A" if "Response A:" in p else "50")
+    nb = run_notebook_offline(
+        NOTEBOOK,
+        tmp_path,
+        SMOKE=True,
+        OUTPUT_DIR=str(tmp_path / "outputs"),
+        VARIANTS=["baseline", "lora"],
+        SEEDS=[123, 124],
+        JUDGE_URL=judge.base,
+    )
+    outputs = NotebookOutputs(nb)
+    assert not outputs.problems()
+    stdout = outputs.stream("stdout")
+    for seed in (123, 124):
+        assert f"--- seed {seed}: lora against the baseline ---" in stdout
+    # this judge always names the first-shown answer: every pair a tie, a full position bias
+    assert stdout.count("win rate of B               0.500") == 2
+    assert re.search(r"lora +position_bias +1\.000 \+- 0\.000 +\(2 seeds\)", stdout)
+    assert re.search(r"lora +judge_mean +50\.000 \+- 0\.000 +\(2 seeds\)", stdout)
+    runs = [p for p in (tmp_path / "outputs").iterdir() if p.is_dir() and p.name != "latest"]
+    summaries = [json.loads((r / "run-summary.json").read_text()) for r in runs]
+    assert sorted(s["config"]["seed"] for s in summaries) == [123, 123, 124, 124]
+    n_test = summaries[0]["data"]["n_test"]
+    asked = [b for b in judge.bodies if "Response A:" in b["messages"][0]["content"]]
+    assert len(asked) == 2 * n_test * 2  # 2 seeds, each test entry in both orders

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import downloads
 import gpt_download as gd
 from helpers import TINY_CHECKPOINT, Mirror, SilentServer, closed_port
 
@@ -230,9 +231,13 @@ def test_download_error_message_and_hint(tmp_path, dead_url, download_sleeps):
     with pytest.raises(gd.DownloadError) as caught:
         gd.download_file(url, tmp_path / "vocab.bpe", retries=2, progress=False, hint="Try X.")
     message = str(caught.value)
-    assert message.startswith("could not download vocab.bpe to ")
-    assert url in message and "2 attempt(s)" in message and "ConnectionError" in message
-    assert message.endswith(" Try X.")
+    # one line for what failed (the URL, after how many attempts, the short cause), one for
+    # what to do; urllib3's chain only in ``details`` (--verbose)
+    what, to_do = message.split("\n")
+    assert what == f"could not download vocab.bpe from {url} after 2 attempt(s): Connection refused"
+    assert to_do.startswith("Check your internet connection") and to_do.endswith(" Try X.")
+    assert "HTTPConnectionPool" not in message and "Max retries" not in message
+    assert "ConnectionRefusedError" in caught.value.details
     assert len(download_sleeps) == 1  # between the two attempts, none after the last
 
 
@@ -314,7 +319,7 @@ def test_a_file_failing_its_check_everywhere_is_never_kept(mirror, backup, tmp_p
     with pytest.raises(gd.DownloadError) as caught:
         gd.download_and_load_gpt2("124M", tmp_path, mirror.url, backup_base_url=backup.url, **FAST)
     message = str(caught.value)
-    assert message.startswith("could not download model.ckpt.index to ")
+    assert message.startswith("could not download model.ckpt.index from ")
     assert f"{mirror.url}/124M/model.ckpt.index" in message
     assert f"{backup.url}/124M/model.ckpt.index" in message
     assert message.count("fails its check: it is not a TensorFlow checkpoint index") == 2
@@ -399,7 +404,7 @@ def test_a_trickling_server_is_stopped_by_the_deadline(mirror, tmp_path, downloa
             progress=False,
         )
     message = str(caught.value)
-    assert "1 attempt(s), last: still receiving after its 0.3 s deadline" in message
+    assert "after 1 attempt(s): still receiving after its 0.3 s deadline" in message
     assert len(mirror.requests) == 1 and download_sleeps == []  # not retried
     part = tmp_path / "hparams.json.part"
     full = (TINY / "hparams.json").stat().st_size
@@ -407,11 +412,59 @@ def test_a_trickling_server_is_stopped_by_the_deadline(mirror, tmp_path, downloa
     assert f"{part} is kept and resumes" in message
 
 
-def test_the_default_deadline_grows_with_the_size():
-    assert gd._deadline(None, None) == 3600  # no size announced: an hour
-    assert gd._deadline(None, 1_000) == pytest.approx(600.01)  # at least ten minutes
-    assert gd._deadline(None, 500_000_000) == 5600  # GPT-2 124M's shard: 100 kB/s on average
-    assert gd._deadline(12.5, 500_000_000) == 12.5
+def test_the_limits_are_settings_with_defaults(monkeypatch):
+    for name in (downloads.SILENCE_ENV, downloads.DEADLINE_ENV, downloads.MIN_RATE_ENV):
+        monkeypatch.delenv(name, raising=False)
+    assert downloads.download_limits() == (gd.DOWNLOAD_TIMEOUT, None, 1000.0)  # no fixed deadline
+    monkeypatch.setenv(downloads.SILENCE_ENV, "12")
+    monkeypatch.setenv(downloads.DEADLINE_ENV, "900")
+    monkeypatch.setenv(downloads.MIN_RATE_ENV, "0")  # no floor
+    assert downloads.download_limits() == ((5.0, 12.0), 900.0, 0.0)
+    assert downloads.download_limits((1.0, 2.0), 3.0, 4.0) == ((1.0, 2.0), 3.0, 4.0)  # given wins
+    monkeypatch.setenv(downloads.SILENCE_ENV, "soon")
+    with pytest.raises(ValueError, match="DOWNLOAD_SILENCE_SECONDS='soon'"):
+        downloads.download_limits()
+
+
+def test_a_transfer_below_the_floor_gives_up_keeping_the_partial_file(
+    mirror, tmp_path, download_sleeps, monkeypatch, capsys
+):
+    """A byte every 50 ms (20 bytes/s) is below a 1,000 bytes/s floor: after SLOW_SECONDS
+    (a minute by default, 0.3 s here) it gives up, with the right byte counts, not retried."""
+    monkeypatch.setattr(downloads, "SLOW_SECONDS", 0.6)
+    monkeypatch.setattr(downloads, "NOTICE_SECONDS", 0.2)
+    mirror.plan["/124M/hparams.json"] = ["trickle"] * 3
+    destination = tmp_path / "hparams.json"
+    with pytest.raises(gd.DownloadError) as caught:
+        gd.download_file(
+            f"{mirror.url}/124M/hparams.json", destination, timeout=(2.0, 2.0), progress=False
+        )
+    message = str(caught.value)
+    part = tmp_path / "hparams.json.part"
+    size, full = part.stat().st_size, (TINY / "hparams.json").stat().st_size
+    assert re.search(r"after 1 attempt\(s\): slower than 1,000 bytes/s for 0\.\d+ s", message)
+    assert f"; {size:,} of {full:,} bytes)" in message and 0 < size < full, message  # not "0 of"
+    assert f"{part} is kept and resumes" in message and not destination.exists()
+    assert len(mirror.requests) == 1 and download_sleeps == []
+    host = mirror.url.split("/")[2]
+    err = capsys.readouterr().err  # said while it was still trying
+    assert re.search(rf"hparams.json: {host} sends slowly \(\d+ bytes/s; \d+ of 83 bytes\)", err)
+
+
+def test_the_terminal_says_within_seconds_what_a_transfer_waits_on(
+    tmp_path, monkeypatch, capsys, download_sleeps
+):
+    monkeypatch.setattr(downloads, "NOTICE_SECONDS", 0.2)
+    with SilentServer("/124M/hparams.json") as server:
+        with pytest.raises(gd.DownloadError):
+            gd.download_file(
+                server.url, tmp_path / "h.json", retries=1, timeout=(1.0, 1.0), progress=False
+            )
+    host = server.url.split("/")[2]
+    err = capsys.readouterr().err
+    assert re.search(
+        rf"hparams.json: waiting on {host} for \d+ s \(no answer yet\); giving up after 1 s", err
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -437,7 +490,7 @@ def _break_writes(monkeypatch, error: OSError) -> None:
         file = real_open(path, mode, *args, **kwargs)
         return FailingFile(file) if str(path).endswith(".part") else file
 
-    monkeypatch.setattr(gd, "open", fake_open, raising=False)
+    monkeypatch.setattr(downloads, "open", fake_open, raising=False)
 
 
 def test_a_full_disk_is_a_disk_error_and_not_retried(
@@ -466,9 +519,9 @@ def test_unwritable_files_are_disk_errors(mirror, tmp_path, monkeypatch, where, 
         raise error
 
     if where == "open":
-        monkeypatch.setattr(gd, "open", fail, raising=False)
+        monkeypatch.setattr(downloads, "open", fail, raising=False)
     else:
-        monkeypatch.setattr(gd.os, "replace", fail)
+        monkeypatch.setattr(downloads.os, "replace", fail)
     with pytest.raises(gd.DiskError) as caught:
         gd.download_file(f"{mirror.url}/124M/hparams.json", tmp_path / "hparams.json", **FAST)
     assert words in str(caught.value) and error.strerror in str(caught.value)
@@ -491,3 +544,25 @@ def test_a_file_where_the_folder_should_be_is_refused_before_any_request(mirror,
     with pytest.raises(gd.DiskError, match=rf"{re.escape(str(models))} is a file, but "):
         gd.download_and_load_gpt2("124M", models, mirror.url, backup_base_url=None, **FAST)
     assert mirror.requests == []
+
+
+def test_offline_the_command_says_what_failed_and_what_to_do_in_two_lines(
+    tmp_path, monkeypatch, capsys, download_sleeps
+):
+    """No network: one line for what failed (URL, attempts, short cause), one for what to
+    do; never urllib3's chain (that is for --verbose), never the temporary file's name."""
+    import instruction_finetuning as ift
+
+    monkeypatch.chdir(tmp_path)
+    assert ift.main(["--output-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().split("\n")
+    assert len(err) == 2, err
+    assert err[0] == (
+        f"error: could not download instruction-data.json from {ift.DATA_URL} after 2 "
+        "attempt(s): test network guard: lookup of 'raw.githubusercontent.com' refused"
+    )
+    assert err[1].startswith("Check your internet connection") and "--smoke" in err[1]
+    assert ".download" not in "\n".join(err)  # (it said "could not download X to X" of those)
+    assert ift.main(["--output-dir", str(tmp_path / "out"), "--verbose"]) == 2
+    verbose = capsys.readouterr().err
+    assert "requests.exceptions.ConnectionError" in verbose and "NetworkBlocked" in verbose

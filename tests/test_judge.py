@@ -93,8 +93,10 @@ def test_server_down_says_how_to_start_ollama():
     url = f"http://127.0.0.1:{closed_port()}"
     with pytest.raises(oe.JudgeUnavailableError, match=r"ollama serve.*ollama pull llama3"):
         oe.check_judge(url)
-    with pytest.raises(oe.JudgeUnavailableError, match="ollama serve"):
+    with pytest.raises(oe.JudgeUnavailableError, match="not reachable"):
         oe.query_model("hi", url=url)
+    with pytest.raises(oe.JudgeUnavailableError, match="not reachable.*ollama serve"):
+        oe.ask_judge("hi", url=url)
     with pytest.raises(oe.JudgeUnavailableError, match="ollama serve"):
         oe.generate_model_scores(entries("x"), "model_response", url=url, progress=False)
 
@@ -282,18 +284,8 @@ def test_another_judge_model_scores_again(judge_server, tmp_path):
     assert {e["judge_model"] for e in json.loads(path.read_text())} == {"phi3"}
 
 
-def test_a_judge_that_never_answers_is_given_up_after_k_timeouts(
-    judge_server, release, monkeypatch, tmp_path
-):
+def test_a_judge_that_never_answers_is_given_up_after_k_timeouts(judge_server, release, tmp_path):
     server = judge_server(lambda prompt: "50" if release.wait(60) else "")  # accepts, then hangs
-    timeouts = []
-    real_post = oe.requests.post
-
-    def recording_post(*args, **kwargs):
-        timeouts.append(kwargs["timeout"])
-        return real_post(*args, **kwargs)
-
-    monkeypatch.setattr(oe.requests, "post", recording_post)
     path = write_entries(tmp_path, entries("a", "b", "c", "d", "e"))
     data = json.loads(path.read_text())
     with pytest.warns(oe.JudgeReplyWarning, match="no reply within 0.2 s"):
@@ -301,7 +293,6 @@ def test_a_judge_that_never_answers_is_given_up_after_k_timeouts(
             data, judge_url=server.base, timeout=0.2, max_failures=3, save_path=path, progress=False
         )
     assert len(server.bodies) == 3  # K requests, then it gave up
-    assert timeouts == [(0.2, 0.2)] * 3  # the timeout given, for the connection too (< 3 s)
     error = out["judge_error"]
     assert "failed 3 requests in a row" in error and "no reply within 0.2 s" in error
     assert "ollama serve" in error and "ollama pull llama3" in error
@@ -392,15 +383,6 @@ def test_ctrl_c_while_scoring_keeps_every_score_so_far(judge_server, monkeypatch
             json.loads(path.read_text()), judge_url=server.base, save_path=path, progress=False
         )
     assert saved_scores(path) == [70, 70, 70, "-", "-", "-"]
-
-
-def test_a_reply_that_streams_too_long_is_cut_off():
-    def endless():
-        while True:
-            yield json.dumps({"message": {"content": "9"}, "done": False}).encode()
-
-    with pytest.raises(oe.JudgeUnavailableError, match="longer than 0.05 s"):
-        oe._read_ollama_stream(endless(), "http://judge/api/chat", 0.05)
 
 
 def test_bad_timeout_or_max_failures_fail_before_any_request(judge_server):

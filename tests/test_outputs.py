@@ -117,7 +117,13 @@ def test_files_are_ordinary_readable_files(tmp_path):
     plt.close(fig)
     os.umask(previous)
     assert [mode(p) for p in paths] == [0o644] * 3  # not mkstemp's private 0o600
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "model.pth", "plot.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "a.json",
+        "model.pth",
+        "model.pth.sha256",  # (the model is read back later: it carries its checksum)
+        "plot.png",
+    ]
+    assert mode(outputs.checksum_path(paths[2])) == 0o644
 
 
 def test_save_figure_uses_the_file_name_format(tmp_path):

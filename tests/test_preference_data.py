@@ -208,13 +208,17 @@ def test_unusable_rewrites_are_kept_marked_and_not_asked_again(judge_server, tmp
     path = tmp_path / "prefs.json"
     with pytest.warns(JudgeReplyWarning) as caught:
         records = pd.generate_preference_data(entries(4), path, url=server.base, progress=False)
-    assert {str(w.message).split(":")[0] for w in caught} == {"'Task 0.'", "'Task 1.'"}
-    assert records[0]["preference_error"] == "empty rewrite"
+    messages = {str(w.message) for w in caught}
+    assert {m.split(":")[0] for m in messages} == {"entry 0", "'Task 1.'"}
+    # an empty reply is a failed attempt (issue 16): nothing is kept, the next run asks again
+    assert any("request failed" in m and "a reply without text" in m for m in messages)
+    assert "preference_error" not in records[0] and "chosen" not in records[0]
     assert records[1]["preference_error"] == "rewrite equals the output"
-    assert "chosen" not in records[0] and records[1]["preference_reply"] == "Answer 1."
-    assert len(pd.usable_pairs(pd.load_preference_data(path))) == 2
-    pd.generate_preference_data(entries(4), path, url=server.base, progress=False)
-    assert len(server.bodies) == 4  # nothing asked again, failures included
+    assert records[1]["preference_reply"] == "Answer 1."
+    assert sum("chosen" in r for r in records) == 2
+    with pytest.warns(JudgeReplyWarning, match="entry 0: request failed"):
+        pd.generate_preference_data(entries(4), path, url=server.base, progress=False)
+    assert len(server.bodies) == 5  # entry 0 asked again; the kept failure of entry 1 is not
 
 
 def test_another_judge_model_rewrites_again(judge_server, tmp_path):

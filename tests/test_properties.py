@@ -1,18 +1,28 @@
 """Property-based tests (hypothesis) for the functions that take user data.
 
-Validation on arbitrary JSON values, the prompt format on arbitrary entries, and the collate
-function on arbitrary batches of token ids. Each property runs on ~75 random examples
-(no example database is written).
+Validation on arbitrary JSON values, the prompt format on arbitrary entries, the collate
+function on arbitrary batches of token ids, and every reader of a file the project writes
+(checkpoint, model file, LoRA adapter, responses and preference JSON, run config) on damaged
+and random bytes. Each property runs on ~75 random examples (no example database is written).
 """
 
 from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
 
 import instruction_data as data
 from collate_drafts import collate_draft_3
-from helpers import IGN, PAD
+from helpers import IGN, PAD, make_entries, tiny_config, tiny_model
+from instruction_data import ChapterError
+from preference_data import SAMPLE_PREFERENCE_PATH as SAMPLE_PREFERENCE
 
 hypothesis = pytest.importorskip(
     "hypothesis", reason="the property tests need hypothesis (pip install -r requirements-dev.txt)"
@@ -147,3 +157,169 @@ def test_mask_prompt_ignores_exactly_the_targets_inside_the_prompt(pairs):
         masked = max(prompt_length - 1, 0)  # targets[j] predicts token j + 1
         assert (targets[row, :masked] == IGN).all()
         assert torch.equal(targets[row, masked:], plain_targets[row, masked:])
+
+
+# --------------------------------------------------------------------------------------
+# File readers: damaged and random bytes read correctly or raise the project's own error
+# --------------------------------------------------------------------------------------
+
+FILE_PROPERTY = hypothesis.settings(
+    max_examples=40,
+    deadline=None,
+    database=None,
+    suppress_health_check=[hypothesis.HealthCheck.too_slow],
+)
+
+
+def _good_files(folder: Path) -> dict[str, Path]:
+    """One file of each kind, as the project writes it (with its checksum beside it)."""
+    from dataclasses import asdict
+
+    import outputs
+    import trainer
+    from lora import apply_lora, save_lora_adapter
+    from run_config import RunConfig
+
+    model = tiny_model(1)
+    optimizer = torch.optim.AdamW(model.parameters())
+    shuffle = {"epoch_start": None, "now": None}
+    files = {
+        "checkpoint": trainer.save_checkpoint(
+            folder / "checkpoint.pt", model, optimizer, trainer.TrainState(), shuffle
+        ),
+        "model": outputs.save_model(model, folder / "m-sft.pth"),
+        "responses": outputs.save_json(
+            [{**e, "model_response": "x", "score": 7} for e in make_entries(3)],
+            folder / "responses.json",
+            checksum=True,
+        ),
+        "preference": outputs.save_json(
+            json.loads(SAMPLE_PREFERENCE.read_text()), folder / "pref.json", checksum=True
+        ),
+        "run config": outputs.save_json(
+            asdict(RunConfig.smoke_preset()), folder / "run-config.json", checksum=True
+        ),
+    }
+    lora_model = tiny_model(2)
+    apply_lora(lora_model, 2, 4.0, quiet=True)
+    files["adapter"] = save_lora_adapter(lora_model, folder / "a-lora-adapter.pth")
+    return files
+
+
+def _read(kind: str, path: Path):
+    """Read ``path`` with the project's reader of files of ``kind``."""
+    import outputs
+    import trainer
+    from lora import load_lora_adapter
+    from model_file import load_model_file
+    from preference_data import load_preference_data
+    from run_config import RunConfig, read_saved_config
+
+    if kind == "checkpoint":
+        model = tiny_model(5)
+        return trainer.load_checkpoint(path, model, torch.optim.AdamW(model.parameters()))
+    if kind == "model":
+        return load_model_file(path, n_heads=tiny_config()["n_heads"])
+    if kind == "adapter":
+        return load_lora_adapter(tiny_model(6), path)
+    if kind == "preference":
+        return load_preference_data(path)
+    if kind == "run config":
+        return read_saved_config(path, RunConfig, "start a new run")
+    return outputs.read_json(path, "delete it")
+
+
+FILE_KINDS = ["checkpoint", "model", "adapter", "responses", "preference", "run config"]
+_ORIGINALS: dict[str, bytes] = {}
+
+
+def _original(kind: str) -> bytes:
+    if not _ORIGINALS:
+        with tempfile.TemporaryDirectory() as folder:
+            for name, path in _good_files(Path(folder)).items():
+                _ORIGINALS[name] = path.read_bytes()
+    return _ORIGINALS[kind]
+
+
+# a damage: (position as a fraction of the size, what happens there, random bytes)
+damages = st.lists(
+    st.tuples(
+        st.floats(0, 1, exclude_max=True),
+        st.sampled_from(["flip", "cut", "insert", "overwrite"]),
+        st.binary(min_size=1, max_size=8),
+    ),
+    min_size=1,
+    max_size=3,
+)
+
+
+def _damage(data: bytes, changes) -> bytes:
+    out = bytearray(data)
+    for where, how, noise in changes:
+        i = int(where * len(out)) if out else 0
+        if how == "flip" and out:
+            out[i] ^= noise[0] or 1
+        elif how == "cut":
+            del out[i:]
+        elif how == "insert":
+            out[i:i] = noise
+        else:
+            out[i : i + len(noise)] = noise
+    return bytes(out)
+
+
+def _expect_read_or_own_error(kind: str, data: bytes, *, checksum: bool) -> None:
+    """Write ``data`` as a file of ``kind`` (its recorded checksum beside it, or none) and
+    read it: it reads (then it must be unchanged, if checked), or raises a ChapterError."""
+    import outputs
+
+    original = _original(kind)
+    with tempfile.TemporaryDirectory() as folder:
+        name = {"checkpoint": "checkpoint.pt", "run config": "run-config.json"}.get(kind, kind)
+        path = Path(folder) / name
+        path.write_bytes(data)
+        if checksum:
+            digest = hashlib.sha256(original).hexdigest()
+            outputs.checksum_path(path).write_text(f"{digest}  {name}\n")
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                _read(kind, path)
+        except ChapterError as exc:
+            assert "\n" not in str(exc) or kind == "preference", str(exc)
+            assert not (checksum and data == original), f"the written file was refused: {exc}"
+            if checksum and data != original:
+                assert "is damaged" in str(exc)
+        else:
+            assert not checksum or data == original  # a checked file reads only if unchanged
+
+
+@pytest.mark.parametrize("kind", FILE_KINDS)
+def test_the_file_as_written_reads(kind):
+    _expect_read_or_own_error(kind, _original(kind), checksum=True)
+
+
+@pytest.mark.parametrize("checksum", [True, False], ids=["checked", "unchecked"])
+@pytest.mark.parametrize("kind", FILE_KINDS)
+@FILE_PROPERTY
+@given(changes=damages)
+def test_a_damaged_file_reads_or_raises_the_projects_error(kind, checksum, changes):
+    _expect_read_or_own_error(kind, _damage(_original(kind), changes), checksum=checksum)
+
+
+@pytest.mark.parametrize("kind", FILE_KINDS)
+@FILE_PROPERTY
+@given(data=st.binary(max_size=2000))
+def test_random_bytes_raise_the_projects_error(kind, data):
+    _expect_read_or_own_error(kind, data, checksum=False)
+
+
+json_documents = json_values.map(lambda v: json.dumps(v).encode()) | st.integers(1, 3000).map(
+    lambda depth: ("[" * depth + "]" * depth).encode()
+)
+
+
+@pytest.mark.parametrize("kind", ["responses", "preference", "run config"])
+@FILE_PROPERTY
+@given(data=json_documents)
+def test_any_json_document_reads_or_raises_the_projects_error(kind, data):
+    _expect_read_or_own_error(kind, data, checksum=False)
