@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -340,7 +341,7 @@ def token_ids_to_text(token_ids: torch.Tensor, tokenizer: Any) -> str:
 # Training (chapter 5)
 # ---------------------------------------------------------------------------
 
-LossFn = Callable[[torch.Tensor, torch.Tensor, nn.Module, Any], torch.Tensor]
+LossFn = Callable[..., torch.Tensor]  # (input_batch, target_batch, model, device) -> loss
 
 
 def calc_loss_batch(
@@ -363,16 +364,20 @@ def calc_loss_loader(
     *,
     loss_fn: LossFn = calc_loss_batch,
 ) -> float:
-    """Mean batch loss over the first ``num_batches`` batches (all when None; nan when empty)."""
+    """Mean batch loss over the first ``num_batches`` batches (all when None; nan when empty).
+
+    The batch losses stay on the device until all are computed: one wait for it, not one
+    per batch (the sum is the course's, in Python floats).
+    """
     if len(data_loader) == 0:
         return float("nan")
     num_batches = len(data_loader) if num_batches is None else min(num_batches, len(data_loader))
-    total_loss = 0.0
+    losses = []
     for i, (input_batch, target_batch) in enumerate(data_loader):
         if i >= num_batches:
             break
-        total_loss += loss_fn(input_batch, target_batch, model, device).item()
-    return total_loss / num_batches
+        losses.append(loss_fn(input_batch, target_batch, model, device))
+    return sum(torch.stack(losses).tolist()) / num_batches
 
 
 def evaluate_model(
@@ -409,6 +414,80 @@ def generate_and_print_sample(
     return text
 
 
+@dataclass
+class LossHistory:
+    """What the course's loop records at each evaluation."""
+
+    train_losses: list[float] = field(default_factory=list)
+    val_losses: list[float] = field(default_factory=list)
+    track_tokens_seen: list[int] = field(default_factory=list)
+
+
+@dataclass
+class LoopState:
+    """Where ``train_model_simple`` stands: its counters and what it recorded so far."""
+
+    epoch: int = 0  # the epoch in progress
+    batches_done: int = 0  # batches of that epoch already trained
+    global_step: int = -1  # 0 after the first step, as in the course
+    tokens_seen: int = 0
+    history: Any = field(default_factory=LossHistory)
+
+
+class TrainingRun:
+    """The pieces ``train_model_simple`` calls, as the course's loop has them: a fresh start,
+    one whole batch per step, no checks, nothing saved. Real runs extend them:
+    ``trainer.ResumableRun`` (checkpoints, resume, stop requests, the non-finite-loss stop,
+    gradient accumulation, torchrun) and ``dpo.DPORun`` (DPO's batches and metrics)."""
+
+    is_main = True  # (under torchrun only rank 0 evaluates and prints)
+
+    def __init__(self, loss_fn: LossFn = calc_loss_batch) -> None:
+        self.loss_fn = loss_fn  # for the evaluations
+        self.state = LoopState()
+
+    def __enter__(self) -> LoopState:
+        return self.state
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def step_loss(self, model: nn.Module, loss_fn: LossFn, device: Any) -> Callable:
+        return lambda *batch: loss_fn(*batch, model, device)
+
+    def batches(self, train_loader: Iterable, state: LoopState) -> Iterable:
+        return train_loader
+
+    def micro_batches(self, batch: Any) -> Iterable[tuple[Any, float]]:
+        """The parts of a batch that each get a backward pass, with their shares of the loss."""
+        yield batch, 1.0
+
+    def check_loss(self, loss: torch.Tensor, state: LoopState) -> None:
+        pass
+
+    def count_tokens(self, batch: Any) -> int:
+        return batch[0].numel()
+
+    def evaluate(self, model, train_loader, val_loader, device, eval_iter, state) -> None:
+        """The course's periodic evaluation: record and print both losses."""
+        train_loss, val_loss = evaluate_model(
+            model, train_loader, val_loader, device, eval_iter, loss_fn=self.loss_fn
+        )
+        state.history.train_losses.append(train_loss)
+        state.history.val_losses.append(val_loss)
+        state.history.track_tokens_seen.append(state.tokens_seen)
+        tqdm.write(
+            f"Ep {state.epoch + 1} (Step {state.global_step:06d}): "
+            f"Train loss {train_loss:.3f}, Val loss {val_loss:.3f}"
+        )
+
+    def end_step(self, state: LoopState) -> None:
+        pass
+
+    def end_epoch(self, state: LoopState) -> None:
+        pass
+
+
 def train_model_simple(
     model: nn.Module,
     train_loader: Iterable,
@@ -423,41 +502,46 @@ def train_model_simple(
     *,
     loss_fn: LossFn = calc_loss_batch,
     progress: bool = True,
+    run: TrainingRun | None = None,
 ) -> tuple[list[float], list[float], list[int]]:
     """The course's training loop; returns (train_losses, val_losses, track_tokens_seen).
 
     Every ``eval_freq`` steps (from step 0) it measures the loss on ``eval_iter`` batches of
     each loader and prints it; after each epoch it prints a sample continuing
-    ``start_context``. Two additions to the course: a progress bar (``progress``) and
-    ``loss_fn``, any function with ``calc_loss_batch``'s signature and value.
+    ``start_context``. Additions to the course: a progress bar (``progress``), ``loss_fn``
+    (any function with ``calc_loss_batch``'s signature and value), and ``run``, the pieces
+    a real run adds (see ``TrainingRun``; None: the course's loop as it is).
     """
-    train_losses, val_losses, track_tokens_seen = [], [], []
-    tokens_seen, global_step = 0, -1
-    bar = progress_bar(total=num_epochs * len(train_loader), unit="step", enabled=progress)
-    for epoch in range(num_epochs):
-        model.train()
-        for input_batch, target_batch in train_loader:
-            optimizer.zero_grad()
-            loss = loss_fn(input_batch, target_batch, model, device)
-            loss.backward()
-            optimizer.step()
-            tokens_seen += input_batch.numel()
-            global_step += 1
-            bar.update()
-            if global_step % eval_freq == 0:
-                train_loss, val_loss = evaluate_model(
-                    model, train_loader, val_loader, device, eval_iter, loss_fn=loss_fn
-                )
-                train_losses.append(train_loss)
-                val_losses.append(val_loss)
-                track_tokens_seen.append(tokens_seen)
-                tqdm.write(
-                    f"Ep {epoch + 1} (Step {global_step:06d}): "
-                    f"Train loss {train_loss:.3f}, Val loss {val_loss:.3f}"
-                )
-        generate_and_print_sample(model, tokenizer, device, start_context)
-    bar.close()
-    return train_losses, val_losses, track_tokens_seen
+    run = run or TrainingRun(loss_fn)
+    step_loss = run.step_loss(model, loss_fn, device)
+    steps = num_epochs * len(train_loader)
+    bar = progress_bar(total=steps, unit="step", enabled=progress and run.is_main)
+    with run as state, bar:  # (a run that resumes starts where its checkpoint stopped)
+        bar.update(state.epoch * len(train_loader) + state.batches_done)
+        while state.epoch < num_epochs:
+            model.train()
+            for batch in run.batches(train_loader, state):
+                optimizer.zero_grad()
+                batch_loss = 0.0  # (on the device: the loop never waits for it)
+                for inputs, share in run.micro_batches(batch):
+                    loss = step_loss(*inputs)
+                    (loss * share).backward()
+                    batch_loss += loss.detach() * share
+                run.check_loss(batch_loss, state)
+                optimizer.step()
+                state.tokens_seen += run.count_tokens(batch)
+                state.global_step += 1
+                state.batches_done += 1
+                bar.update()
+                if state.global_step % eval_freq == 0:
+                    run.evaluate(model, train_loader, val_loader, device, eval_iter, state)
+                run.end_step(state)
+            if run.is_main:
+                generate_and_print_sample(model, tokenizer, device, start_context)
+            state.epoch, state.batches_done = state.epoch + 1, 0
+            run.end_epoch(state)
+    history = state.history
+    return history.train_losses, history.val_losses, history.track_tokens_seen
 
 
 def plot_losses(
@@ -563,7 +647,10 @@ __all__ = [
     "MODEL_CONFIGS",
     "FeedForward",
     "GPTModel",
+    "LossHistory",
+    "LoopState",
     "MultiHeadAttention",
+    "TrainingRun",
     "TransformerBlock",
     "calc_loss_batch",
     "calc_loss_loader",

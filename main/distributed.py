@@ -14,8 +14,9 @@ How the work is shared (see ``trainer.py`` for the loss):
   sees its own shard of every epoch's order;
 - ``DistributedDataParallel`` averages the gradients, so every rank takes the same step;
 - only rank 0 evaluates, prints, plots, writes files and saves checkpoints;
-- after each step the ranks add up the step's loss and their stop requests (``sum_across``),
-  so that a Ctrl-C, a SIGTERM or a non-finite loss on one rank stops them all at the same step.
+- after each step the ranks add up the step's loss and their stop requests in one
+  reduction (``sum_across``), so that a Ctrl-C, a SIGTERM or a non-finite loss on one rank
+  stops them all at the same step.
 
 The process group uses NCCL when training on CUDA GPUs and Gloo on the CPU.
 """
@@ -149,12 +150,13 @@ def broadcast(value: Any, ranks: Ranks) -> Any:
     return box[0]
 
 
-def sum_across(values: list[float], ranks: Ranks) -> list[float]:
-    """Each of ``values`` added up over all ranks (in float64)."""
-    if not ranks.distributed:
-        return list(values)
-    tensor = torch.tensor(values, dtype=torch.float64, device=_collective_device())
-    dist.all_reduce(tensor)
+def sum_across(values: list[float] | torch.Tensor, ranks: Ranks) -> list[float]:
+    """Each of ``values`` (floats, or a tensor on any device) added up over all ranks, in
+    float64: one all-reduce, and one wait for the device."""
+    tensor = torch.as_tensor(values, dtype=torch.float64)
+    if ranks.distributed:
+        tensor = tensor.to(_collective_device())
+        dist.all_reduce(tensor)
     return tensor.tolist()
 
 
@@ -175,16 +177,16 @@ def rank_rows(batch_rows: int, ranks: Ranks) -> slice:
 
 
 class LossModule(nn.Module):
-    """A loss function as a module, ``forward(inputs, targets) = loss_fn(inputs, targets,
-    model, device)``: what ``DistributedDataParallel`` wraps, so that a loss which calls the
+    """A loss function as a module, ``forward(*batch) = loss_fn(*batch, model, device)``
+    (``batch``: inputs and targets, or DPO's batch of pairs): what ``DistributedDataParallel`` wraps, so that a loss which calls the
     model's parts directly (``engine.packed_loss_batch``) still has its gradients averaged."""
 
     def __init__(self, model: nn.Module, loss_fn: Any, device: torch.device | str) -> None:
         super().__init__()
         self.model, self.loss_fn, self.device = model, loss_fn, device
 
-    def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return self.loss_fn(inputs, targets, self.model, self.device)
+    def forward(self, *batch: Any) -> torch.Tensor:
+        return self.loss_fn(*batch, self.model, self.device)
 
 
 def data_parallel(model: nn.Module, loss_fn: Any, device: torch.device | str, ranks: Ranks):

@@ -10,8 +10,9 @@ against a frozen copy of the SFT model, the *reference*:
 where ``log pi(answer)`` is the policy's log-probability of the whole answer given the
 prompt, the sum of its tokens' log-probabilities. ``compute_logprobs`` and
 ``compute_dpo_loss`` are the course's functions (same names and arguments);
-``train_model_dpo_simple`` is its training loop, with the reward margin and the preference
-accuracy tracked as well. ``sequence_logprobs`` gives ``compute_logprobs``'s numbers for a
+``train_model_dpo_simple`` is its training: the chapter's one loop (``train_model_simple``)
+with DPO's loss, checkpoints and resume, and the reward margin and the preference accuracy
+tracked as well (``DPOMetrics``, computed in one place, ``dpo_batch_metrics``). ``sequence_logprobs`` gives ``compute_logprobs``'s numbers for a
 model's answers while running the output head only on the answers' tokens.
 
 Two details follow the course: the "rewards" it reports are the log-probability ratios
@@ -25,7 +26,9 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterable
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -34,12 +37,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from engine import attention_dropout, causal_attention, ends_after_last, hidden_states
-from previous_chapters import generate_and_print_sample
-from progress_bars import progress_bar
-from trainer import NonFiniteLossError
+from previous_chapters import train_model_simple
+from trainer import ResumableRun
 
 REDUCTIONS = ("sum", "mean")
-METRICS = ("loss", "chosen_reward", "rejected_reward", "reward_margin", "accuracy")
 LN2 = math.log(2)  # the DPO loss while the policy equals the reference
 
 
@@ -145,6 +146,41 @@ def pair_logprobs(
     return logprobs.split(batch["chosen"].shape[0])
 
 
+@dataclass
+class DPOMetrics:
+    """DPO's numbers for a batch of pairs, or their means over batches."""
+
+    loss: float
+    chosen_reward: float  # mean log ratio of the chosen answers
+    rejected_reward: float
+    reward_margin: float  # chosen reward - rejected reward
+    accuracy: float  # the share of pairs whose chosen reward is the larger (a tie is wrong)
+
+
+def dpo_batch_metrics(
+    batch: dict[str, Any],
+    policy_model: nn.Module,
+    reference_model: nn.Module,
+    beta: float,
+    *,
+    reduction: str = "sum",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The DPO loss of one batch of pairs (with gradients), and all of ``DPOMetrics`` as one
+    detached tensor [5], left on the device. The only place that computes them.
+
+    The reference model runs without gradients: it is only the point of comparison.
+    """
+    policy_chosen, policy_rejected = pair_logprobs(policy_model, batch, reduction=reduction)
+    with torch.no_grad():
+        ref_chosen, ref_rejected = pair_logprobs(reference_model, batch, reduction=reduction)
+    loss, chosen, rejected = compute_dpo_loss(
+        policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta
+    )
+    wins = (policy_chosen - ref_chosen) > (policy_rejected - ref_rejected)
+    metrics = torch.stack([loss.detach(), chosen, rejected, chosen - rejected, wins.float().mean()])
+    return loss, metrics
+
+
 def compute_dpo_loss_batch(
     batch: dict[str, Any],
     policy_model: nn.Module,
@@ -153,14 +189,11 @@ def compute_dpo_loss_batch(
     *,
     reduction: str = "sum",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The course's DPO loss of one batch of pairs: (loss, chosen reward, rejected reward).
-
-    The reference model runs without gradients: it is only the point of comparison.
-    """
-    policy_chosen, policy_rejected = pair_logprobs(policy_model, batch, reduction=reduction)
-    with torch.no_grad():
-        ref_chosen, ref_rejected = pair_logprobs(reference_model, batch, reduction=reduction)
-    return compute_dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
+    """The course's DPO loss of one batch of pairs: (loss, chosen reward, rejected reward)."""
+    loss, metrics = dpo_batch_metrics(
+        batch, policy_model, reference_model, beta, reduction=reduction
+    )
+    return loss, metrics[1], metrics[2]
 
 
 def compute_dpo_metrics_loader(
@@ -171,28 +204,23 @@ def compute_dpo_metrics_loader(
     num_batches: int | None = None,
     *,
     reduction: str = "sum",
-) -> dict[str, float]:
-    """Means over the first ``num_batches`` batches (all when None) of the loss, the chosen
-    and rejected rewards, the reward margin (chosen - rejected) and the preference accuracy
-    (the share of pairs whose chosen reward is the larger; a tie counts as wrong)."""
+) -> DPOMetrics:
+    """``DPOMetrics``, each the mean over the first ``num_batches`` batches (all when None;
+    NaN when there are none). One wait for the device, at the end."""
     num_batches = len(data_loader) if num_batches is None else min(num_batches, len(data_loader))
-    totals = dict.fromkeys(METRICS, 0.0)
-    if num_batches == 0:
-        return dict.fromkeys(METRICS, float("nan"))
+    per_batch = []
     with torch.no_grad():
         for i, batch in enumerate(data_loader):
             if i >= num_batches:
                 break
-            policy_chosen, policy_rejected = pair_logprobs(policy_model, batch, reduction=reduction)
-            ref_chosen, ref_rejected = pair_logprobs(reference_model, batch, reduction=reduction)
-            loss, chosen, rejected = compute_dpo_loss(
-                policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta
+            _, metrics = dpo_batch_metrics(
+                batch, policy_model, reference_model, beta, reduction=reduction
             )
-            wins = (policy_chosen - ref_chosen) > (policy_rejected - ref_rejected)
-            values = (loss, chosen, rejected, chosen - rejected, wins.float().mean())
-            for name, value in zip(METRICS, values, strict=True):
-                totals[name] += float(value)
-    return {name: total / num_batches for name, total in totals.items()}
+            per_batch.append(metrics)
+    if not per_batch:
+        return DPOMetrics(*[math.nan] * len(fields(DPOMetrics)))
+    columns = zip(*torch.stack(per_batch).tolist(), strict=True)
+    return DPOMetrics(*[sum(column) / num_batches for column in columns])
 
 
 def compute_dpo_loss_loader(
@@ -205,10 +233,33 @@ def compute_dpo_loss_loader(
     reduction: str = "sum",
 ) -> tuple[float, float, float]:
     """The course's loader-level numbers: mean (loss, chosen reward, rejected reward)."""
-    metrics = compute_dpo_metrics_loader(
+    m = compute_dpo_metrics_loader(
         data_loader, policy_model, reference_model, beta, num_batches, reduction=reduction
     )
-    return metrics["loss"], metrics["chosen_reward"], metrics["rejected_reward"]
+    return m.loss, m.chosen_reward, m.rejected_reward
+
+
+def evaluate_dpo_metrics(
+    policy_model: nn.Module,
+    reference_model: nn.Module,
+    train_loader: Iterable,
+    val_loader: Iterable,
+    beta: float,
+    eval_iter: int,
+    *,
+    reduction: str = "sum",
+) -> tuple[DPOMetrics, DPOMetrics]:
+    """The metrics on ``eval_iter`` batches of each loader, in eval mode: (train, val)."""
+    was_training = policy_model.training
+    policy_model.eval()
+    train, val = (
+        compute_dpo_metrics_loader(
+            loader, policy_model, reference_model, beta, eval_iter, reduction=reduction
+        )
+        for loader in (train_loader, val_loader)
+    )
+    policy_model.train(was_training)
+    return train, val
 
 
 def evaluate_dpo_loss_loader(
@@ -221,19 +272,22 @@ def evaluate_dpo_loss_loader(
     *,
     reduction: str = "sum",
 ) -> dict[str, float]:
-    """The metrics on ``eval_iter`` batches of each loader, in eval mode: the course's keys
-    ("train_loss", "val_chosen_reward", ...) and ours ("train_reward_margin",
-    "val_accuracy", ...)."""
-    was_training = policy_model.training
-    policy_model.eval()
-    result = {}
-    for split, loader in (("train", train_loader), ("val", val_loader)):
-        metrics = compute_dpo_metrics_loader(
-            loader, policy_model, reference_model, beta, eval_iter, reduction=reduction
-        )
-        result |= {f"{split}_{name}": value for name, value in metrics.items()}
-    policy_model.train(was_training)
-    return result
+    """``evaluate_dpo_metrics`` as the course returns it: a dict with the course's keys
+    ("train_loss", "val_chosen_reward", ...) and ours ("train_reward_margin", ...)."""
+    metrics = evaluate_dpo_metrics(
+        policy_model,
+        reference_model,
+        train_loader,
+        val_loader,
+        beta,
+        eval_iter,
+        reduction=reduction,
+    )
+    return {
+        f"{split}_{name}": value
+        for split, m in zip(("train", "val"), metrics, strict=True)
+        for name, value in asdict(m).items()
+    }
 
 
 # --------------------------------------------------------------------------------------
@@ -249,25 +303,108 @@ def policy_and_reference(sft_model: nn.Module) -> tuple[nn.Module, nn.Module]:
     return sft_model, reference
 
 
-def new_tracking() -> dict[str, list]:
-    """The history ``train_model_dpo_simple`` fills: each metric on train and validation
-    (the course's "train_losses", "val_chosen_rewards", ... and the margins and accuracies),
-    and the step and the number of tokens seen at each evaluation."""
-    keys = [history_key(split, m) for split in ("train", "val") for m in METRICS]
-    return {key: [] for key in [*keys, "tokens_seen", "steps"]}
+@dataclass
+class DPOHistory:
+    """What DPO training records at each evaluation: every metric on the training and the
+    validation pairs (the course's names), the tokens seen and the step."""
+
+    train_losses: list[float] = field(default_factory=list)
+    val_losses: list[float] = field(default_factory=list)
+    track_tokens_seen: list[int] = field(default_factory=list)
+    steps: list[int] = field(default_factory=list)
+    train_chosen_rewards: list[float] = field(default_factory=list)
+    val_chosen_rewards: list[float] = field(default_factory=list)
+    train_rejected_rewards: list[float] = field(default_factory=list)
+    val_rejected_rewards: list[float] = field(default_factory=list)
+    train_reward_margins: list[float] = field(default_factory=list)
+    val_reward_margins: list[float] = field(default_factory=list)
+    train_accuracies: list[float] = field(default_factory=list)
+    val_accuracies: list[float] = field(default_factory=list)
+
+    def record(self, train: DPOMetrics, val: DPOMetrics, step: int, tokens_seen: int) -> None:
+        self.steps.append(step)
+        self.track_tokens_seen.append(tokens_seen)
+        self.train_losses.append(train.loss)
+        self.val_losses.append(val.loss)
+        self.train_chosen_rewards.append(train.chosen_reward)
+        self.val_chosen_rewards.append(val.chosen_reward)
+        self.train_rejected_rewards.append(train.rejected_reward)
+        self.val_rejected_rewards.append(val.rejected_reward)
+        self.train_reward_margins.append(train.reward_margin)
+        self.val_reward_margins.append(val.reward_margin)
+        self.train_accuracies.append(train.accuracy)
+        self.val_accuracies.append(val.accuracy)
 
 
-def history_key(split: str, metric: str) -> str:
-    """The course's name of a tracked list: ``"train_losses"`` for ("train", "loss")."""
-    plural = {"loss": "losses", "accuracy": "accuracies"}
-    return f"{split}_{plural.get(metric, metric + 's')}"
+def dpo_loss(reference_model: nn.Module, beta: float, *, reduction: str = "sum") -> Callable:
+    """DPO's loss as the training loop calls a loss: ``loss(batch, policy_model, device)``."""
+
+    def loss(batch: dict[str, Any], policy_model: nn.Module, device: Any) -> torch.Tensor:
+        return dpo_batch_metrics(batch, policy_model, reference_model, beta, reduction=reduction)[0]
+
+    return loss
 
 
-def _record(tracking: dict[str, list], metrics: dict[str, float], step: int, tokens: int) -> None:
-    for key, value in metrics.items():  # "train_loss": 0.69, ...
-        tracking[history_key(*key.split("_", 1))].append(value)
-    tracking["steps"].append(step)
-    tracking["tokens_seen"].append(tokens)
+class DPORun(ResumableRun):
+    """``ResumableRun``'s pieces for DPO (one process, whole batches): batches of pairs,
+    DPO's metrics at each evaluation, and no losses measured before training."""
+
+    def __init__(
+        self,
+        policy_model,
+        reference_model,
+        optimizer,
+        train_loader,
+        val_loader,
+        eval_iter: int,
+        num_epochs: int,
+        beta: float,
+        *,
+        reduction: str = "sum",
+        **resumable: Any,
+    ) -> None:
+        device = next(policy_model.parameters()).device
+        super().__init__(
+            policy_model,
+            optimizer,
+            train_loader,
+            val_loader,
+            device,
+            eval_iter,
+            num_epochs,
+            loss_fn=dpo_loss(reference_model, beta, reduction=reduction),
+            history_type=DPOHistory,
+            **resumable,
+        )
+        self.reference, self.beta, self.reduction = reference_model, beta, reduction
+
+    def before_training(self, state) -> None:
+        pass
+
+    def micro_batches(self, batch):
+        self.n_targets = len(batch["chosen"])  # (pairs: the loss is their mean)
+        yield (batch,), 1.0
+
+    def count_tokens(self, batch) -> int:
+        return batch["chosen"].numel() + batch["rejected"].numel()
+
+    def evaluate(self, model, train_loader, val_loader, device, eval_iter, state) -> None:
+        train, val = evaluate_dpo_metrics(
+            model,
+            self.reference,
+            train_loader,
+            val_loader,
+            self.beta,
+            eval_iter,
+            reduction=self.reduction,
+        )
+        state.history.record(train, val, state.global_step, state.tokens_seen)
+        tqdm.write(
+            f"Ep {state.epoch + 1} (Step {state.global_step:06d}): "
+            f"Train loss {train.loss:.3f}, Val loss {val.loss:.3f}, "
+            f"Train reward margin {train.reward_margin:.3f}, "
+            f"Val reward margin {val.reward_margin:.3f}, Val accuracy {val.accuracy:.2f}"
+        )
 
 
 def train_model_dpo_simple(
@@ -285,55 +422,49 @@ def train_model_dpo_simple(
     *,
     reduction: str = "sum",
     progress: bool = True,
-) -> dict[str, list]:
-    """The course's DPO training loop; returns the tracking history (see ``new_tracking``).
+    checkpoint_path: str | os.PathLike | None = None,
+    checkpoint_every: int = 0,
+    resume: bool = False,
+) -> DPOHistory:
+    """The course's DPO training: ``train_model_simple`` with DPO's loss and ``DPORun``.
 
-    As ``train_model_simple``: every ``eval_freq`` steps (from step 0) it measures the
-    metrics on ``eval_iter`` batches of each loader and prints them; after each epoch it
-    prints a sample continuing ``start_context``. A NaN or infinite loss stops training
-    (``NonFiniteLossError``, naming the step).
+    As the course: every ``eval_freq`` steps (from step 0) it measures the metrics on
+    ``eval_iter`` batches of each loader and prints them; after each epoch it prints a
+    sample continuing ``start_context``. As the chapter's runs: a NaN or infinite loss
+    stops training (``NonFiniteLossError``); checkpoints go to ``checkpoint_path`` every
+    ``checkpoint_every`` steps and after each epoch, Ctrl-C saves one and stops
+    (``TrainingInterrupted``), and ``resume=True`` continues from it.
     """
-    tracking, tokens_seen, global_step = new_tracking(), 0, -1
-    device = next(policy_model.parameters()).device
-    bar = progress_bar(total=num_epochs * len(train_loader), unit="step", enabled=progress)
-    for epoch in range(num_epochs):
-        policy_model.train()
-        for batch in train_loader:
-            optimizer.zero_grad()
-            loss, _, _ = compute_dpo_loss_batch(
-                batch, policy_model, reference_model, beta, reduction=reduction
-            )
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"the DPO loss is {loss.item()} at step {global_step + 1} (epoch "
-                    f"{epoch + 1}); training stopped. Try a lower learning rate."
-                )
-            loss.backward()
-            optimizer.step()
-            tokens_seen += batch["chosen"].numel() + batch["rejected"].numel()
-            global_step += 1
-            bar.update()
-            if global_step % eval_freq == 0:
-                metrics = evaluate_dpo_loss_loader(
-                    policy_model,
-                    reference_model,
-                    train_loader,
-                    val_loader,
-                    beta,
-                    eval_iter,
-                    reduction=reduction,
-                )
-                _record(tracking, metrics, global_step, tokens_seen)
-                tqdm.write(
-                    f"Ep {epoch + 1} (Step {global_step:06d}): "
-                    f"Train loss {metrics['train_loss']:.3f}, Val loss {metrics['val_loss']:.3f}, "
-                    f"Train reward margin {metrics['train_reward_margin']:.3f}, "
-                    f"Val reward margin {metrics['val_reward_margin']:.3f}, "
-                    f"Val accuracy {metrics['val_accuracy']:.2f}"
-                )
-        generate_and_print_sample(policy_model, tokenizer, device, start_context)
-    bar.close()
-    return tracking
+    run = DPORun(
+        policy_model,
+        reference_model,
+        optimizer,
+        train_loader,
+        val_loader,
+        eval_iter,
+        num_epochs,
+        beta,
+        reduction=reduction,
+        checkpoint_path=checkpoint_path,
+        checkpoint_every=checkpoint_every,
+        resume=resume,
+    )
+    train_model_simple(
+        policy_model,
+        train_loader,
+        val_loader,
+        optimizer,
+        run.device,
+        num_epochs,
+        eval_freq,
+        eval_iter,
+        start_context,
+        tokenizer,
+        loss_fn=run.loss_fn,
+        progress=progress,
+        run=run,
+    )
+    return run.state.history
 
 
 # --------------------------------------------------------------------------------------
@@ -341,23 +472,32 @@ def train_model_dpo_simple(
 # --------------------------------------------------------------------------------------
 
 
-def plot_dpo_tracking(tracking: dict[str, list], *, title: str | None = None):
+def plot_dpo_tracking(history: DPOHistory, *, title: str | None = None):
     """Four panels over training steps: the loss, the chosen and rejected rewards, the
     reward margin and the preference accuracy; training solid, validation dashed."""
     import matplotlib.pyplot as plt
 
-    steps = tracking["steps"]
+    h = history
     fig, axes = plt.subplots(1, 4, figsize=(14, 3))
-    panels = [
-        ("DPO loss", [("losses", "loss", "C0")]),
-        ("rewards", [("chosen_rewards", "chosen", "C2"), ("rejected_rewards", "rejected", "C3")]),
-        ("reward margin (chosen - rejected)", [("reward_margins", "margin", "C1")]),
-        ("preference accuracy", [("accuracies", "accuracy", "C4")]),
+    panels = [  # (title, [(train values, val values, label, colour)])
+        ("DPO loss", [(h.train_losses, h.val_losses, "loss", "C0")]),
+        (
+            "rewards",
+            [
+                (h.train_chosen_rewards, h.val_chosen_rewards, "chosen", "C2"),
+                (h.train_rejected_rewards, h.val_rejected_rewards, "rejected", "C3"),
+            ],
+        ),
+        (
+            "reward margin (chosen - rejected)",
+            [(h.train_reward_margins, h.val_reward_margins, "margin", "C1")],
+        ),
+        ("preference accuracy", [(h.train_accuracies, h.val_accuracies, "accuracy", "C4")]),
     ]
     for ax, (name, curves) in zip(axes, panels, strict=True):
-        for key, label, colour in curves:
-            ax.plot(steps, tracking[f"train_{key}"], color=colour, label=f"train {label}")
-            ax.plot(steps, tracking[f"val_{key}"], color=colour, ls="--", label=f"val {label}")
+        for train, val, label, colour in curves:
+            ax.plot(h.steps, train, color=colour, label=f"train {label}")
+            ax.plot(h.steps, val, color=colour, ls="--", label=f"val {label}")
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("training step")
         ax.legend(fontsize=7)

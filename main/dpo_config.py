@@ -5,11 +5,13 @@ with lr 5e-6 and weight decay 0.01, one epoch, batch 8); ``make_dpo_config`` bui
 command line and the notebook alike; ``check_dpo_settings`` refuses a setting that cannot work
 before any work starts. ``start_dpo_run`` gives each run a folder of its own,
 ``OUTPUT_DIR/<date>-<time>-dpo/``, and points ``OUTPUT_DIR/latest-dpo`` at it (``latest``
-stays the chapter's run, which ``--resume`` and the DPO run itself look for).
+stays the chapter's run, which ``--resume`` and the DPO run itself look for); the DPO
+command's own ``--resume`` continues the run ``latest-dpo`` points to, or a given one.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ from run_config import (
     check_ranges,
     check_writable_folder,
     given_settings,
+    latest_run,
     new_run_folder,
 )
 from run_settings import FLOAT, SWITCH, TEXT, Setting, above_zero, ranges, setting
@@ -84,6 +87,7 @@ class DPOConfig:
     batch_size: int = setting("batch_size", help="entries per batch")
     eval_freq: int = setting("eval_freq")
     eval_iter: int = setting("eval_iter")
+    checkpoint_every: int = setting("checkpoint_every")
     reduction: str = _dpo("reduction")
     allowed_max_length: int = setting("allowed_max_length", flag=None)
     seed: int = setting("seed")
@@ -124,11 +128,44 @@ class DPOConfig:
         return Path(self.output_dir) / self.run_name
 
 
-def make_dpo_config(*, smoke: bool = False, **settings: Any) -> DPOConfig:
+def make_dpo_config(
+    *, smoke: bool = False, resume: bool | str | None = None, **settings: Any
+) -> DPOConfig:
     """The course's defaults (or the smoke preset) with every setting that is not None on top;
-    the command line and the notebook both build their configuration here."""
+    the command line and the notebook both build their configuration here. ``resume`` (True
+    for the latest DPO run, or a run folder) continues an earlier run with its settings."""
     given = given_settings(settings, DPOConfig, "DPO setting")
+    if resume not in (None, False):
+        return _resume_dpo_config(resume, given)
     return replace(DPOConfig.smoke_preset() if smoke else DPOConfig(), **given)
+
+
+def _resume_dpo_config(resume: bool | str, given: dict) -> DPOConfig:
+    """The configuration of the DPO run to continue; settings given now must not differ."""
+    output_dir = Path(given.get("output_dir", DPOConfig.output_dir))
+    run = latest_run(output_dir, link="latest-dpo") if resume is True else Path(resume)
+    if run is None:
+        raise ConfigError(f"nothing to resume: {output_dir}/ holds no earlier DPO run")
+    path = run / DPO_CONFIG_FILE
+    try:
+        cfg = DPOConfig(**json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError) as exc:
+        raise ConfigError(
+            f"cannot resume from {run}: {path} is missing or unreadable ({exc}); "
+            "pass the folder of an earlier DPO run"
+        ) from None
+    cfg = replace(cfg, output_dir=str(run.parent), run_name=run.name)
+    differ = [
+        f"{name}={getattr(cfg, name)!r}"
+        for name, value in given.items()
+        if name not in ("output_dir", "device") and getattr(cfg, name) != value
+    ]
+    if differ:
+        raise ConfigError(
+            f"a resumed DPO run keeps the settings it started with ({', '.join(differ)}); "
+            "drop the other settings, or start a new run without --resume"
+        )
+    return replace(cfg, device=given.get("device", cfg.device))
 
 
 def check_dpo_settings(cfg: DPOConfig) -> torch.device:
@@ -168,7 +205,11 @@ def sft_model_path(cfg: DPOConfig) -> Path | None:
 
 
 def start_dpo_run(cfg: DPOConfig) -> Path:
-    """A new folder ``<output_dir>/<date>-<time>-dpo[-smoke]/`` with the run's settings."""
+    """A new folder ``<output_dir>/<date>-<time>-dpo[-smoke]/`` with the run's settings, or
+    the folder of the run being resumed."""
+    if cfg.run_name is not None:
+        print(f"Continuing the DPO run in {cfg.run_dir}")
+        return cfg.run_dir
     folder = new_run_folder(cfg.output_dir, "dpo-smoke" if cfg.smoke else "dpo", link="latest-dpo")
     cfg.run_name = folder.name
     save_json(redact_urls(asdict(cfg)), folder / DPO_CONFIG_FILE)  # (no URL secrets)

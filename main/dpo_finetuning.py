@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from dpo import (
-    history_key,
+    DPOHistory,
     plot_dpo_tracking,
     policy_and_reference,
     train_model_dpo_simple,
@@ -67,7 +67,7 @@ from instruction_data import (
 from judge_host import redact_urls
 from model_file import LoadedModel, load_model_file, read_run_config
 from ollama_evaluate import judge_settings, score_responses
-from outputs import save_figure, save_json, save_model
+from outputs import checksum_path, save_figure, save_json, save_model
 from preference_data import (
     PREFERENCE_FILE,
     create_preference_loaders,
@@ -77,7 +77,10 @@ from preference_data import (
 )
 from run_config import RESPONSES_FILE, RunConfig, model_config
 from run_settings import add_flags, flag_settings
+from trainer import TrainingInterrupted
 
+CHECKPOINT_FILE = "checkpoint.pt"  # DPO training's, in the run's folder until the model is saved
+TRAINING_FILE = "dpo-training-result.json"
 SFT_RESPONSES_FILE = "sft-responses.json"  # the test entries answered by the SFT model
 DPO_RESPONSES_FILE = "dpo-responses.json"  # ... and by the DPO model
 
@@ -195,18 +198,37 @@ def prepare_preference_loaders(
 class DPOResult:
     """What training reports: the tracking history and the training time."""
 
-    tracking: dict[str, list]
+    tracking: DPOHistory
     minutes: float
 
-    def first_and_last(self, key: str) -> tuple[float | None, float | None]:
-        values = self.tracking[key]
-        return (values[0], values[-1]) if values else (None, None)
+
+def _first_and_last(values: list[float]) -> tuple[float | None, float | None]:
+    return (values[0], values[-1]) if values else (None, None)
+
+
+def _trained_earlier(cfg: DPOConfig, policy) -> DPOResult | None:
+    """The result of an earlier session of this run that finished training (its model is
+    loaded into ``policy``), or None."""
+    done, model_path = cfg.run_dir / TRAINING_FILE, cfg.run_dir / dpo_model_name(cfg)
+    if not (done.is_file() and model_path.is_file()):
+        return None
+    device = next(policy.parameters()).device
+    policy.load_state_dict(torch.load(model_path, map_location=device, weights_only=True))
+    policy.eval()
+    saved = json.loads(done.read_text(encoding="utf-8"))
+    print(f"DPO training finished in an earlier session of this run; loaded {model_path}")
+    return DPOResult(DPOHistory(**saved["tracking"]), saved["minutes"])
 
 
 def train_dpo(
     cfg: DPOConfig, policy, reference, train_loader, val_loader, tokenizer, *, progress=True
 ) -> DPOResult:
-    """DPO with the course's settings: AdamW (fused) on the policy's parameters only."""
+    """DPO with the course's settings: AdamW (fused) on the policy's parameters only, with
+    checkpoints in the run's folder; an interrupted earlier session of the run continues
+    from its last checkpoint (a finished one is loaded instead)."""
+    earlier = _trained_earlier(cfg, policy)
+    if earlier is not None:
+        return earlier
     torch.manual_seed(cfg.seed)
     train_loader.generator.manual_seed(cfg.seed)
     optimizer = make_optimizer(policy, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -225,8 +247,11 @@ def train_dpo(
         tokenizer=tokenizer,
         reduction=cfg.reduction,
         progress=progress,
+        checkpoint_path=cfg.run_dir / CHECKPOINT_FILE,
+        checkpoint_every=cfg.checkpoint_every,
+        resume=True,
     )
-    minutes = (time.monotonic() - started) / 60
+    minutes = (time.monotonic() - started) / 60  # (this session's)
     print(f"DPO training completed in {minutes:.2f} minutes.")
     policy.eval()
     return DPOResult(tracking, minutes)
@@ -245,8 +270,11 @@ def save_dpo(cfg: DPOConfig, policy, result: DPOResult) -> tuple[dict[str, Path]
     paths = {
         "plot": save_figure(fig, cfg.run_dir / "dpo-plot.png"),
         "model": save_model(policy, cfg.run_dir / dpo_model_name(cfg)),
-        "training": save_json(asdict(result), cfg.run_dir / "dpo-training-result.json"),
+        "training": save_json(asdict(result), cfg.run_dir / TRAINING_FILE),
     }
+    for name in (CHECKPOINT_FILE, CHECKPOINT_FILE.replace(".pt", ".prev.pt")):  # (the model
+        (cfg.run_dir / name).unlink(missing_ok=True)  # file holds what they held)
+        checksum_path(cfg.run_dir / name).unlink(missing_ok=True)
     print(f"DPO model saved as {paths['model']}")
     return paths, fig
 
@@ -352,7 +380,7 @@ def write_dpo_summary(
     scores: dict[str, dict],
 ) -> dict:
     """The run's settings and numbers, saved as dpo-summary.json (and returned)."""
-    metrics = ("loss", "reward_margin", "accuracy")
+    h = result.tracking
     summary = {
         "config": redact_urls(asdict(cfg)),  # (no URL secrets)
         "device": str(device),
@@ -363,11 +391,14 @@ def write_dpo_summary(
             "n_test": len(splits.test),
         },
         "first_and_last": {
-            f"{split}_{m}": result.first_and_last(history_key(split, m))
-            for split in ("train", "val")
-            for m in metrics
+            "train_loss": _first_and_last(h.train_losses),
+            "val_loss": _first_and_last(h.val_losses),
+            "train_reward_margin": _first_and_last(h.train_reward_margins),
+            "val_reward_margin": _first_and_last(h.val_reward_margins),
+            "train_accuracy": _first_and_last(h.train_accuracies),
+            "val_accuracy": _first_and_last(h.val_accuracies),
         },
-        "tracking": result.tracking,
+        "tracking": asdict(h),
         "training_minutes": result.minutes,
         "outputs": {name: str(path) for name, path in outputs.items()},
         "scores": scores,
@@ -377,18 +408,20 @@ def write_dpo_summary(
     return summary
 
 
-def run_dpo(cfg: DPOConfig, *, progress: bool = True) -> dict:
-    """Every step in order, in the run's own folder; returns the summary."""
+def run_dpo(given: DPOConfig, *, progress: bool = True) -> dict:
+    """Every step in order, in the run's own folder (named in ``given.run_name`` too, once it
+    is made); returns the summary."""
     import matplotlib.pyplot as plt
 
-    device = check_dpo_settings(cfg)
-    sft, cfg = load_sft(cfg, device)
+    device = check_dpo_settings(given)
+    sft, cfg = load_sft(given, device)
     entries = prepare_preferences(cfg, progress=progress)
     splits = split_preferences(cfg, entries)
     tokenizer = prepare_tokenizer(cfg)
     model = sft.model if sft is not None else smoke_model(cfg, device)
     loaders = prepare_preference_loaders(cfg, splits, tokenizer, model.context_length, device)
     start_dpo_run(cfg)  # the first step that writes into the run's folder
+    given.run_name = cfg.run_name  # (for the command's resume hint)
     policy, reference = policy_and_reference(model)
     result = train_dpo(cfg, policy, reference, *loaders, tokenizer, progress=progress)
     outputs, fig = save_dpo(cfg, policy, result)
@@ -414,35 +447,52 @@ def build_arg_parser() -> argparse.ArgumentParser:
         "in --output-dir.",
     )
     p.add_argument("--smoke", action="store_true", help="offline: tiny random GPT, 40 sample pairs")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        metavar="RUN",
+        help="continue the latest DPO run in --output-dir (or the run folder RUN) where it "
+        "stopped, with its settings",
+    )
     add_flags(p, DPOConfig)  # its settings' flags (run_settings.add_flags)
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> DPOConfig:
     """The DPO configuration of parsed command-line flags (see ``make_dpo_config``)."""
-    return make_dpo_config(smoke=args.smoke, **flag_settings(args, DPOConfig))
+    settings = flag_settings(args, DPOConfig)
+    return make_dpo_config(smoke=args.smoke, resume=args.resume, **settings)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line entry point: 0 when done; one ``error:`` line and 2 on an expected
-    failure; 130 on Ctrl-C (what was saved stays; DPO training itself keeps no checkpoint)."""
+    failure; 130 on Ctrl-C, saying how to resume (what was saved stays; training stops after
+    its current step and saves a checkpoint)."""
     import matplotlib
 
     matplotlib.use("Agg")
     args = build_arg_parser().parse_args(argv)
+    cfg = None
     try:
-        run_dpo(config_from_args(args))
+        cfg = config_from_args(args)
+        run_dpo(cfg)
+    except TrainingInterrupted as exc:
+        print(f"error: {exc}. Resume with: {_resume_command(cfg)}", file=sys.stderr)
+        return 130
     except (ChapterError, DownloadError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(
-            "\ninterrupted: the files written so far stay; DPO training keeps no checkpoint, "
-            "so run the command again (a preference file the judge was writing continues)",
-            file=sys.stderr,
-        )
+    except KeyboardInterrupt:  # outside training: whatever was saved stays
+        print(f"\ninterrupted. Resume with: {_resume_command(cfg)}", file=sys.stderr)
         return 130
     return 0
+
+
+def _resume_command(cfg: DPOConfig | None) -> str:
+    if cfg is None or cfg.run_name is None:
+        return "the same command again (nothing was started; a preference file continues)"
+    return f"python main/dpo_finetuning.py --resume {cfg.run_dir}"
 
 
 if __name__ == "__main__":

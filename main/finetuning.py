@@ -140,8 +140,8 @@ def finetune(
 ) -> TrainingResult:
     """Section 7.6: AdamW on the chapter's settings, trained by the course's loop.
 
-    The loop is ``trainer.train_resumable``: ``train_model_simple`` step for step, plus the
-    losses before training, checkpoints at ``checkpoint_path`` and ``resume``. The fast
+    The loop is the course's ``train_model_simple``, with ``trainer.train_resumable``'s
+    pieces: the losses before training, checkpoints at ``checkpoint_path`` and ``resume``. The fast
     engine is chosen here: ``loss_fn`` is ``engine.packed_loss_batch`` (the course's
     ``calc_loss_batch`` gives the same numbers, slower) and AdamW is fused. ``start_context``,
     continued after each epoch, defaults to the first validation prompt, as in the course.
@@ -180,9 +180,9 @@ def finetune(
     model.eval()
     return TrainingResult(
         *state.initial_losses,
-        state.train_losses,
-        state.val_losses,
-        state.track_tokens_seen,
+        state.history.train_losses,
+        state.history.val_losses,
+        state.history.track_tokens_seen,
         num_epochs,
         minutes,
     )

@@ -362,12 +362,13 @@ def run_folders(output_dir: str | os.PathLike) -> list[Path]:
     return sorted((p for p in found if p.is_dir() and not p.is_symlink()), reverse=True)
 
 
-def latest_run(output_dir: str | os.PathLike) -> Path | None:
-    """The newest run folder in ``output_dir`` (what ``latest`` points to), or None."""
+def latest_run(output_dir: str | os.PathLike, *, link: str = "latest") -> Path | None:
+    """The newest run folder in ``output_dir`` (what ``latest``, or ``link``, points to), or
+    None."""
     out = Path(output_dir)
-    link, note = out / "latest", out / "latest.txt"
-    if link.is_dir():
-        return link.resolve()
+    path, note = out / link, out / f"{link}.txt"
+    if path.is_dir():
+        return path.resolve()
     if note.is_file():
         return out / note.read_text(encoding="utf-8").strip()
     return None

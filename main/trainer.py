@@ -1,8 +1,8 @@
 """Fine-tuning that loses nothing: checkpoints, resume, Ctrl-C, and a stop on a non-finite loss.
 
-``train_resumable`` runs the course's loop, ``previous_chapters.train_model_simple``, step for
-step (the same batches, evaluations and prints; a test checks the loss histories are equal),
-and adds the fault handling, which the course function stays free of:
+There is one training loop, the course's ``previous_chapters.train_model_simple``.
+``ResumableRun`` is the set of pieces it calls for a real run (``train_resumable`` puts them
+together), and the course's loop stays as the course writes it:
 
 - a checkpoint every ``checkpoint_every`` steps and at the end of every epoch, written
   atomically: the model, the optimizer, where training stands in the epoch's data order,
@@ -15,14 +15,17 @@ and adds the fault handling, which the course function stays free of:
   the step; the last checkpoint, written before it, stays as it was.
 
 It also trains on global batches bigger than one device holds, and on several processes
-(``distributed.py``): ``grad_accum`` steps of accumulated gradients and ``ranks.world_size``
-processes under torchrun. The loss of a step is defined as the course defines it for one
-batch: the mean cross-entropy over all non-ignored targets of the global batch. Each
-micro-batch's mean is therefore weighted by its share of the global batch's targets (token-
-weighted, not the mean of micro-batch means), so that accumulating K micro-batches, or
-splitting a batch over N ranks, gives the very update of one K (or N) times larger batch.
+(``distributed.py``): ``grad_accum`` micro-batches of accumulated gradients and
+``ranks.world_size`` processes under torchrun. The loss of a step is defined as the course
+defines it for one batch: the mean cross-entropy over all non-ignored targets of the global
+batch. Each micro-batch's mean is therefore weighted by its share of the global batch's
+targets (token-weighted, not the mean of micro-batch means), so that accumulating K
+micro-batches, or splitting a batch over N ranks, gives the very update of one K (or N)
+times larger batch.
 
-Like the chapter's ``finetune`` it first measures and prints the losses before training.
+The loop waits for the device once per step (the non-finite check, and under torchrun the
+one reduction of the loss and the stop requests) and once per evaluation. Like the
+chapter's ``finetune`` it first measures and prints the losses before training.
 """
 
 from __future__ import annotations
@@ -54,8 +57,14 @@ from distributed import (
 from engine import IGNORE_INDEX
 from instruction_data import ChapterError
 from outputs import keep_previous, load_failure, verify_file, write_atomically
-from previous_chapters import LossFn, calc_loss_batch, evaluate_model, generate_and_print_sample
-from progress_bars import progress_bar
+from previous_chapters import (
+    LoopState,
+    LossFn,
+    TrainingRun,
+    calc_loss_batch,
+    evaluate_model,
+    train_model_simple,
+)
 
 
 class TrainingInterrupted(ChapterError):
@@ -67,16 +76,9 @@ class NonFiniteLossError(ChapterError):
 
 
 @dataclass
-class TrainState:
+class TrainState(LoopState):
     """Where training stands; a checkpoint holds it next to the model and optimizer."""
 
-    epoch: int = 0  # the epoch in progress
-    batches_done: int = 0  # batches of that epoch already trained
-    global_step: int = -1  # the course's counter: 0 after the first step
-    tokens_seen: int = 0
-    train_losses: list[float] = field(default_factory=list)
-    val_losses: list[float] = field(default_factory=list)
-    track_tokens_seen: list[int] = field(default_factory=list)
     initial_losses: list[float] = field(default_factory=list)  # [train, val] before training
     seconds: float = 0.0  # training time, over all sessions
     finished: bool = False
@@ -137,7 +139,8 @@ def load_checkpoint(
 
     The file is checked first (its checksum, then its contents). A damaged checkpoint falls
     back on the previous one (``NAME.prev.pt``) when that one is whole, and says so;
-    otherwise it raises ``ChapterError`` with one line that says what to do.
+    otherwise it raises ``ChapterError`` with one line that says what to do. The state's
+    ``history`` comes back as a dict (``ResumableRun`` makes it its class again).
     """
     path = Path(path)
     previous = path.with_name(f"{path.stem}.prev{path.suffix}")
@@ -211,6 +214,11 @@ class StopRequests:
     def __exit__(self, *exc: object) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
+        self._previous = {}
+
+    def flags(self) -> list[float]:
+        """1.0 for the signal that asked to stop, 0.0 for the others (in ``STOP_SIGNALS``)."""
+        return [float(self.requested == name) for name in STOP_SIGNALS]
 
 
 def _epoch_batches(loader: Any, shuffle: dict, resumed: dict | None, skip: int) -> Iterator:
@@ -234,8 +242,8 @@ def _epoch_batches(loader: Any, shuffle: dict, resumed: dict | None, skip: int) 
     return batches
 
 
-def _count_targets(target_batch: torch.Tensor) -> int:
-    return int((target_batch != IGNORE_INDEX).sum())
+def _count_targets(target_batch: torch.Tensor) -> torch.Tensor:
+    return (target_batch != IGNORE_INDEX).sum()
 
 
 def in_chunks(loss_fn: LossFn, rows: int) -> LossFn:
@@ -245,12 +253,17 @@ def in_chunks(loss_fn: LossFn, rows: int) -> LossFn:
     def chunked_loss(input_batch, target_batch, model, device):
         if len(input_batch) <= rows:
             return loss_fn(input_batch, target_batch, model, device)
-        total, n_targets = 0.0, _count_targets(target_batch)
-        for inputs, targets in zip(input_batch.split(rows), target_batch.split(rows), strict=True):
-            n = _count_targets(targets)
+        chunks = list(zip(input_batch.split(rows), target_batch.split(rows), strict=True))
+        *counts, n_targets = torch.stack(
+            [_count_targets(t) for _, t in chunks] + [_count_targets(target_batch)]
+        ).tolist()
+        if not n_targets:  # nothing to predict: nan, like the course's loss
+            return loss_fn(input_batch, target_batch, model, device)
+        total = 0.0
+        for (inputs, targets), n in zip(chunks, counts, strict=True):
             if n:  # (a chunk without targets has a NaN mean and adds nothing)
                 total = total + loss_fn(inputs, targets, model, device) * (n / n_targets)
-        return total if n_targets else loss_fn(input_batch, target_batch, model, device)
+        return total
 
     return chunked_loss
 
@@ -268,90 +281,215 @@ def with_precision(loss_fn: LossFn, device: torch.device | str, precision: str) 
     return bf16_loss
 
 
-def _train_step(
-    step_loss, optimizer, batch, state: TrainState, grad_accum: int, ranks: Ranks
-) -> None:
-    """One optimizer step on a global batch; refuses a non-finite loss.
-
-    This rank's rows of the batch run as ``grad_accum`` micro-batches, each loss weighted by
-    its share of the global batch's targets (times the number of ranks, whose gradients
-    ``DistributedDataParallel`` averages). With one rank and ``grad_accum=1`` this is the
-    course's step exactly. ``step_loss(inputs, targets)`` is ``distributed.data_parallel``.
-    """
-    input_batch, target_batch = batch
-    optimizer.zero_grad()
-    n_targets = _count_targets(target_batch)  # of the whole global batch
-    mine = rank_rows(len(input_batch), ranks)
-    micro = zip(
-        input_batch[mine].tensor_split(grad_accum),
-        target_batch[mine].tensor_split(grad_accum),
-        strict=True,
-    )
-    loss_sum = 0.0  # of this rank's targets
-    for i, (inputs, targets) in enumerate(micro):
-        last = i == grad_accum - 1
-        no_sync = getattr(step_loss, "no_sync", None)  # (DDP: average the gradients once)
-        with contextlib.nullcontext() if last or no_sync is None else no_sync():
-            loss = step_loss(inputs, targets)
-            n = _count_targets(targets)
-            (loss * (n * ranks.world_size / max(n_targets, 1))).backward()
-        loss_sum += loss.item() * n if n else 0.0
-    batch_loss = sum_across([loss_sum], ranks)[0] / n_targets if n_targets else math.nan
-    if not math.isfinite(batch_loss):
-        raise NonFiniteLossError(
-            f"the training loss is {batch_loss} at step {state.global_step + 1} "
-            f"(epoch {state.epoch + 1}); training stopped. Try a lower learning rate."
-        )
-    optimizer.step()
-    state.tokens_seen += input_batch.numel()
-    state.global_step += 1
-    state.batches_done += 1
-
-
-def _evaluate(model, train_loader, val_loader, device, eval_iter, loss_fn, state) -> None:
-    """The course's periodic evaluation: record and print both losses."""
-    train_loss, val_loss = evaluate_model(
-        model, train_loader, val_loader, device, eval_iter, loss_fn=loss_fn
-    )
-    state.train_losses.append(train_loss)
-    state.val_losses.append(val_loss)
-    state.track_tokens_seen.append(state.tokens_seen)
-    tqdm.write(
-        f"Ep {state.epoch + 1} (Step {state.global_step:06d}): "
-        f"Train loss {train_loss:.3f}, Val loss {val_loss:.3f}"
-    )
-
-
-def _resume_state(
-    path: str | os.PathLike | None, model, optimizer, ranks: Ranks
-) -> tuple[TrainState, dict | None]:
-    """The state to continue from: the checkpoint at ``path`` if there is one (every rank
-    reads the same file), else a fresh start."""
-    found = path is not None and Path(path).is_file()
-    n_found = round(sum_across([float(found)], ranks)[0])
-    if 0 < n_found < ranks.world_size:
-        raise ChapterError(
-            f"{path} is visible to {n_found} of {ranks.world_size} processes; resuming under "
-            "torchrun needs the run folder on a filesystem that every machine shares"
-        )
-    if not found:
-        return TrainState(world_size=ranks.world_size), None
-    state, shuffle = load_checkpoint(path, model, optimizer)
-    if state.world_size != ranks.world_size:
-        raise ChapterError(
-            f"{path} was trained by {state.world_size} process(es) and this run has "
-            f"{ranks.world_size}, which would change the global batch; resume it with "
-            f"{state.world_size} process(es) in all (torchrun --nnodes x --nproc_per_node)"
-        )
-    return state, shuffle
-
-
 def _batch_rows(loader: Any) -> int | None:
     """The number of entries in a loader's batches (None when it does not say)."""
     for owner in (loader, getattr(loader, "batch_sampler", None)):
         if getattr(owner, "batch_size", None):
             return owner.batch_size
     return None
+
+
+class ResumableRun(TrainingRun):
+    """The pieces of a real run, for ``train_model_simple``'s ``run`` (see the module).
+
+    Checkpoints go to ``checkpoint_path`` (none when None) every ``checkpoint_every`` steps
+    (0: only at the end of each epoch and on an interrupt); ``resume=True`` continues from
+    the checkpoint there, if any. The loaders' batches are global batches: each step splits
+    one over ``ranks`` and then into ``grad_accum`` micro-batches (also the chunks in which
+    evaluation runs). Only rank 0 evaluates, prints and saves checkpoints.
+    ``history_type`` is the class of ``state.history`` (what the evaluations record).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        train_loader: Any,
+        val_loader: Any,
+        device: torch.device | str,
+        eval_iter: int,
+        num_epochs: int,
+        *,
+        loss_fn: LossFn = calc_loss_batch,
+        checkpoint_path: str | os.PathLike | None = None,
+        checkpoint_every: int = 0,
+        resume: bool = False,
+        grad_accum: int = 1,
+        ranks: Ranks = SINGLE_PROCESS,
+        history_type: type | None = None,
+    ) -> None:
+        rows = _batch_rows(train_loader)  # (evaluation runs in chunks of a micro-batch)
+        chunk = rows // (ranks.world_size * grad_accum) if rows else 0
+        super().__init__(in_chunks(loss_fn, chunk) if 0 < chunk < rows else loss_fn)
+        self.model, self.optimizer, self.train_loader = model, optimizer, train_loader
+        self.val_loader, self.device, self.eval_iter = val_loader, device, eval_iter
+        self.num_epochs = num_epochs
+        self.checkpoint_path, self.checkpoint_every = checkpoint_path, checkpoint_every
+        self.resume, self.grad_accum, self.ranks = resume, grad_accum, ranks
+        self.is_main = ranks.is_main
+        self.history_type = history_type or type(self.state.history)
+        self.state = TrainState(history=self.history_type(), world_size=ranks.world_size)
+        self.stop, self.resumed = StopRequests(), None
+        self.shuffle: dict = {"epoch_start": None, "now": None}
+        self.step_flags: list[float] = []
+        self.n_targets = 0  # of the global batch in progress
+        self._step_loss: Any = None
+
+    # --- before and after the loop ---------------------------------------------------------
+
+    def __enter__(self) -> TrainState:
+        self.stop.__enter__()
+        try:
+            if self.resume:
+                self._resume_state()
+            self.before_training(self.state)
+            self._stop_here_if_asked(sum_across(self.stop.flags(), self.ranks))
+        except BaseException:
+            self.stop.__exit__()
+            raise
+        self.started = time.monotonic()
+        return self.state
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.__exit__()
+        if exc[0] is None:  # every rank returns rank 0's state
+            self.state = broadcast(self.state, self.ranks)
+
+    def _resume_state(self) -> None:
+        """Continue from the checkpoint at ``checkpoint_path``, if there is one (every rank
+        reads the same file)."""
+        path, ranks = self.checkpoint_path, self.ranks
+        found = path is not None and Path(path).is_file()
+        n_found = round(sum_across([float(found)], ranks)[0])
+        if 0 < n_found < ranks.world_size:
+            raise ChapterError(
+                f"{path} is visible to {n_found} of {ranks.world_size} processes; resuming "
+                "under torchrun needs the run folder on a filesystem that every machine shares"
+            )
+        if not found:
+            return
+        state, self.resumed = load_checkpoint(path, self.model, self.optimizer)
+        if state.world_size != ranks.world_size:
+            raise ChapterError(
+                f"{path} was trained by {state.world_size} process(es) and this run has "
+                f"{ranks.world_size}, which would change the global batch; resume it with "
+                f"{state.world_size} process(es) in all (torchrun --nnodes x --nproc_per_node)"
+            )
+        state.history = self.history_type(**state.history)
+        self.state = state
+        if self.is_main:
+            tqdm.write(
+                f"Resuming from {path}: epoch {state.epoch + 1}, step {state.global_step + 1}"
+            )
+
+    def before_training(self, state: TrainState) -> None:
+        """The losses before training, as the chapter prints them (once per run)."""
+        if self.is_main and not state.initial_losses:
+            state.initial_losses = list(
+                evaluate_model(
+                    self.model,
+                    self.train_loader,
+                    self.val_loader,
+                    self.device,
+                    self.eval_iter,
+                    loss_fn=self.loss_fn,
+                )
+            )
+            tqdm.write(f"Initial training loss: {state.initial_losses[0]:.3f}")
+            tqdm.write(f"Initial validation loss: {state.initial_losses[1]:.3f}")
+
+    # --- the steps ---------------------------------------------------------------------------
+
+    def step_loss(self, model, loss_fn, device):
+        self._step_loss = data_parallel(model, loss_fn, device, self.ranks)  # DDP: several ranks
+        return self._step_loss
+
+    def batches(self, train_loader, state: TrainState) -> Iterator:
+        sync_generator(_shuffle_generator(train_loader), self.ranks)  # one order for all ranks
+        batches = _epoch_batches(train_loader, self.shuffle, self.resumed, state.batches_done)
+        self.resumed = None
+        return batches
+
+    def micro_batches(self, batch) -> Iterator[tuple[tuple, float]]:
+        """This rank's rows of the global batch, in ``grad_accum`` parts, each with its share
+        of the global batch's targets (times the number of ranks, whose gradients
+        ``DistributedDataParallel`` averages). One rank and ``grad_accum=1``: the whole batch,
+        share 1, the course's step exactly. One process skips a part without targets (its
+        share is 0; its mean, NaN, would spoil the gradients)."""
+        input_batch, target_batch = batch
+        mine = rank_rows(len(input_batch), self.ranks)
+        parts = list(
+            zip(
+                input_batch[mine].tensor_split(self.grad_accum),
+                target_batch[mine].tensor_split(self.grad_accum),
+                strict=True,
+            )
+        )
+        *counts, self.n_targets = torch.stack(
+            [_count_targets(t) for _, t in parts] + [_count_targets(target_batch)]
+        ).tolist()  # (the one wait for the device before the step)
+        no_sync = getattr(self._step_loss, "no_sync", None)  # (DDP: average the gradients once)
+        for i, (part, n) in enumerate(zip(parts, counts, strict=True)):
+            if n == 0 and not self.ranks.distributed:
+                continue
+            last = i == len(parts) - 1
+            with contextlib.nullcontext() if last or no_sync is None else no_sync():
+                yield part, n * self.ranks.world_size / max(self.n_targets, 1)
+
+    def check_loss(self, loss, state: TrainState) -> None:
+        """Stop on a NaN or infinite loss (of the whole global batch, on any rank), before the
+        optimizer applies it. The stop requests ride along in the same reduction."""
+        values = torch.zeros(1 + len(STOP_SIGNALS), dtype=torch.float64)
+        values[0] = loss if self.n_targets else math.nan
+        values[1:] = torch.tensor(self.stop.flags(), dtype=torch.float64)
+        total, *self.step_flags = sum_across(values, self.ranks)
+        if not math.isfinite(total):
+            raise NonFiniteLossError(
+                f"the training loss is {total / self.ranks.world_size} at step "
+                f"{state.global_step + 1} (epoch {state.epoch + 1}); training stopped. "
+                "Try a lower learning rate."
+            )
+
+    def evaluate(self, model, train_loader, val_loader, device, eval_iter, state) -> None:
+        if self.is_main:
+            super().evaluate(model, train_loader, val_loader, device, eval_iter, state)
+
+    def end_step(self, state: TrainState) -> None:
+        self._count_time(state)
+        self._stop_here_if_asked(self.step_flags)
+        if self.checkpoint_every and (state.global_step + 1) % self.checkpoint_every == 0:
+            self.checkpoint()
+
+    def end_epoch(self, state: TrainState) -> None:
+        self._count_time(state)
+        state.finished = state.epoch == self.num_epochs
+        self.checkpoint()
+
+    # --- the small pieces -------------------------------------------------------------------
+
+    def _count_time(self, state: TrainState) -> None:
+        now = time.monotonic()
+        state.seconds, self.started = state.seconds + now - self.started, now
+
+    def checkpoint(self) -> None:
+        if self.checkpoint_path is not None and self.is_main:
+            generator = _shuffle_generator(self.train_loader)
+            self.shuffle["now"] = None if generator is None else generator.get_state()
+            state, shuffle = self.state, self.shuffle
+            save_checkpoint(self.checkpoint_path, self.model, self.optimizer, state, shuffle)
+
+    def _stop_here_if_asked(self, flags: list[float]) -> None:
+        """Save and stop when a signal reached any rank (``flags``: summed over the ranks), so
+        that all stop after the same step."""
+        if any(flags):
+            self.checkpoint()
+            barrier(self.ranks)  # (no rank leaves before the checkpoint is saved)
+            path = self.checkpoint_path
+            saved = f"; checkpoint saved to {path}" if path else ""
+            raise TrainingInterrupted(
+                f"{STOP_SIGNALS[flags.index(max(flags))]}: training stopped after step "
+                f"{self.state.global_step}{saved}"
+            )
 
 
 def train_resumable(
@@ -375,88 +513,38 @@ def train_resumable(
     ranks: Ranks = SINGLE_PROCESS,
     precision: str = "fp32",
 ) -> TrainState:
-    """``train_model_simple`` with checkpoints and resume (see the module's docstring).
-
-    (Longer than our other functions on purpose: the loop stays in one piece, so that it
-    reads side by side with the course's ``train_model_simple``.)
-
-    Checkpoints go to ``checkpoint_path`` (none when None) every ``checkpoint_every`` steps
-    (0: only at the end of each epoch and on an interrupt). ``resume=True`` continues from
-    the checkpoint there, if any.
-
-    The loaders' batches are global batches: each step splits one over ``ranks`` (this
-    process's place under torchrun) and then into ``grad_accum`` micro-batches, which are
-    also the chunks in which evaluation runs. ``precision="bf16"`` computes the losses
-    under bf16 autocast. Only rank 0 evaluates, prints and saves checkpoints; every rank
-    returns rank 0's state.
-    """
-    main = ranks.is_main
-    state, resumed = TrainState(world_size=ranks.world_size), None
-    if resume:
-        state, resumed = _resume_state(checkpoint_path, model, optimizer, ranks)
-        if resumed is not None and main:
-            print(
-                f"Resuming from {checkpoint_path}: epoch {state.epoch + 1}, "
-                f"step {state.global_step + 1}"
-            )
-    shuffle = {"epoch_start": None, "now": None}
+    """``train_model_simple`` with the pieces of ``ResumableRun`` (see there for the
+    keywords); ``precision="bf16"`` computes the losses under bf16 autocast. Returns the
+    state (rank 0's on every rank): the losses before and during training, its time."""
     loss_fn = with_precision(loss_fn, device, precision)
-    step_loss = data_parallel(model, loss_fn, device, ranks)  # DDP with several ranks
-    rows = _batch_rows(train_loader)
-    eval_loss = in_chunks(loss_fn, rows // (ranks.world_size * grad_accum)) if rows else loss_fn
-
-    def checkpoint() -> None:
-        if checkpoint_path is not None and main:
-            generator = _shuffle_generator(train_loader)
-            shuffle["now"] = None if generator is None else generator.get_state()
-            save_checkpoint(checkpoint_path, model, optimizer, state, shuffle)
-
-    def stop_here_if_asked(stop: StopRequests) -> None:
-        # a signal to any rank stops them all, after the same step
-        asked = sum_across([float(stop.requested == name) for name in STOP_SIGNALS], ranks)
-        if any(asked):
-            checkpoint()
-            barrier(ranks)  # (no rank leaves before the checkpoint is saved)
-            saved = f"; checkpoint saved to {checkpoint_path}" if checkpoint_path else ""
-            raise TrainingInterrupted(
-                f"{STOP_SIGNALS[asked.index(max(asked))]}: training stopped after step "
-                f"{state.global_step}{saved}"
-            )
-
-    bar = progress_bar(total=num_epochs * len(train_loader), unit="step", enabled=progress and main)
-    bar.update(state.epoch * len(train_loader) + state.batches_done)
-    started = time.monotonic()
-    with StopRequests() as stop, contextlib.closing(bar):
-        if main and not state.initial_losses:  # the losses before training, as the chapter
-            state.initial_losses = list(
-                evaluate_model(
-                    model, train_loader, val_loader, device, eval_iter, loss_fn=eval_loss
-                )
-            )
-            tqdm.write(f"Initial training loss: {state.initial_losses[0]:.3f}")
-            tqdm.write(f"Initial validation loss: {state.initial_losses[1]:.3f}")
-        stop_here_if_asked(stop)
-        while state.epoch < num_epochs:
-            model.train()
-            sync_generator(_shuffle_generator(train_loader), ranks)  # one order for all ranks
-            batches = _epoch_batches(train_loader, shuffle, resumed, state.batches_done)
-            resumed = None
-            for batch in batches:
-                _train_step(step_loss, optimizer, batch, state, grad_accum, ranks)
-                bar.update()
-                if main and state.global_step % eval_freq == 0:
-                    _evaluate(model, train_loader, val_loader, device, eval_iter, eval_loss, state)
-                state.seconds, started = (
-                    state.seconds + time.monotonic() - started,
-                    time.monotonic(),
-                )
-                stop_here_if_asked(stop)
-                if checkpoint_every and (state.global_step + 1) % checkpoint_every == 0:
-                    checkpoint()
-            if main:
-                generate_and_print_sample(model, tokenizer, device, start_context)
-            state.epoch, state.batches_done = state.epoch + 1, 0
-            state.seconds, started = state.seconds + time.monotonic() - started, time.monotonic()
-            state.finished = state.epoch == num_epochs
-            checkpoint()
-    return broadcast(state, ranks)
+    run = ResumableRun(
+        model,
+        optimizer,
+        train_loader,
+        val_loader,
+        device,
+        eval_iter,
+        num_epochs,
+        loss_fn=loss_fn,
+        checkpoint_path=checkpoint_path,
+        checkpoint_every=checkpoint_every,
+        resume=resume,
+        grad_accum=grad_accum,
+        ranks=ranks,
+    )
+    train_model_simple(
+        model,
+        train_loader,
+        val_loader,
+        optimizer,
+        device,
+        num_epochs,
+        eval_freq,
+        eval_iter,
+        start_context,
+        tokenizer,
+        loss_fn=loss_fn,
+        progress=progress,
+        run=run,
+    )
+    return run.state

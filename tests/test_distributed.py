@@ -91,9 +91,10 @@ def launch(tmp_path, world: int, **spec) -> list[dict]:
 def assert_same_training(result: dict, expected: dict) -> None:
     got, want = result["state"], expected["state"]
     assert got["initial_losses"] == pytest.approx(want["initial_losses"], abs=1e-12)
-    assert got["train_losses"] == pytest.approx(want["train_losses"], abs=1e-10)
-    assert got["val_losses"] == pytest.approx(want["val_losses"], abs=1e-10)
-    assert got["track_tokens_seen"] == want["track_tokens_seen"]
+    history, history_ref = got["history"], want["history"]
+    assert history["train_losses"] == pytest.approx(history_ref["train_losses"], abs=1e-10)
+    assert history["val_losses"] == pytest.approx(history_ref["val_losses"], abs=1e-10)
+    assert history["track_tokens_seen"] == history_ref["track_tokens_seen"]
     assert got["global_step"] == want["global_step"] and got["finished"]
     for name, value in expected["weights"].items():
         torch.testing.assert_close(result["weights"][name], value, **TOLERANCE, msg=name)
@@ -121,12 +122,29 @@ class GradientTaker:
         self.grads = [p.grad.clone() for p in self.model.parameters()]
 
 
+def one_step(model, optimizer, batch, grad_accum: int = 1, loss_fn=engine.packed_loss_batch):
+    """One step of the training loop (``train_model_simple`` with ``ResumableRun``'s pieces),
+    on a loader that holds ``batch`` alone."""
+    loader = [batch]
+    settings = dict(num_epochs=1, eval_freq=1, eval_iter=1, start_context="!")  # (id 33)
+    trainer.train_resumable(
+        model,
+        loader,
+        loader,
+        optimizer,
+        "cpu",
+        **settings,
+        tokenizer=CharTokenizer(),
+        loss_fn=loss_fn,
+        grad_accum=grad_accum,
+        progress=False,
+    )
+
+
 def step_gradients(grad_accum: int, batch) -> list[torch.Tensor]:
     model = tiny_model(0, vocab_size=64)
     taker = GradientTaker(model)
-    step_loss = distributed.LossModule(model, engine.packed_loss_batch, "cpu")
-    ranks = distributed.SINGLE_PROCESS
-    trainer._train_step(step_loss, taker, batch, trainer.TrainState(), grad_accum, ranks)
+    one_step(model, taker, batch, grad_accum)
     return taker.grads
 
 
@@ -175,10 +193,7 @@ def test_one_process_with_grad_accum_1_is_the_course_step_exactly():
     reference = tiny_model(0, vocab_size=128, context_length=192).double()
     reference_optimizer = engine.make_optimizer(reference, lr=1e-2, weight_decay=0.1)
     batch = next(iter(train_loader))
-    step_loss = distributed.LossModule(model, loss_fn, "cpu")
-    trainer._train_step(
-        step_loss, optimizer, batch, trainer.TrainState(), 1, distributed.SINGLE_PROCESS
-    )
+    one_step(model, optimizer, batch, loss_fn=loss_fn)
     reference_optimizer.zero_grad()
     loss_fn(*batch, reference, "cpu").backward()
     reference_optimizer.step()

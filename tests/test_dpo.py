@@ -4,6 +4,9 @@ the frozen reference, beta's direction, and a short run that raises the reward m
 from __future__ import annotations
 
 import math
+import os
+import signal
+from dataclasses import astuple, fields
 
 import pytest
 import torch
@@ -16,7 +19,7 @@ from preference_data import (
     create_preference_loaders,
     load_preference_data,
 )
-from trainer import NonFiniteLossError
+from trainer import NonFiniteLossError, TrainingInterrupted
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only add hand-offs
 
@@ -232,8 +235,8 @@ def test_a_short_run_raises_the_reward_margin_on_its_own_training_pairs(pairs, t
         pairs[:16], pairs[16:18], tokenizer, batch_size=4
     )
     before = dpo.compute_dpo_metrics_loader(train_loader, policy, reference, beta=0.1)
-    assert before["loss"] == pytest.approx(LN2) and before["reward_margin"] == 0
-    assert before["accuracy"] == 0  # a tie is not a win
+    assert before.loss == pytest.approx(LN2) and before.reward_margin == 0
+    assert before.accuracy == 0  # a tie is not a win
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-4, weight_decay=0.01)
     tracking = dpo.train_model_dpo_simple(
         policy,
@@ -250,15 +253,15 @@ def test_a_short_run_raises_the_reward_margin_on_its_own_training_pairs(pairs, t
         progress=False,
     )
     after = dpo.compute_dpo_metrics_loader(train_loader, policy.eval(), reference, beta=0.1)
-    assert after["reward_margin"] > 0.5
-    assert after["chosen_reward"] > 0 > after["rejected_reward"]
-    assert after["loss"] < LN2 - 0.03
-    assert after["accuracy"] >= 0.9
-    # the history: one entry per evaluation (every 2 of 12 steps), the course's keys and ours
-    assert tracking["steps"] == [0, 2, 4, 6, 8, 10]
-    for key in ("train_losses", "val_chosen_rewards", "train_reward_margins", "val_accuracies"):
-        assert len(tracking[key]) == 6
-    margins = tracking["train_reward_margins"]
+    assert after.reward_margin > 0.5
+    assert after.chosen_reward > 0 > after.rejected_reward
+    assert after.loss < LN2 - 0.03
+    assert after.accuracy >= 0.9
+    # the history: one entry per evaluation (every 2 of 12 steps), the course's names and ours
+    assert tracking.steps == [0, 2, 4, 6, 8, 10]
+    for values in astuple(tracking):
+        assert len(values) == 6
+    margins = tracking.train_reward_margins
     assert margins[-1] > margins[0]
 
 
@@ -269,7 +272,7 @@ def test_loader_metrics_match_the_course_triple_and_accuracy_counts_wins(pairs, 
         policy.out_head.weight[50256] += 0.5
     metrics = dpo.compute_dpo_metrics_loader(loader, policy, reference, beta=0.1)
     triple = dpo.compute_dpo_loss_loader(loader, policy, reference, beta=0.1)
-    assert triple == (metrics["loss"], metrics["chosen_reward"], metrics["rejected_reward"])
+    assert triple == (metrics.loss, metrics.chosen_reward, metrics.rejected_reward)
     wins, n = 0, 0
     with torch.no_grad():
         for batch in loader:
@@ -277,9 +280,13 @@ def test_loader_metrics_match_the_course_triple_and_accuracy_counts_wins(pairs, 
             rc, rr = dpo.pair_logprobs(reference, batch)
             wins += int(((pc - rc) > (pr - rr)).sum())
             n += len(pc)
-    assert metrics["accuracy"] == pytest.approx(wins / n)
-    margin = metrics["chosen_reward"] - metrics["rejected_reward"]
-    assert metrics["reward_margin"] == pytest.approx(margin, abs=1e-6)
+    assert metrics.accuracy == pytest.approx(wins / n)
+    margin = metrics.chosen_reward - metrics.rejected_reward
+    assert metrics.reward_margin == pytest.approx(margin, abs=1e-6)
+    # the course's dict of both splits holds the same numbers
+    both = dpo.evaluate_dpo_loss_loader(policy, reference, loader, loader, 0.1, None)
+    assert both["train_accuracy"] == both["val_accuracy"] == metrics.accuracy
+    assert both["train_loss"] == metrics.loss
 
 
 def test_a_non_finite_loss_stops_training_naming_the_step(pairs, tokenizer):
@@ -306,10 +313,77 @@ def test_a_non_finite_loss_stops_training_naming_the_step(pairs, tokenizer):
 
 
 def test_the_plot_has_four_panels_with_train_and_validation():
-    tracking = {key: [0.0, 0.1, 0.2] for key in dpo.new_tracking()}
-    tracking["steps"] = [0, 5, 10]
+    tracking = dpo.DPOHistory(*[[0.0, 0.1, 0.2] for _ in fields(dpo.DPOHistory)])
+    tracking.steps = [0, 5, 10]
     fig = dpo.plot_dpo_tracking(tracking)
     assert [len(ax.lines) for ax in fig.axes] == [3, 4, 2, 2]  # (+ the ln 2 line on the loss)
     import matplotlib.pyplot as plt
 
     plt.close(fig)
+
+
+# --- checkpoints and resume -------------------------------------------------------------------
+
+
+def _train_with_checkpoints(pairs, tokenizer, path, *, resume: bool = False):
+    """Two epochs of DPO on 16 pairs (8 steps), dropout on, checkpoints at ``path``."""
+    sft = tiny_model(0, vocab_size=50257, context_length=128, drop_rate=0.1)
+    policy, reference = dpo.policy_and_reference(sft)
+    train_loader, val_loader = create_preference_loaders(
+        pairs[:16], pairs[16:18], tokenizer, batch_size=4, seed=1
+    )
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3, weight_decay=0.01)
+    history = dpo.train_model_dpo_simple(
+        policy,
+        reference,
+        train_loader,
+        val_loader,
+        optimizer,
+        2,
+        0.1,
+        3,
+        1,
+        "Hi",
+        tokenizer,
+        progress=False,
+        checkpoint_path=path,
+        resume=resume,
+    )
+    return policy, history
+
+
+class TrainingCalls:
+    """Counts DPO's training losses (not the evaluations'); at the ``stop_at``-th it sends
+    this process a SIGINT, as Ctrl-C would."""
+
+    def __init__(self, stop_at: int | None = None):
+        self.stop_at, self.calls, self.real = stop_at, 0, dpo.dpo_batch_metrics
+
+    def __call__(self, *args, **kwargs):
+        if torch.is_grad_enabled():
+            self.calls += 1
+            if self.calls == self.stop_at:
+                os.kill(os.getpid(), signal.SIGINT)
+        return self.real(*args, **kwargs)
+
+
+def test_interrupted_by_ctrl_c_then_resumed_ends_bitwise_as_an_uninterrupted_run(
+    pairs, tokenizer, tmp_path, monkeypatch
+):
+    expected, expected_history = _train_with_checkpoints(pairs, tokenizer, None)
+    path = tmp_path / "checkpoint.pt"
+    monkeypatch.setattr(dpo, "dpo_batch_metrics", TrainingCalls(stop_at=6))  # epoch 2, step 5
+    with pytest.raises(TrainingInterrupted, match="SIGINT: training stopped after step 5"):
+        _train_with_checkpoints(pairs, tokenizer, path)
+    assert path.is_file()
+
+    counting = TrainingCalls()
+    monkeypatch.setattr(dpo, "dpo_batch_metrics", counting)
+    torch.manual_seed(999)  # (the checkpoint restores the random state dropout draws from)
+    resumed, history = _train_with_checkpoints(pairs, tokenizer, path, resume=True)
+    assert counting.calls == 2  # steps 6 and 7 only
+    assert history == expected_history
+    for (name, got), want in zip(
+        resumed.state_dict().items(), expected.state_dict().values(), strict=True
+    ):
+        assert torch.equal(got, want), name

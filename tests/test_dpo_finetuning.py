@@ -4,6 +4,8 @@ starts from, and the command line end to end (smoke runs, a judge on loopback)."
 from __future__ import annotations
 
 import json
+import os
+import signal
 from dataclasses import asdict
 
 import pytest
@@ -187,14 +189,34 @@ def test_pairs_longer_than_the_context_are_reported_once_per_split(capsys):
     assert max(batch["chosen"].shape[1] for batch in train) <= 40
 
 
-def test_ctrl_c_exits_130_saying_what_stays(tmp_path, capsys, monkeypatch):
+def test_ctrl_c_outside_training_exits_130_saying_how_to_resume(tmp_path, capsys, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(dft, "train_model_dpo_simple", interrupted)
-    argv = ["--smoke", "--output-dir", str(tmp_path), "--judge-url", dead_judge()]
+    monkeypatch.setattr(dft, "write_both_responses", interrupted)
+    argv = ["--smoke", "--epochs", "1", "--output-dir", str(tmp_path), "--no-judge"]
     assert dft.main(argv) == 130
-    assert "keeps no checkpoint, so run the command again" in capsys.readouterr().err
+    run = (tmp_path / "latest-dpo").resolve()
+    assert f"interrupted. Resume with: python main/dpo_finetuning.py --resume {run}" in (
+        capsys.readouterr().err
+    )
+    assert (run / "gpt-random-init-dpo.pth").is_file()  # what was saved stays
+    monkeypatch.undo()  # resuming loads the trained model instead of training again
+    assert dft.main(["--resume", "--output-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "DPO training finished in an earlier session" in out and "Ep 1" not in out
+    assert (run / "dpo-summary.json").is_file()
+
+
+def test_resume_needs_an_earlier_dpo_run_and_keeps_its_settings(tmp_path, capsys):
+    assert dft.main(["--resume", "--output-dir", str(tmp_path)]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+    (tmp_path / "run").mkdir()
+    save_json(
+        asdict(dft.DPOConfig.smoke_preset(run_name="run")), tmp_path / "run" / "dpo-config.json"
+    )
+    assert dft.main(["--resume", str(tmp_path / "run"), "--beta", "0.5"]) == 2
+    assert "keeps the settings it started with (beta=0.1)" in capsys.readouterr().err
 
 
 # --- end to end -------------------------------------------------------------------------------
@@ -269,3 +291,46 @@ def test_make_preferences_lets_the_judge_write_the_pairs_first(tmp_path, judge):
     assert len(judge.bodies) == 40  # 40 rewrites; --no-judge: no scores
     summary = json.loads(((tmp_path / "out") / "latest-dpo" / "dpo-summary.json").read_text())
     assert summary["scores"]["dpo"]["judge"] is None
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_training_then_resume_ends_with_the_weights_of_an_uninterrupted_run(
+    tmp_path, capsys, monkeypatch
+):
+    """The command line, stopped by SIGINT in the middle of DPO training (exit 130, a
+    checkpoint, the resume hint), then resumed: the DPO model file equals, bit for bit, the
+    one of a run that was never interrupted."""
+    import dpo
+
+    flags = ["--smoke", "--no-judge", "--checkpoint-every", "3"]
+    assert dft.main([*flags, "--output-dir", str(tmp_path / "whole")]) == 0
+    whole = (tmp_path / "whole" / "latest-dpo").resolve()
+
+    real, calls = dpo.dpo_batch_metrics, []
+
+    def ctrl_c_at_step_10(*args, **kwargs):
+        if torch.is_grad_enabled():  # a training step, not an evaluation
+            calls.append(1)
+            if len(calls) == 11:
+                os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dpo, "dpo_batch_metrics", ctrl_c_at_step_10)
+    capsys.readouterr()
+    assert dft.main([*flags, "--output-dir", str(tmp_path / "parts")]) == 130
+    run = (tmp_path / "parts" / "latest-dpo").resolve()
+    err = capsys.readouterr().err
+    assert "SIGINT: training stopped after step 10" in err
+    assert f"Resume with: python main/dpo_finetuning.py --resume {run}" in err
+    assert (run / "checkpoint.pt").is_file() and not (run / "dpo-summary.json").exists()
+
+    monkeypatch.undo()
+    assert dft.main(["--resume", str(run)]) == 0
+    assert "Resuming from" in capsys.readouterr().out
+    assert not (run / "checkpoint.pt").exists()  # deleted once the model was saved
+    model = "gpt-random-init-dpo.pth"
+    got, want = (torch.load(r / model, weights_only=True) for r in (run, whole))
+    for name, value in want.items():
+        assert torch.equal(got[name], value), name
+    summary, summary_ref = (json.loads((r / "dpo-summary.json").read_text()) for r in (run, whole))
+    assert summary["tracking"] == summary_ref["tracking"]

@@ -1,4 +1,5 @@
-"""trainer.train_resumable: the course's loop plus checkpoints, resume, signals, NaN stops."""
+"""trainer.train_resumable: the course's loop with ResumableRun's pieces (checkpoints, resume,
+signals, NaN stops)."""
 
 from __future__ import annotations
 
@@ -82,7 +83,8 @@ def test_uninterrupted_run_is_train_model_simple_step_for_step(capsys):
         progress=False,
     )
     assert state.initial_losses == pytest.approx(list(engine_eval))
-    assert (state.train_losses, state.val_losses, state.track_tokens_seen) == histories
+    history = state.history
+    assert (history.train_losses, history.val_losses, history.track_tokens_seen) == histories
     for a, b in zip(model.parameters(), reference.parameters(), strict=True):
         assert torch.equal(a, b)
     assert state.finished and state.epoch == 2 and state.global_step == 2 * len(train_loader) - 1
@@ -126,9 +128,10 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, group_by_length
 
     model, train_loader, val_loader, optimizer = setup(seed=1, group_by_length=group_by_length)
     resumed = run(model, train_loader, val_loader, optimizer, checkpoint_path=path, resume=True)
-    assert resumed.train_losses == pytest.approx(expected.train_losses, abs=1e-6)
-    assert resumed.val_losses == pytest.approx(expected.val_losses, abs=1e-6)
-    assert resumed.track_tokens_seen == expected.track_tokens_seen
+    got, want = resumed.history, expected.history
+    assert got.train_losses == pytest.approx(want.train_losses, abs=1e-6)
+    assert got.val_losses == pytest.approx(want.val_losses, abs=1e-6)
+    assert got.track_tokens_seen == want.track_tokens_seen
     assert resumed.initial_losses == expected.initial_losses
     for a, b in zip(model.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)

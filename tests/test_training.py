@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import previous_chapters as pc
+import progress_bars
 from gpt2_tokenizer import get_tokenizer
 from helpers import IGN, tiny_model
 
@@ -123,7 +124,8 @@ def test_generate_and_print_sample_prints_50_greedy_tokens_on_one_line(tokenizer
     assert capsys.readouterr().out == text + "\n"
 
 
-def test_train_model_simple_learns_and_tracks(tokenizer, capsys):
+def test_train_model_simple_learns_and_tracks(tokenizer, capsys, monkeypatch):
+    monkeypatch.setattr(progress_bars, "on_terminal", lambda stream=None: True)  # (draw the bar)
     model = tiny_model(**GPT2_VOCAB)
     g = torch.Generator().manual_seed(0)
     # a repeating sequence is easy to learn: each token predicts the next
