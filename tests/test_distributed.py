@@ -124,7 +124,7 @@ class GradientTaker:
 def step_gradients(grad_accum: int, batch) -> list[torch.Tensor]:
     model = tiny_model(0, vocab_size=64)
     taker = GradientTaker(model)
-    step_loss = distributed.LossModule(model, engine.packed_loss_batch, "cpu")
+    step_loss = distributed.StepLoss(model, engine.packed_loss_batch, "cpu")
     ranks = distributed.SINGLE_PROCESS
     trainer._train_step(step_loss, taker, batch, trainer.TrainState(), grad_accum, ranks)
     return taker.grads
@@ -175,7 +175,7 @@ def test_one_process_with_grad_accum_1_is_the_course_step_exactly():
     reference = tiny_model(0, vocab_size=128, context_length=192).double()
     reference_optimizer = engine.make_optimizer(reference, lr=1e-2, weight_decay=0.1)
     batch = next(iter(train_loader))
-    step_loss = distributed.LossModule(model, loss_fn, "cpu")
+    step_loss = distributed.StepLoss(model, loss_fn, "cpu")
     trainer._train_step(
         step_loss, optimizer, batch, trainer.TrainState(), 1, distributed.SINGLE_PROCESS
     )
