@@ -264,6 +264,7 @@ def generate_batch(
     batch_size: int | None = None,
     generator: torch.Generator | None = None,
     progress: bool = False,
+    draft_tokens: int = 0,
 ) -> list[list[int]]:
     """Each prompt's new tokens (its ``eos_id`` excluded), generated many prompts at a time.
 
@@ -271,7 +272,8 @@ def generate_batch(
     None), left-padded with ``pad_token_id`` and masked, with positions counted from each
     row's first real token: greedy, every row gets exactly what ``generate`` gives it alone.
     Results come back in input order. (When sampling, the rows share one random stream, so
-    the draws differ from sampling one prompt at a time.)
+    the draws differ from sampling one prompt at a time.) ``draft_tokens=k``: each prompt
+    alone through ``stream_tokens`` with prompt lookup (greedy, batch 1: a chat's case).
     """
     check_generation_settings(max_new_tokens, context_size, top_k)
     if batch_size is not None and batch_size < 1:
@@ -285,6 +287,13 @@ def generate_batch(
             f"pad_token_id {pad_token_id} is outside the model's vocabulary (0..{vocab_size - 1}); "
             "pass a valid pad_token_id (any id works: padding is masked)"
         )
+
+    if draft_tokens:
+        return [
+            list(stream_tokens(model, p, max_new_tokens, context_size, temperature=temperature,
+                               eos_id=eos_id, draft_tokens=draft_tokens))
+            for p in tqdm(prompts, desc="generating", unit="prompt", disable=not progress)
+        ]  # fmt: skip
 
     def pick(logits: torch.Tensor) -> torch.Tensor:
         return sample_next_token(logits, temperature, top_k, generator)
@@ -303,6 +312,30 @@ def generate_batch(
     return results
 
 
+def lookup_draft(history: Sequence[int], k: int, max_ngram: int = 3) -> list[int]:
+    """Prompt lookup: up to ``k`` tokens that followed the latest earlier occurrence of the
+    text's last n tokens, for the longest n <= ``max_ngram`` that occurs earlier ([]: none)."""
+    if k < 1:
+        return []
+    for n in range(min(max_ngram, len(history) - 1), 0, -1):
+        tail = list(history[-n:])
+        for start in range(len(history) - n - 1, -1, -1):
+            if history[start] == tail[0] and list(history[start : start + n]) == tail:
+                return list(history[start + n : start + n + k])
+    return []
+
+
+def _accepted(logits: torch.Tensor, draft: list[int]) -> list[int]:
+    """Greedy's tokens at the drafted positions, from ``logits`` [m + 1, vocab] of the text
+    and its ``m`` drafted tokens: each draft kept while greedy would have picked it, then
+    greedy's own next token."""
+    picked = logits.argmax(-1).tolist()
+    a = 0
+    while a < len(draft) and draft[a] == picked[a]:
+        a += 1
+    return picked[: a + 1]
+
+
 @torch.inference_mode()
 def stream_tokens(
     model: nn.Module,
@@ -314,25 +347,49 @@ def stream_tokens(
     top_k: int | None = None,
     eos_id: int | None = None,
     generator: torch.Generator | None = None,
+    draft_tokens: int = 0,
+    stats: dict[str, int] | None = None,
 ) -> Iterator[int]:
     """The new tokens ``generate`` gives one prompt, yielded one at a time as they are picked.
 
     For a chat that shows the answer as it grows. Same tokens as ``generate`` (and, sampling,
     the same draws from ``generator``, the same step ``next_token_logits``), from a ``KVCache``
     made once for the whole answer. Stops before ``eos_id``, which is not yielded.
+
+    ``draft_tokens=k`` (greedy only): exact speculative decoding by prompt lookup. Each step
+    drafts up to k tokens (``lookup_draft``), runs them through the model with the text in one
+    forward, and keeps only those greedy decoding picks, plus greedy's next token. ``stats``
+    counts the ``forwards``, the ``tokens`` they gave and the tokens ``drafted``.
     """
     check_generation_settings(max_new_tokens, context_size, top_k)
     if len(prompt_ids) == 0:
         raise ValueError("the prompt is empty; it needs at least one token")
+    if draft_tokens and temperature > 0:
+        raise ValueError("draft_tokens (prompt lookup) needs greedy decoding: temperature=0")
     device = model.tok_emb.weight.device
-    p = len(prompt_ids)
-    tokens = torch.empty((1, p + max_new_tokens), dtype=torch.long, device=device)
-    tokens[0, :p] = torch.tensor(list(prompt_ids))
-    cache = KVCache(model, 1, max(min(p + max_new_tokens - 1, context_size), 0))
-    for n in range(p, p + max_new_tokens):
-        logits = next_token_logits(model, tokens[:, :n], cache, context_size)
-        next_id = int(sample_next_token(logits, temperature, top_k, generator))
-        if next_id == eos_id:
-            return
-        tokens[0, n] = next_id
-        yield next_id
+    history, n, end = list(prompt_ids), len(prompt_ids), len(prompt_ids) + max_new_tokens
+    tokens = torch.empty((1, end), dtype=torch.long, device=device)
+    tokens[0, :n] = torch.tensor(history)
+    cache = KVCache(model, 1, max(min(end - 1, context_size), 0))
+    stats = {} if stats is None else stats
+    while n < end:
+        draft = lookup_draft(history, min(draft_tokens, end - n - 1, context_size - n))
+        if draft:
+            tokens[0, n : n + len(draft)] = torch.tensor(draft)
+            logits = next_token_logits(
+                model, tokens[:, : n + len(draft)], cache, context_size, all_new=True
+            )
+            new = _accepted(logits[0, -len(draft) - 1 :], draft)
+            cache.length = n + len(new) - 1  # forget the keys of the rejected drafts
+        else:
+            logits = next_token_logits(model, tokens[:, :n], cache, context_size)
+            new = [int(sample_next_token(logits, temperature, top_k, generator))]
+        for key, count in (("forwards", 1), ("tokens", len(new)), ("drafted", len(draft))):
+            stats[key] = stats.get(key, 0) + count
+        for next_id in new:
+            if next_id == eos_id:
+                return
+            tokens[0, n] = next_id
+            n += 1
+            history.append(next_id)
+            yield next_id
