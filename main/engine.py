@@ -30,6 +30,7 @@ course's ``next_token_logits``.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -248,6 +249,15 @@ def _generate_rows(
         tokens[alive] = rows
     new = tokens[:, p:].tolist()
     return [row[: row.index(eos_id)] if eos_id in row else row for row in new]
+
+
+def in_precision(model: nn.Module, precision: str) -> nn.Module:
+    """The model to generate with: itself for "fp32"; for "bf16", a copy with bf16 weights
+    (so a ``KVCache`` made for it holds bf16 keys and values: half the bytes per token).
+    Check the hardware first with ``run_config.check_precision``."""
+    if precision == "fp32":
+        return model
+    return copy.deepcopy(model).to(torch.bfloat16)
 
 
 @torch.inference_mode()
