@@ -274,9 +274,9 @@ class GPTModel(nn.Module):
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
-        for block in self.trf_blocks:
-            for proj in (block.att.out_proj, block.ff.layers[2]):
-                nn.init.normal_(proj.weight, mean=0.0, std=0.02 / math.sqrt(2 * n_layers))
+        for name, weight in self.named_parameters():  # (in block order, as GPT-2 does)
+            if name.endswith(("att.out_proj.weight", "ff.layers.2.weight")):
+                nn.init.normal_(weight, mean=0.0, std=0.02 / math.sqrt(2 * n_layers))
 
     def forward(
         self,
