@@ -343,3 +343,14 @@ def test_compiled_model_generate_batch_equals_the_plain_model(compiled_pair):
         pc.generate(model, torch.tensor([p]), 10, 16, use_cache=False)[0, len(p) :].tolist()
         for p in prompts
     ]
+
+
+def test_in_precision_bf16_is_a_copy_and_fp32_the_model_itself():
+    model = tiny_model().eval()
+    assert engine.in_precision(model, "fp32") is model
+    half = engine.in_precision(model, "bf16")
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # the original stays
+    prompts = random_prompts([4, 7], VOCAB, seed=3)
+    out = engine.generate_batch(half, prompts, 5, 16, pad_token_id=0)  # bf16 cache and all
+    assert [len(row) for row in out] == [5, 5]
