@@ -14,7 +14,9 @@ course                     fast counterpart               what it saves
                                                           key/value cache, no compute on padding,
                                                           finished rows leave the batch
 ``generate``, streamed     ``stream_tokens``              re-running the text every step (a
-                                                          preallocated cache), for a chat
+                                                          preallocated cache), for a chat; with
+                                                          ``draft_tokens``, forwards (prompt
+                                                          lookup, exact)
 ``shuffle=True`` batches   ``LengthGroupedBatchSampler``  padding: entries of similar length
                                                           share a batch
 ``torch.optim.AdamW``      ``make_optimizer``             a Python loop over the parameters
