@@ -29,18 +29,23 @@ DRAFT_TOKENS = 4
 
 
 def memory_bandwidth(device: torch.device, mib: int = 1024, repeats: int = 5) -> float:
-    """Bytes/s moved by the best of ``repeats`` copies of ``mib`` MiB (read + write)."""
+    """Bytes/s of memory traffic: the best of ``repeats`` copies of ``mib`` MiB (read + write)
+    and of ``repeats`` sums over it (read only; decoding mostly reads), whichever is faster."""
     src = torch.ones(mib * 2**18, device=device)  # float32: 4 bytes each
     dst = torch.empty_like(src)
-    dst.copy_(src)
-    best = float("inf")
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        dst.copy_(src)
-        sync(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * src.numel() * src.element_size() / best
+    size = src.numel() * src.element_size()
+    best = {}
+    for moved, kernel in ((2 * size, lambda: dst.copy_(src)), (size, lambda: src.sum())):
+        kernel()
+        seconds = float("inf")
+        for _ in range(repeats):
+            sync(device)
+            start = time.perf_counter()
+            kernel()
+            sync(device)
+            seconds = min(seconds, time.perf_counter() - start)
+        best[moved] = moved / seconds
+    return max(best.values())
 
 
 def bytes_per_token(model: torch.nn.Module, prompt_len: int, new_tokens: int) -> float:
