@@ -95,11 +95,59 @@ def gpt2_config_from_hparams(settings: Mapping[str, Any], **overrides: Any) -> d
 # ---------------------------------------------------------------------------
 
 
-class MultiHeadAttention(nn.Module):
-    """Causal multi-head self-attention, with an optional cache of past keys and values.
+class KVCache:
+    """Every layer's keys and values for a batch of rows, kept so that generation feeds each
+    token through the model once: ``keys`` and ``values`` are [n_layers, batch, heads,
+    capacity, head_dim], of which the first ``length`` positions are filled.
 
-    With ``use_cache=True`` the keys and values of the tokens seen so far are kept, so that
-    generation can feed one new token per step instead of the whole text again.
+    Made with room for ``capacity`` positions (the engine knows how many it needs), it grows
+    when a forward needs more (the course's open-ended ``use_cache=True``).
+    """
+
+    def __init__(self, model: nn.Module, batch_size: int, capacity: int = 0) -> None:
+        att, weight = model.trf_blocks[0].att, model.tok_emb.weight
+        shape = (len(model.trf_blocks), batch_size, att.num_heads, capacity, att.head_dim)
+        # zeros, not empty: slots of left padding are never written but pass through the
+        # (masked) attention, where garbage such as NaN would leak into the result
+        self.keys = torch.zeros(shape, device=weight.device, dtype=weight.dtype)
+        self.values = torch.zeros_like(self.keys)
+        self.length = 0
+
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Write one layer's new keys and values [batch, heads, new, head_dim] after the
+        ``length`` cached ones; all of them up to the new ones, [batch, heads, length + new, hd]."""
+        end = self.length + k.shape[2]
+        if end > self.keys.shape[3]:
+            self._grow(end)
+        self.keys[layer, :, :, self.length : end] = k
+        self.values[layer, :, :, self.length : end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+    def _grow(self, needed: int) -> None:
+        more = max(needed, 2 * self.keys.shape[3]) - self.keys.shape[3]
+        pad = self.keys.new_zeros((*self.keys.shape[:3], more, self.keys.shape[4]))
+        self.keys, self.values = torch.cat((self.keys, pad), 3), torch.cat((self.values, pad), 3)
+
+    def view(self, rows: slice, offset: int) -> KVCache:
+        """An empty cache for ``rows`` whose position 0 is this cache's ``offset`` (it writes
+        into this cache's memory)."""
+        part = object.__new__(KVCache)
+        part.keys, part.values = self.keys[:, rows, :, offset:], self.values[:, rows, :, offset:]
+        part.length = 0
+        return part
+
+    def keep_rows(self, index: torch.Tensor) -> None:
+        """Keep only the rows ``index`` (generation drops rows that have finished)."""
+        self.keys, self.values = self.keys[:, index], self.values[:, index]
+
+
+class MultiHeadAttention(nn.Module):
+    """Causal multi-head self-attention.
+
+    Keyword arguments change which keys each query sees, never the maths: ``cache`` (a
+    ``KVCache``, with ``layer`` this block's index) adds the keys and values of earlier tokens;
+    ``mask`` [batch, 1, new, keys] (True: may attend) replaces the causal rule, for left-padded
+    rows; ``seq_lengths`` splits each row into sequences packed end to end, each causal alone.
     """
 
     def __init__(
@@ -114,8 +162,6 @@ class MultiHeadAttention(nn.Module):
         self.dropout = dropout  # on the attention weights, as in the course
         self.qkv = nn.Linear(d_in, 3 * d_out, bias=qkv_bias)  # = [W_query | W_key | W_value]
         self.out_proj = nn.Linear(d_out, d_out)
-        self.cache_k: torch.Tensor | None = None
-        self.cache_v: torch.Tensor | None = None
 
     def split_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries, keys and values of ``x`` [b, t, d_in], each [b, num_heads, t, head_dim]."""
@@ -124,29 +170,41 @@ class MultiHeadAttention(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4)
         return q, k, v
 
-    def forward(self, x: torch.Tensor, use_cache: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        mask: torch.Tensor | None = None,
+        seq_lengths: list[int] | None = None,
+    ) -> torch.Tensor:
         b, t, _ = x.shape
         queries, keys, values = self.split_heads(x)
-        if use_cache:  # append the new keys and values to those of the earlier tokens
-            if self.cache_k is not None:
-                keys = torch.cat([self.cache_k, keys], dim=2)
-                values = torch.cat([self.cache_v, values], dim=2)
-            self.cache_k, self.cache_v = keys, values
+        if cache is not None:  # the keys and values of the earlier tokens, then these
+            keys, values = cache.store(layer, keys, values)
         dropout = self.dropout if self.training else 0.0
         n_q, n_k = queries.shape[2], keys.shape[2]
-        if n_q == n_k:  # a fresh text: token i attends to tokens 0..i
+        if seq_lengths is not None:  # packed sequences: each attends to itself only
+            parts = zip(*(z.split(seq_lengths, 2) for z in (queries, keys, values)), strict=True)
+            context = torch.cat(
+                [
+                    F.scaled_dot_product_attention(*p, dropout_p=dropout, is_causal=True)
+                    for p in parts
+                ],
+                dim=2,
+            )
+        elif mask is None and n_q == n_k:  # a fresh text: token i attends to tokens 0..i
             context = F.scaled_dot_product_attention(
                 queries, keys, values, dropout_p=dropout, is_causal=True
             )
         else:  # new tokens after cached ones: each sees the cache and the new tokens up to itself
-            mask = torch.ones(n_q, n_k, dtype=torch.bool, device=x.device).tril(n_k - n_q)
+            if mask is None and n_q > 1:
+                mask = torch.ones(n_q, n_k, dtype=torch.bool, device=x.device).tril(n_k - n_q)
             context = F.scaled_dot_product_attention(
                 queries, keys, values, attn_mask=mask, dropout_p=dropout
             )
         return self.out_proj(context.transpose(1, 2).reshape(b, t, self.d_out))
-
-    def reset_cache(self) -> None:
-        self.cache_k, self.cache_v = None, None
 
 
 class FeedForward(nn.Module):
@@ -163,7 +221,9 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """Pre-LayerNorm block: x + attention(norm1(x)), then x + feed_forward(norm2(x))."""
+    """Pre-LayerNorm block: x + attention(norm1(x)), then x + feed_forward(norm2(x)).
+
+    Keyword arguments go to the attention (see ``MultiHeadAttention``)."""
 
     def __init__(self, cfg: Mapping[str, Any]):
         super().__init__()
@@ -179,8 +239,8 @@ class TransformerBlock(nn.Module):
         self.ff = FeedForward(cfg["emb_dim"])
         self.drop_shortcut = nn.Dropout(cfg["drop_rate"])
 
-    def forward(self, x: torch.Tensor, use_cache: bool = False) -> torch.Tensor:
-        x = x + self.drop_shortcut(self.att(self.norm1(x), use_cache=use_cache))
+    def forward(self, x: torch.Tensor, **attention: Any) -> torch.Tensor:
+        x = x + self.drop_shortcut(self.att(self.norm1(x), **attention))
         return x + self.drop_shortcut(self.ff(self.norm2(x)))
 
 
@@ -188,8 +248,9 @@ class GPTModel(nn.Module):
     """GPT-2: token and position embeddings, transformer blocks, a final norm, the output head.
 
     ``model(idx)`` returns the logits [batch, seq, vocab]. ``model(idx, use_cache=True)``
-    also keeps every layer's keys and values and continues the positions where the last
-    call stopped; ``reset_kv_cache()`` starts over.
+    also keeps every layer's keys and values (in ``kv_cache``) and continues the positions
+    where the last call stopped; ``reset_kv_cache()`` starts over. The keyword arguments of
+    ``forward`` serve generation and packed training with the same maths.
     """
 
     def __init__(self, cfg: Mapping[str, Any]):
@@ -205,7 +266,7 @@ class GPTModel(nn.Module):
         self.trf_blocks = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg["n_layers"]))
         self.final_norm = nn.LayerNorm(cfg["emb_dim"], eps=1e-5)
         self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False)
-        self.current_pos = 0  # tokens in the cache
+        self.kv_cache: KVCache | None = None  # use_cache=True's keys and values
         self._init_weights(cfg["n_layers"])
 
     def _init_weights(self, n_layers: int) -> None:
@@ -216,30 +277,72 @@ class GPTModel(nn.Module):
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
-        for block in self.trf_blocks:
-            for proj in (block.att.out_proj, block.ff.layers[2]):
-                nn.init.normal_(proj.weight, mean=0.0, std=0.02 / math.sqrt(2 * n_layers))
+        for name, weight in self.named_parameters():  # (in block order, as GPT-2 does)
+            if name.endswith(("att.out_proj.weight", "ff.layers.2.weight")):
+                nn.init.normal_(weight, mean=0.0, std=0.02 / math.sqrt(2 * n_layers))
 
-    def forward(self, in_idx: torch.Tensor, use_cache: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        in_idx: torch.Tensor,
+        use_cache: bool = False,
+        *,
+        cache: KVCache | None = None,
+        positions: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        seq_lengths: list[int] | None = None,
+        last_only: bool = False,
+        head_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The logits of ``in_idx`` [batch, seq]: [batch, seq, vocab].
+
+        - ``cache``: a ``KVCache`` whose tokens come before these (``use_cache=True``: the
+          model's own ``kv_cache``); positions continue after them.
+        - ``positions`` [seq] or [batch, seq]: the position ids (default: counted on).
+        - ``mask`` [batch, 1, seq, keys]: which keys each position may see (left padding).
+        - ``seq_lengths``: each row holds sequences of these lengths end to end (packed
+          training); each attends to itself only, with positions from 0.
+        - ``last_only``: only the last position through the output head ([batch, 1, vocab]);
+          ``head_mask`` [batch, seq]: only the True positions ([selected, vocab]).
+        """
+        if use_cache and cache is None:
+            if self.kv_cache is None:
+                self.kv_cache = KVCache(self, in_idx.shape[0])
+            cache = self.kv_cache
+        x = self.drop_emb(
+            self.tok_emb(in_idx) + self._position_embeddings(in_idx, cache, positions, seq_lengths)
+        )
+        for layer, block in enumerate(self.trf_blocks):
+            x = block(x, cache=cache, layer=layer, mask=mask, seq_lengths=seq_lengths)
+        if cache is not None:
+            cache.length += in_idx.shape[1]
+        if last_only:
+            x = x[:, -1:]
+        elif head_mask is not None:
+            x = x[head_mask]
+        return self.out_head(self.final_norm(x))
+
+    def _position_embeddings(self, in_idx, cache, positions, seq_lengths) -> torch.Tensor:
         seq_len = in_idx.shape[1]
-        start = self.current_pos if use_cache else 0
+        if seq_lengths is not None:
+            positions = torch.cat([torch.arange(n, device=in_idx.device) for n in seq_lengths])
+        if positions is not None:
+            return self.pos_emb(positions)
+        start = 0 if cache is None else cache.length
         if start + seq_len > self.context_length:
             raise ValueError(
                 f"{start + seq_len} tokens exceed context_length {self.context_length}; "
                 "crop the input to its last context_length tokens"
             )
-        pos_ids = torch.arange(start, start + seq_len, device=in_idx.device)
-        x = self.drop_emb(self.tok_emb(in_idx) + self.pos_emb(pos_ids))
-        for block in self.trf_blocks:
-            x = block(x, use_cache=use_cache)
-        if use_cache:
-            self.current_pos = start + seq_len
-        return self.out_head(self.final_norm(x))
+        # (a slice of the table: the same as a lookup, and cheaper to backpropagate through)
+        return self.pos_emb.weight[start : start + seq_len]
+
+    @property
+    def current_pos(self) -> int:
+        """The number of tokens in ``use_cache=True``'s cache."""
+        return 0 if self.kv_cache is None else self.kv_cache.length
 
     def reset_kv_cache(self) -> None:
-        for block in self.trf_blocks:
-            block.att.reset_cache()
-        self.current_pos = 0
+        self.kv_cache = None
 
 
 # ---------------------------------------------------------------------------
@@ -276,6 +379,44 @@ def check_generation_settings(max_new_tokens: int, context_size: int, top_k: int
         )
 
 
+def next_token_logits(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    cache: KVCache | None,
+    context_size: int,
+    pad: torch.Tensor | None = None,
+    *,
+    all_new: bool = False,
+) -> torch.Tensor:
+    """The logits [batch, vocab] of the token after ``tokens`` [batch, n]: one decoding step.
+
+    While the text fits ``context_size``, only the tokens ``cache`` lacks run through the
+    model (the whole prompt first, then one per step) and the cache keeps their keys and
+    values; after that the last ``context_size`` tokens run afresh each step, as in the
+    course's loop. ``pad`` [batch] counts each row's left padding (None: no padding): it is
+    masked, and positions count from each row's first real token. ``all_new``: the logits of
+    every token run, [batch, new, vocab] (to check several drafted tokens at once).
+    """
+    n = tokens.shape[1]
+    if cache is None or n > context_size:
+        cache, start, first_key = None, max(n - context_size, 0), max(n - context_size, 0)
+    else:
+        start, first_key = cache.length, 0
+    positions = mask = None
+    if pad is not None:  # positions and mask from each row's first real token in the window
+        first = pad.clamp(min=first_key)[:, None]
+        queries = torch.arange(start, n, device=tokens.device)
+        positions = (queries - first).clamp(min=0)
+        keys = torch.arange(first_key, n, device=tokens.device)
+        mask = (keys >= first)[:, None, None, :]
+        if n - start > 1:  # causal, and a padding query sees itself (no empty row: NaN)
+            mask = (mask & (keys <= queries[:, None])) | (keys == queries[:, None])
+    logits = model(
+        tokens[:, start:], cache=cache, positions=positions, mask=mask, last_only=not all_new
+    )
+    return logits if all_new else logits[:, -1]
+
+
 @torch.no_grad()
 def generate(
     model: nn.Module,
@@ -294,35 +435,30 @@ def generate(
     Each step looks at the last ``context_size`` tokens. Generation stops when the next token
     is ``eos_id`` (which is not appended); with several rows, when every row has produced it,
     finished rows being padded with ``eos_id`` meanwhile. ``use_cache=True`` (needs a
-    ``GPTModel``) feeds only the newest token while the text fits the context, with the same
-    result; ``use_cache=False`` re-runs the window every step, as the course does.
+    ``GPTModel``) feeds only the newest token while the text fits the context
+    (``next_token_logits``), with the same result; ``use_cache=False`` re-runs the window
+    every step, as the course does.
     """
     check_generation_settings(max_new_tokens, context_size, top_k)
     if use_cache and not hasattr(model, "reset_kv_cache"):
         raise TypeError(
             f"use_cache=True needs a GPTModel; pass use_cache=False for a {type(model).__name__}"
         )
+    capacity = max(min(idx.shape[1] + max_new_tokens - 1, context_size), 0)
+    cache = KVCache(model, idx.shape[0], capacity) if use_cache else None
     done = torch.zeros((idx.shape[0], 1), dtype=torch.bool, device=idx.device)
-    if use_cache:
-        model.reset_kv_cache()
     for _ in range(max_new_tokens):
-        fits = idx.shape[1] <= context_size
-        if use_cache and fits and model.current_pos > 0:  # the cache holds all but the last token
-            logits = model(idx[:, -1:], use_cache=True)
-        elif use_cache:  # fill the cache anew (a fresh start, or a window that slid)
-            model.reset_kv_cache()
-            logits = model(idx[:, -context_size:], use_cache=fits)
+        if use_cache:
+            logits = next_token_logits(model, idx, cache, context_size)
         else:
-            logits = model(idx[:, -context_size:])
-        idx_next = sample_next_token(logits[:, -1, :], temperature, top_k, generator)
+            logits = model(idx[:, -context_size:])[:, -1, :]
+        idx_next = sample_next_token(logits, temperature, top_k, generator)
         if eos_id is not None:
             idx_next = idx_next.masked_fill(done, eos_id)  # finished rows keep emitting eos
             done |= idx_next == eos_id
             if bool(done.all()):
                 break
         idx = torch.cat((idx, idx_next), dim=1)
-    if use_cache:
-        model.reset_kv_cache()
     return idx
 
 

@@ -52,8 +52,10 @@ if __package__ in (None, ""):  # run as a script: make the benchmarks package im
 import torch  # noqa: E402
 
 import previous_chapters as pc  # noqa: E402
-from benchmarks import contenders, measure, report  # noqa: E402
+from benchmarks import contenders, decoding, measure, report  # noqa: E402
 from benchmarks.workload import QUICK, Sizes, load_data, training_batches  # noqa: E402
+from instruction_data import ConfigError  # noqa: E402
+from run_config import check_precision  # noqa: E402
 
 RESULTS_DIR = report.RESULTS_DIR
 MODEL = "gpt2-small (124M)"
@@ -73,6 +75,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--full-epoch", action="store_true", help="time an epoch over all train data")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        help="bf16: also time bf16 inference, refused where the hardware lacks bf16; fp32: "
+        "skip it (default: bf16 where the hardware has it)",
+    )
+    p.add_argument(
+        "--decoding-only",
+        action="store_true",
+        help="only the batch-1 decoding section (bandwidth share, prompt lookup, bf16)",
+    )
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for the results")
     p.add_argument("--memory-worker", choices=["ours", "hf", "lora"], help=argparse.SUPPRESS)
     p.add_argument("--memory-steps", type=int, default=3, help=argparse.SUPPRESS)
@@ -98,6 +111,10 @@ def run(args: argparse.Namespace, device: torch.device) -> dict:
     r["matmul_peak"] = measure.matmul_peak(device)
     ours, hf = contenders.build_models(cfg, device)
     initial = copy.deepcopy(ours.state_dict())
+    stage("decoding at batch 1: bandwidth share, prompt lookup, bf16")
+    r["decoding"] = decoding.bench_decoding(ours, hf, data, sizes, device, args.precision)
+    if args.decoding_only:
+        return r
     stage("generation")
     r["generation"] = measure.bench_generation(ours, hf, data, sizes, device)
     stage("training step")
@@ -118,6 +135,12 @@ def run(args: argparse.Namespace, device: torch.device) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.precision == "bf16":
+        try:
+            check_precision("bf16", device)
+        except ConfigError as error:
+            print(f"bench.py: --precision bf16: {error}", file=sys.stderr)
+            return 2
     if args.memory_worker:
         cfg = pc.gpt2_config(MODEL)
         print(json.dumps(measure.memory_worker(args.memory_worker, cfg, device, args.memory_steps)))
@@ -125,12 +148,17 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     r = run(args, device)
     r["wall_seconds"] = time.perf_counter() - start
-    rows = report.table_rows(r)
+    rows = decoding.rows(r) if args.decoding_only else report.table_rows(r) + decoding.rows(r)
     print()
     print(report.markdown_table(rows))
     stem = args.out / f"bench-{device.type}{'-quick' if args.quick else ''}"
-    report.save(r, rows, stem)
-    print(f"\n{r['wall_seconds']:.0f} s; results in {stem}.md/.json/.png")
+    if args.decoding_only:
+        stem = stem.with_name(stem.name + "-decoding")
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        stem.with_suffix(".json").write_text(json.dumps(r, indent=2) + "\n")
+    else:
+        report.save(r, rows, stem)
+    print(f"\n{r['wall_seconds']:.0f} s; results in {stem}.*")
     return 0
 
 

@@ -37,6 +37,8 @@ class Sizes:
     naive_prompts: int = 1  # the naive loop is slow: fewer prompts, reported as tokens/s
     memory_steps: int = 3
     warmup: int = 1
+    decode_tokens: int = 64  # batch 1: new tokens per timed run (bandwidth share, lookup, bf16)
+    agreement_prompts: int = 16  # bf16 against fp32 greedy tokens: test prompts compared
 
 
 QUICK = Sizes(  # the same model and measurements, less of each
@@ -47,6 +49,8 @@ QUICK = Sizes(  # the same model and measurements, less of each
     gen_tokens=16,
     gen_rounds=1,
     memory_steps=2,
+    decode_tokens=16,
+    agreement_prompts=4,
 )
 
 

@@ -27,15 +27,17 @@ if __name__ == "__main__":  # (before the slow imports: Ctrl-C there is one line
 
 import argparse
 import codecs
+import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TextIO
 
 import torch
 
-from engine import stream_tokens
+from engine import in_precision, stream_tokens
 from gpt2_tokenizer import get_tokenizer
 from instruction_data import EOS_TOKEN_ID, PROMPT_STYLES, ChapterError, PromptStyle, format_input
 from model_file import LoadedModel, find_model_file, load_model_file
+from run_config import PRECISIONS, check_precision
 
 QUIT_WORDS = ("exit", "quit", "/exit", "/quit")
 
@@ -144,6 +146,13 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=123, help="the sampling seed (123)")
     p.add_argument("--n-heads", type=int, help="attention heads, for a width that is no GPT-2 size")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="fp32 (default), or bf16: weights and cache in bf16, half the bytes per token "
+        "(where the hardware has bf16)",
+    )
 
 
 def check_generation_args(args: argparse.Namespace) -> None:
@@ -160,6 +169,10 @@ def check_generation_args(args: argparse.Namespace) -> None:
         raise ChapterError(f"--device {args.device!r}: use cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ChapterError(f"--device {args.device}: PyTorch sees no CUDA GPU; use cpu")
+    try:
+        check_precision(args.precision, device)
+    except ChapterError as exc:
+        raise ChapterError(f"--precision {args.precision}: {exc}") from None
 
 
 def chat_tokenizer() -> Any:
@@ -177,6 +190,7 @@ def load_for_chat(args: argparse.Namespace) -> tuple[LoadedModel, Any]:
     loaded = load_model_file(
         path, prompt_style=args.prompt_style, n_heads=args.n_heads, device=args.device
     )
+    loaded = dataclasses.replace(loaded, model=in_precision(loaded.model, args.precision))
     return loaded, chat_tokenizer()
 
 

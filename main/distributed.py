@@ -176,28 +176,32 @@ def rank_rows(batch_rows: int, ranks: Ranks) -> slice:
     return slice(ranks.rank * share, (ranks.rank + 1) * share)
 
 
-class LossModule(nn.Module):
-    """A loss function as a module, ``forward(*batch) = loss_fn(*batch, model, device)``
-    (``batch``: inputs and targets, or DPO's batch of pairs): what ``DistributedDataParallel`` wraps, so that a loss which calls the
-    model's parts directly (``engine.packed_loss_batch``) still has its gradients averaged."""
+class StepLoss:
+    """``step_loss(*batch) = loss_fn(*batch, model, device)`` (``batch``: inputs and targets,
+    or DPO's batch of pairs), where ``model`` is the model or the ``DistributedDataParallel``
+    that wraps it: every loss reaches the model only by calling it (``GPTModel.forward`` takes
+    what the fast losses need), so DDP sees each forward and averages the gradients.
+    ``no_sync`` is DDP's (None: one process)."""
 
     def __init__(self, model: nn.Module, loss_fn: Any, device: torch.device | str) -> None:
-        super().__init__()
         self.model, self.loss_fn, self.device = model, loss_fn, device
+        self.no_sync = getattr(model, "no_sync", None)
 
-    def forward(self, *batch: Any) -> torch.Tensor:
+    def __call__(self, *batch: Any) -> torch.Tensor:
         return self.loss_fn(*batch, self.model, self.device)
 
 
-def data_parallel(model: nn.Module, loss_fn: Any, device: torch.device | str, ranks: Ranks):
-    """``LossModule(model, loss_fn)``, wrapped in ``DistributedDataParallel`` when there are
+def data_parallel(
+    model: nn.Module, loss_fn: Any, device: torch.device | str, ranks: Ranks
+) -> StepLoss:
+    """The step's loss, with ``model`` wrapped in ``DistributedDataParallel`` when there are
     several ranks (which also copies rank 0's weights to every rank)."""
-    module = LossModule(model, loss_fn, device)
     if not ranks.distributed:
-        return module
+        return StepLoss(model, loss_fn, device)
     device = torch.device(device)
     device_ids = [device.index] if device.type == "cuda" else None
     # (gradient_as_bucket_view: the gradients live in DDP's buckets, not in a second copy)
-    return nn.parallel.DistributedDataParallel(
-        module, device_ids=device_ids, gradient_as_bucket_view=True
+    wrapped = nn.parallel.DistributedDataParallel(
+        model, device_ids=device_ids, gradient_as_bucket_view=True
     )
+    return StepLoss(wrapped, loss_fn, device)

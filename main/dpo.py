@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from engine import attention_dropout, causal_attention, ends_after_last, hidden_states
+from engine import ends_after_last
 from previous_chapters import train_model_simple
 from trainer import ResumableRun
 
@@ -125,8 +125,8 @@ def sequence_logprobs(
     )
     end = max(int(ends_after_last(mask).amax()), 1)  # 1 + the last selected position
     ids, mask = token_ids[:, :end], mask[:, 1:end]  # mask[:, t - 1]: is token t scored?
-    hidden = hidden_states(model, ids, None, causal_attention(attention_dropout(model)))[:, :-1]
-    picked = model.out_head(hidden[mask])  # [selected tokens, vocab]
+    predicts = F.pad(mask, (0, 1))  # position t predicts token t + 1; the last predicts none
+    picked = model(ids, head_mask=predicts)  # [selected tokens, vocab]
     token_logprobs = torch.zeros(mask.shape, dtype=picked.dtype, device=picked.device)
     chosen = F.log_softmax(picked, dim=-1).gather(-1, ids[:, 1:][mask].unsqueeze(-1))
     token_logprobs = token_logprobs.masked_scatter(mask, chosen.squeeze(-1))

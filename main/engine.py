@@ -14,21 +14,25 @@ course                     fast counterpart               what it saves
                                                           key/value cache, no compute on padding,
                                                           finished rows leave the batch
 ``generate``, streamed     ``stream_tokens``              re-running the text every step (a
-                                                          preallocated cache), for a chat
+                                                          preallocated cache), for a chat; with
+                                                          ``draft_tokens``, forwards (prompt
+                                                          lookup, exact)
 ``shuffle=True`` batches   ``LengthGroupedBatchSampler``  padding: entries of similar length
                                                           share a batch
 ``torch.optim.AdamW``      ``make_optimizer``             a Python loop over the parameters
                                                           (fused AdamW, same update rule)
 =========================  =============================  ======================================
 
-Everything works on a ``GPTModel`` through its modules (``tok_emb``, ``trf_blocks``, ...), never
-by checking its type, so a ``torch.compile``'d model takes these paths too. ``hidden_states``
-below is ``GPTModel.forward`` with the attention step passed in, which is what lets one model
-run packed rows in training and padded, cached rows in generation.
+Everything runs through ``GPTModel.forward`` (its keyword arguments: packed sequences, a
+``KVCache``, positions, a padding mask, only some positions through the output head), never by
+checking the model's type, so a ``torch.compile``'d, LoRA or ``DistributedDataParallel``
+model takes these paths too. The decoding step of all three generation front ends is the
+course's ``next_token_logits``.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -36,63 +40,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import Sampler
 
-from previous_chapters import calc_loss_batch, check_generation_settings, sample_next_token
+from previous_chapters import (
+    KVCache,
+    calc_loss_batch,
+    check_generation_settings,
+    next_token_logits,
+    sample_next_token,
+)
 from progress_bars import progress_bar
 
 IGNORE_INDEX = -100  # cross_entropy's default: targets with this value are skipped
-
-# attend(layer, queries, keys, values) -> attention output, all [batch, heads, seq, head_dim]
-Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def hidden_states(
-    model: nn.Module, idx: torch.Tensor, positions: torch.Tensor | None, attend: Attend
-) -> torch.Tensor:
-    """``GPTModel.forward`` up to the final norm, with given positions and attention step.
-
-    ``positions`` are the position ids ([seq] or [batch, seq]; None: 0, 1, ..., seq - 1);
-    ``attend`` replaces the causal attention of each block (the ``*_attention`` functions).
-    """
-    b, t = idx.shape
-    # (a slice of the position table is cheaper to backpropagate through than a lookup)
-    pos = model.pos_emb.weight[:t] if positions is None else model.pos_emb(positions)
-    x = model.drop_emb(model.tok_emb(idx) + pos)
-    for layer, block in enumerate(model.trf_blocks):
-        att = block.att
-        context = attend(layer, *att.split_heads(block.norm1(x)))
-        x = x + block.drop_shortcut(att.out_proj(context.transpose(1, 2).reshape(b, t, att.d_out)))
-        x = x + block.drop_shortcut(block.ff(block.norm2(x)))
-    return model.final_norm(x)
-
-
-def causal_attention(dropout_p: float = 0.0) -> Attend:
-    """Plain causal attention, as in ``MultiHeadAttention``."""
-
-    def attend(layer, q, k, v):
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-
-    return attend
-
-
-def packed_attention(lengths: list[int], dropout_p: float = 0.0) -> Attend:
-    """Causal attention within each of several sequences packed end to end in one row."""
-
-    def attend(layer, q, k, v):
-        parts = zip(q.split(lengths, 2), k.split(lengths, 2), v.split(lengths, 2), strict=True)
-        return torch.cat(
-            [
-                F.scaled_dot_product_attention(*qkv, dropout_p=dropout_p, is_causal=True)
-                for qkv in parts
-            ],
-            dim=2,
-        )
-
-    return attend
-
-
-def attention_dropout(model: nn.Module) -> float:
-    """The attention dropout ``MultiHeadAttention`` applies now (0 in eval mode)."""
-    return model.trf_blocks[0].att.dropout if model.training else 0.0
 
 
 def ends_after_last(mask: torch.Tensor) -> torch.Tensor:
@@ -125,19 +82,16 @@ def packed_loss_batch(
     if not rows:  # nothing to predict: nan, like the course's loss
         return calc_loss_batch(input_batch, target_batch, model, device)
     lengths = [ends[i] for i in rows]
-    dropout_p = attention_dropout(model)
     if len(set(lengths)) == 1:  # every row ends at the same place: just crop the batch
-        n = lengths[0]
+        n, packed = lengths[0], None
         idx, targets = input_batch[rows, :n], target_batch[rows, :n]
-        positions, attend = None, causal_attention(dropout_p)
     else:
+        packed = lengths
         idx = torch.cat([input_batch[i, :n] for i, n in zip(rows, lengths, strict=True)])[None]
         targets = torch.cat([target_batch[i, :n] for i, n in zip(rows, lengths, strict=True)])[None]
-        positions = torch.cat([torch.arange(n, device=idx.device) for n in lengths])
-        attend = packed_attention(lengths, dropout_p)
-    hidden = hidden_states(model, idx, positions, attend)
     has_target = targets != IGNORE_INDEX
-    return F.cross_entropy(model.out_head(hidden[has_target]), targets[has_target])
+    logits = model(idx, seq_lengths=packed, head_mask=has_target)
+    return F.cross_entropy(logits, targets[has_target])
 
 
 class LengthGroupedBatchSampler(Sampler[list[int]]):
@@ -200,63 +154,6 @@ def make_optimizer(
 # ---------------------------------------------------------------------------
 
 
-class KVCache:
-    """Every layer's keys and values for a batch of rows, allocated once, filled in place.
-
-    ``keys`` and ``values`` are [n_layers, rows, heads, max_len, head_dim].
-    """
-
-    def __init__(self, model: nn.Module, batch_size: int, max_len: int) -> None:
-        att, weight = model.trf_blocks[0].att, model.out_head.weight
-        shape = (len(model.trf_blocks), batch_size, att.num_heads, max_len, att.head_dim)
-        # zeros, not empty: slots of left padding are never written but pass through the
-        # (masked) attention, where garbage such as NaN would leak into the result
-        self.keys = torch.zeros(shape, device=weight.device, dtype=weight.dtype)
-        self.values = torch.zeros_like(self.keys)
-
-    def view(self, rows: slice, offset: int) -> KVCache:
-        """The part of this cache for ``rows``, from position ``offset`` on (shares memory)."""
-        part = object.__new__(KVCache)
-        part.keys = self.keys[:, rows, :, offset:]
-        part.values = self.values[:, rows, :, offset:]
-        return part
-
-    def keep_rows(self, index: torch.Tensor) -> None:
-        self.keys, self.values = self.keys[:, index], self.values[:, index]
-
-
-def cached_attention(cache: KVCache, start: int, mask: torch.Tensor | None = None) -> Attend:
-    """Store the new keys/values at ``start`` and attend over the cache up to them.
-
-    ``mask`` [batch, 1, 1, start + new] marks real tokens (False: left padding); without it the
-    new tokens are causal among themselves (``start`` must then be 0) or a single one.
-    """
-
-    def attend(layer, q, k, v):
-        end = start + q.shape[2]
-        keys, values = cache.keys[layer], cache.values[layer]
-        keys[:, :, start:end], values[:, :, start:end] = k, v
-        is_causal = mask is None and q.shape[2] > 1
-        return F.scaled_dot_product_attention(
-            q, keys[:, :, :end], values[:, :, :end], attn_mask=mask, is_causal=is_causal
-        )
-
-    return attend
-
-
-def padded_causal_attention(real: torch.Tensor) -> Attend:
-    """Causal attention over left-padded rows; ``real`` [batch, seq] is False on padding."""
-    t = real.shape[1]
-    causal = torch.ones(t, t, dtype=torch.bool, device=real.device).tril()
-    # a padding query sees itself, so that no row of the mask is empty (which gives NaN)
-    allowed = (causal & real[:, None, None, :]) | torch.eye(t, dtype=torch.bool, device=real.device)
-
-    def attend(layer, q, k, v):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
-
-    return attend
-
-
 def _prefill(model: nn.Module, prompts: torch.Tensor, lengths: list[int], cache: KVCache):
     """Fill the cache from left-padded ``prompts`` [b, p]; the last position's logits [b, vocab].
 
@@ -270,21 +167,21 @@ def _prefill(model: nn.Module, prompts: torch.Tensor, lengths: list[int], cache:
         while end < b and lengths[end] == lengths[first]:
             end += 1
         n = lengths[first]
-        positions = torch.arange(n, device=prompts.device)
-        attend = cached_attention(cache.view(slice(first, end), offset=p - n), 0)
-        last.append(hidden_states(model, prompts[first:end, p - n :], positions, attend)[:, -1])
+        part = cache.view(slice(first, end), offset=p - n)
+        last.append(model(prompts[first:end, p - n :], cache=part, last_only=True)[:, -1])
         first = end
-    return model.out_head(torch.cat(last))
+    cache.length = p
+    return torch.cat(last)
 
 
-def _rows_to_keep(finished: torch.Tensor) -> torch.Tensor | None:
+def _rows_to_keep(finished: torch.Tensor, n_alive: int) -> torch.Tensor | None:
     """Which rows stay in the batch now that some finished; None: keep them all.
 
     Worth it once at least a quarter of the rows can go. On a CPU, matrix products of 2 or 3
     rows cost more than of 4 (BLAS falls back to row-by-row products), so the batch shrinks
     to 1 row or to at least 4, keeping some finished rows if need be.
     """
-    b, n_alive = len(finished), int((~finished).sum())
+    b = len(finished)
     target = n_alive if n_alive == 1 or n_alive >= 4 else min(4, b)
     if 4 * (b - target) < b:
         return None
@@ -294,15 +191,12 @@ def _rows_to_keep(finished: torch.Tensor) -> torch.Tensor | None:
 
 def _left_padded(
     prompts: list[list[int]], p: int, extra: int, pad_id: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A [b, p + extra] token buffer with each prompt ending at column p (padding before it),
-    and a mask of the real tokens (the ``extra`` columns for new tokens count as real)."""
+) -> torch.Tensor:
+    """A [b, p + extra] token buffer with each prompt ending at column p (padding before it)."""
     tokens = torch.full((len(prompts), p + extra), pad_id, dtype=torch.long)
-    real = torch.ones((len(prompts), p + extra), dtype=torch.bool)
     for r, row in enumerate(prompts):
         tokens[r, p - len(row) : p] = torch.tensor(row)
-        real[r, : p - len(row)] = False
-    return tokens.to(device), real.to(device)
+    return tokens.to(device)
 
 
 def _generate_rows(
@@ -316,52 +210,56 @@ def _generate_rows(
 ) -> list[list[int]]:
     """The new tokens of ``prompts`` run as one left-padded batch; each row stops at its eos.
 
-    While the longest text fits ``context_size``, each step feeds one token per row and
-    reuses the cache; after that the window slides and each step re-runs it, as the course's
-    ``generate`` does.
+    The prompts fill a ``KVCache`` (``_prefill``), then every step is the course's
+    ``next_token_logits`` on the rows still running.
     """
-    device = model.out_head.weight.device
+    device = model.tok_emb.weight.device
     prompts = [p[-context_size:] for p in prompts]
     b, p = len(prompts), max(len(row) for row in prompts)
-    tokens, real = _left_padded(prompts, p, max_new_tokens, pad_id, device)
-    lengths = torch.tensor([len(row) for row in prompts], device=device)
+    tokens = _left_padded(prompts, p, max_new_tokens, pad_id, device)
+    pad = torch.tensor([p - len(row) for row in prompts], device=device)
+    has_pad = len({len(row) for row in prompts}) > 1
     n_cached = min(max_new_tokens, context_size - p + 1)  # steps whose text fits the context
-    alive = torch.arange(b, device=device)  # rows still in the batch
+    cache = KVCache(model, b, p + n_cached - 1) if n_cached > 0 else None
+    alive, rows = torch.arange(b, device=device), tokens  # the rows still in the batch
     finished = torch.zeros(b, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
         n = p + step  # tokens so far, padding included
-        if step == 0 and n_cached > 0:
-            cache = KVCache(model, b, p + n_cached - 1)
-            logits = _prefill(model, tokens[:, :p], lengths.tolist(), cache)
-        elif step < n_cached:
-            mask = None if bool(real[alive, :n].all()) else real[alive, None, None, :n]
-            positions = (lengths[alive] + step - 1)[:, None]
-            hidden = hidden_states(
-                model, tokens[alive, n - 1 : n], positions, cached_attention(cache, n - 1, mask)
-            )
-            logits = model.out_head(hidden[:, -1])
+        if step == 0 and cache is not None:
+            logits = _prefill(model, rows[:, :p], [len(row) for row in prompts], cache)
         else:
-            window, window_real = (
-                tokens[alive, n - context_size : n],
-                real[alive, n - context_size : n],
+            logits = next_token_logits(
+                model, rows[:, :n], cache, context_size, pad if has_pad else None
             )
-            positions = (window_real.long().cumsum(1) - 1).clamp(min=0)
-            hidden = hidden_states(model, window, positions, padded_causal_attention(window_real))
-            logits = model.out_head(hidden[:, -1])
         next_token = pick(logits)[:, 0]
-        tokens[alive, n] = next_token
+        rows[:, n] = next_token
         if eos_id is None:
             continue
         finished |= next_token == eos_id
-        if bool(finished.all()):
+        n_alive = int((~finished).sum())  # the step's one wait for the device
+        if n_alive == 0:
             break
-        keep = _rows_to_keep(finished)
+        keep = _rows_to_keep(finished, n_alive)
         if keep is not None:
-            alive, finished = alive[keep], finished[keep]
-            if step + 1 < n_cached:
+            if rows is not tokens:  # (after the first drop, ``rows`` is a copy)
+                tokens[alive] = rows
+            alive, rows, finished, pad = alive[keep], rows[keep], finished[keep], pad[keep]
+            has_pad = bool(pad.any())
+            if cache is not None:
                 cache.keep_rows(keep)
+    if rows is not tokens:
+        tokens[alive] = rows
     new = tokens[:, p:].tolist()
     return [row[: row.index(eos_id)] if eos_id in row else row for row in new]
+
+
+def in_precision(model: nn.Module, precision: str) -> nn.Module:
+    """The model to generate with: itself for "fp32"; for "bf16", a copy with bf16 weights
+    (so a ``KVCache`` made for it holds bf16 keys and values: half the bytes per token).
+    Check the hardware first with ``run_config.check_precision``."""
+    if precision == "fp32":
+        return model
+    return copy.deepcopy(model).to(torch.bfloat16)
 
 
 @torch.inference_mode()
@@ -378,6 +276,7 @@ def generate_batch(
     batch_size: int | None = None,
     generator: torch.Generator | None = None,
     progress: bool = False,
+    draft_tokens: int = 0,
 ) -> list[list[int]]:
     """Each prompt's new tokens (its ``eos_id`` excluded), generated many prompts at a time.
 
@@ -385,7 +284,8 @@ def generate_batch(
     None), left-padded with ``pad_token_id`` and masked, with positions counted from each
     row's first real token: greedy, every row gets exactly what ``generate`` gives it alone.
     Results come back in input order. (When sampling, the rows share one random stream, so
-    the draws differ from sampling one prompt at a time.)
+    the draws differ from sampling one prompt at a time.) ``draft_tokens=k``: each prompt
+    alone through ``stream_tokens`` with prompt lookup (greedy, batch 1: a chat's case).
     """
     check_generation_settings(max_new_tokens, context_size, top_k)
     if batch_size is not None and batch_size < 1:
@@ -399,6 +299,13 @@ def generate_batch(
             f"pad_token_id {pad_token_id} is outside the model's vocabulary (0..{vocab_size - 1}); "
             "pass a valid pad_token_id (any id works: padding is masked)"
         )
+
+    if draft_tokens:
+        return [
+            list(stream_tokens(model, p, max_new_tokens, context_size, temperature=temperature,
+                               eos_id=eos_id, draft_tokens=draft_tokens))
+            for p in progress_bar(prompts, desc="generating", unit="prompt", enabled=progress)
+        ]  # fmt: skip
 
     def pick(logits: torch.Tensor) -> torch.Tensor:
         return sample_next_token(logits, temperature, top_k, generator)
@@ -417,6 +324,30 @@ def generate_batch(
     return results
 
 
+def lookup_draft(history: Sequence[int], k: int, max_ngram: int = 3) -> list[int]:
+    """Prompt lookup: up to ``k`` tokens that followed the latest earlier occurrence of the
+    text's last n tokens, for the longest n <= ``max_ngram`` that occurs earlier ([]: none)."""
+    if k < 1:
+        return []
+    for n in range(min(max_ngram, len(history) - 1), 0, -1):
+        tail = list(history[-n:])
+        for start in range(len(history) - n - 1, -1, -1):
+            if history[start] == tail[0] and list(history[start : start + n]) == tail:
+                return list(history[start + n : start + n + k])
+    return []
+
+
+def _accepted(logits: torch.Tensor, draft: list[int]) -> list[int]:
+    """Greedy's tokens at the drafted positions, from ``logits`` [m + 1, vocab] of the text
+    and its ``m`` drafted tokens: each draft kept while greedy would have picked it, then
+    greedy's own next token."""
+    picked = logits.argmax(-1).tolist()
+    a = 0
+    while a < len(draft) and draft[a] == picked[a]:
+        a += 1
+    return picked[: a + 1]
+
+
 @torch.inference_mode()
 def stream_tokens(
     model: nn.Module,
@@ -428,34 +359,49 @@ def stream_tokens(
     top_k: int | None = None,
     eos_id: int | None = None,
     generator: torch.Generator | None = None,
+    draft_tokens: int = 0,
+    stats: dict[str, int] | None = None,
 ) -> Iterator[int]:
     """The new tokens ``generate`` gives one prompt, yielded one at a time as they are picked.
 
     For a chat that shows the answer as it grows. Same tokens as ``generate`` (and, sampling,
-    the same draws from ``generator``): while the text fits ``context_size`` each step feeds
-    one token through a preallocated ``KVCache``; after that the window slides and each step
-    re-runs it. Stops before ``eos_id``, which is not yielded.
+    the same draws from ``generator``, the same step ``next_token_logits``), from a ``KVCache``
+    made once for the whole answer. Stops before ``eos_id``, which is not yielded.
+
+    ``draft_tokens=k`` (greedy only): exact speculative decoding by prompt lookup. Each step
+    drafts up to k tokens (``lookup_draft``), runs them through the model with the text in one
+    forward, and keeps only those greedy decoding picks, plus greedy's next token. ``stats``
+    counts the ``forwards``, the ``tokens`` they gave and the tokens ``drafted``.
     """
     check_generation_settings(max_new_tokens, context_size, top_k)
     if len(prompt_ids) == 0:
         raise ValueError("the prompt is empty; it needs at least one token")
-    device = model.out_head.weight.device
-    tokens = list(prompt_ids)
-    n_cached = max(0, min(max_new_tokens, context_size - len(tokens) + 1))  # steps that fit
-    cache = KVCache(model, 1, len(tokens) + n_cached - 1) if n_cached else None
-    for step in range(max_new_tokens):
-        n = len(tokens)
-        if step < n_cached:  # the whole prompt first, then one new token per step
-            start = 0 if step == 0 else n - 1
-            idx = torch.tensor([tokens[start:]], device=device)
-            positions = torch.arange(start, n, device=device)
-            hidden = hidden_states(model, idx, positions, cached_attention(cache, start))
+    if draft_tokens and temperature > 0:
+        raise ValueError("draft_tokens (prompt lookup) needs greedy decoding: temperature=0")
+    device = model.tok_emb.weight.device
+    history, n, end = list(prompt_ids), len(prompt_ids), len(prompt_ids) + max_new_tokens
+    tokens = torch.empty((1, end), dtype=torch.long, device=device)
+    tokens[0, :n] = torch.tensor(history)
+    cache = KVCache(model, 1, max(min(end - 1, context_size), 0))
+    stats = {} if stats is None else stats
+    while n < end:
+        draft = lookup_draft(history, min(draft_tokens, end - n - 1, context_size - n))
+        if draft:
+            tokens[0, n : n + len(draft)] = torch.tensor(draft)
+            logits = next_token_logits(
+                model, tokens[:, : n + len(draft)], cache, context_size, all_new=True
+            )
+            new = _accepted(logits[0, -len(draft) - 1 :], draft)
+            cache.length = n + len(new) - 1  # forget the keys of the rejected drafts
         else:
-            window = torch.tensor([tokens[-context_size:]], device=device)
-            hidden = hidden_states(model, window, None, causal_attention())
-        logits = model.out_head(hidden[:, -1])
-        next_id = int(sample_next_token(logits, temperature, top_k, generator))
-        if next_id == eos_id:
-            return
-        tokens.append(next_id)
-        yield next_id
+            logits = next_token_logits(model, tokens[:, :n], cache, context_size)
+            new = [int(sample_next_token(logits, temperature, top_k, generator))]
+        for key, count in (("forwards", 1), ("tokens", len(new)), ("drafted", len(draft))):
+            stats[key] = stats.get(key, 0) + count
+        for next_id in new:
+            if next_id == eos_id:
+                return
+            tokens[0, n] = next_id
+            n += 1
+            history.append(next_id)
+            yield next_id

@@ -324,6 +324,7 @@ def write_responses(
         max_new_tokens=cfg.max_new_tokens,
         batch_size=cfg.gen_batch_size,
         progress=progress,
+        precision=cfg.precision,
     )
     save_json(responses, path, checksum=True)
     print(f"Responses saved as {path}")

@@ -208,3 +208,43 @@ def test_lora_rows_compare_against_full_fine_tuning():
     assert speed[1:4] == ["2.00", "3.00 (full fine-tuning)", "1.50x faster"]
     assert speed[-1] == "yes" and "10 of 1,000 parameters" in speed[0]
     assert memory[1:4] == ["3", "4 (full)", "0.75x"] and memory[-1] == "yes"
+
+
+# --- decoding at batch 1: bandwidth share, prompt lookup, bf16 --------------------------------
+
+
+def test_bytes_per_token_counts_weights_once_and_the_growing_cache():
+    from benchmarks import decoding
+
+    model = pc.GPTModel(CFG)
+    weights = sum(p.numel() for p in model.parameters()) * 4
+    tables = (CFG["vocab_size"] - 1 + CFG["context_length"] - 1) * CFG["emb_dim"] * 4
+    per_cached_token = 2 * CFG["n_layers"] * CFG["emb_dim"] * 4  # keys and values, fp32
+    got = decoding.bytes_per_token(model, prompt_len=10, new_tokens=5)
+    assert got == weights - tables + per_cached_token * (10 + 2)
+    half = decoding.bytes_per_token(model.to(torch.bfloat16), 10, 5)
+    assert half == got / 2
+
+
+def test_memory_bandwidth_is_a_plausible_rate():
+    from benchmarks import decoding
+
+    rate = decoding.memory_bandwidth(CPU, mib=8, repeats=2)
+    assert 1e8 < rate < 1e13  # bytes/s: between 0.1 GB/s and 10 TB/s
+
+
+@needs_transformers
+def test_decoding_section_measures_every_front_end_and_its_rows(models, sample_data, monkeypatch):
+    from benchmarks import decoding
+
+    ours, hf = models
+    monkeypatch.setattr(decoding, "memory_bandwidth", lambda device: 1e10)
+    sizes = workload.Sizes(**{**TINY.__dict__, "decode_tokens": 6, "agreement_prompts": 2})
+    r = decoding.bench_decoding(ours, hf, sample_data, sizes, CPU, "fp32")
+    assert set(r["share"]) == {"generate", "stream_tokens", "generate_batch"}
+    for name, share in r["share"].items():
+        assert share == pytest.approx(r["bytes_per_token"] * r["tokens_per_s"][name] / 1e10)
+    assert all(row["identical"] for row in r["lookup"].values())
+    assert r["bf16"] == {"refused": "--precision fp32"}
+    rows = decoding.rows({"decoding": r})
+    assert len(rows) == 3 + 2 + 1 and all(len(row) == 6 for row in rows)

@@ -218,3 +218,31 @@ def test_the_terminal_chat_refuses_bad_settings_before_loading(tmp_path, capsys)
     ]:
         assert chat.main(["--model", str(tmp_path / "absent.pth"), flag, value]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_bf16_is_refused_in_one_line_where_the_cpu_lacks_it(tmp_path, capsys, monkeypatch):
+    import run_config
+
+    monkeypatch.setattr(run_config, "cpu_has_fast_bf16", lambda: False)
+    assert chat.main(["--model", str(tmp_path / "absent.pth"), "--precision", "bf16"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --precision bf16: bf16 on this CPU would be emulated")
+    assert err.count("\n") == 1
+
+
+def test_bf16_chat_holds_weights_and_cache_in_bf16(tmp_path, tokenizer, monkeypatch):
+    """--precision bf16 loads the model in bf16 (run_config's rule allowing it here), and the
+    answer is the greedy continuation of that bf16 model."""
+    import run_config
+
+    monkeypatch.setattr(run_config, "cpu_has_fast_bf16", lambda: True)
+    path = tiny_model_file(tmp_path)
+    args = chat.build_arg_parser().parse_args(["--model", str(path), "--precision", "bf16"])
+    loaded16, _ = chat.load_for_chat(args)
+    assert {p.dtype for p in loaded16.model.parameters()} == {torch.bfloat16}
+    ids = tokenizer.encode(chat_prompt("Name a color.", loaded16.prompt_style))
+    expected = reference(loaded16.model, ids, 12, 512, eos_id=EOS_TOKEN_ID)
+    got = "".join(stream_reply(loaded16, tokenizer, "Name a color.", max_new_tokens=12))
+    assert got == tokenizer.decode(expected)
+    cache = pc.KVCache(loaded16.model, 1, 4)
+    assert cache.keys.dtype == torch.bfloat16  # the cache follows the weights

@@ -93,69 +93,60 @@ def test_packed_loss_moves_the_batch_to_the_device():
     assert loss.device.type == "cpu" and loss.shape == ()
 
 
-# --- hidden_states and its attention steps --------------------------------------------------
+# --- the forward's keyword arguments: packed rows, padding, a cache -----------------------
 
 
-def test_hidden_states_with_causal_attention_is_the_model_forward():
+def test_head_mask_and_last_only_are_the_full_logits_there():
     model = tiny_model().eval()
     idx = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
+    keep = torch.rand(2, 9, generator=torch.Generator().manual_seed(2)) < 0.4
     with torch.no_grad():
-        hidden = engine.hidden_states(model, idx, torch.arange(9), engine.causal_attention())
-        torch.testing.assert_close(model.out_head(hidden), model(idx), atol=1e-5, rtol=1e-5)
+        full = model(idx)
+        torch.testing.assert_close(model(idx, head_mask=keep), full[keep], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model(idx, last_only=True), full[:, -1:], atol=1e-5, rtol=1e-5)
 
 
 def test_packed_sequences_equal_separate_forwards():
     model = tiny_model().eval()
     lengths = [5, 9, 2]
     rows = [torch.tensor(p) for p in random_prompts(lengths, VOCAB, seed=2)]
-    positions = torch.cat([torch.arange(n) for n in lengths])
     with torch.no_grad():
-        packed = engine.hidden_states(
-            model, torch.cat(rows)[None], positions, engine.packed_attention(lengths)
-        )
-        separate = torch.cat(
-            [
-                engine.hidden_states(
-                    model, row[None], torch.arange(len(row)), engine.causal_attention()
-                )
-                for row in rows
-            ],
-            dim=1,
-        )
+        packed = model(torch.cat(rows)[None], seq_lengths=lengths)
+        separate = torch.cat([model(row[None]) for row in rows], dim=1)
     torch.testing.assert_close(packed, separate, atol=1e-5, rtol=1e-5)
 
 
 def test_left_padding_with_positions_and_mask_equals_unpadded():
+    """``next_token_logits`` with ``pad`` gives a left-padded row what the row gives alone,
+    through the cache and, once the text outgrows the context, through the sliding window."""
     model = tiny_model().eval()
     row = torch.randint(1, VOCAB, (1, 6), generator=torch.Generator().manual_seed(4))
     padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), row], dim=1)
-    real = torch.tensor([[False] * 3 + [True] * 6])
-    positions = (real.long().cumsum(1) - 1).clamp(min=0)  # 0 0 0 0 1 2 3 4 5
+    pad = torch.tensor([3])
     with torch.no_grad():
-        expected = model(row)
-        hidden = engine.hidden_states(
-            model, padded, positions, engine.padded_causal_attention(real)
-        )
-        got = model.out_head(hidden)
-    assert torch.isfinite(got).all()
-    torch.testing.assert_close(got[:, 3:], expected, atol=1e-5, rtol=1e-5)
+        expected = model(row)[:, -1]
+        cache = pc.KVCache(model, 1, 9)
+        got = pc.next_token_logits(model, padded, cache, 9, pad)
+        assert torch.isfinite(got).all() and cache.length == 9
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        for context_size in (4, 7):  # a window inside the row, and one with padding in it
+            alone = model(row[:, -context_size:])[:, -1]
+            got = pc.next_token_logits(model, padded, None, context_size, pad)
+            torch.testing.assert_close(got, alone, atol=1e-5, rtol=1e-5)
 
 
-def test_cached_attention_in_chunks_equals_the_full_forward():
+def test_cache_in_chunks_equals_the_full_forward():
     model = tiny_model().eval()
     idx = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
-    cache = engine.KVCache(model, batch_size=2, max_len=12)
-    assert cache.keys.shape == (2, 2, 4, 12, 8)  # [layers, batch, heads, max_len, head_dim]
+    cache = pc.KVCache(model, batch_size=2, capacity=7)
+    assert cache.keys.shape == (2, 2, 4, 7, 8)  # [layers, batch, heads, capacity, head_dim]
     with torch.no_grad():
-        parts = [
-            model.out_head(
-                engine.hidden_states(
-                    model, idx[:, a:b], torch.arange(a, b), engine.cached_attention(cache, a)
-                )
-            )
-            for a, b in ((0, 5), (5, 6), (6, 7))
-        ]
+        parts = [model(idx[:, a:b], cache=cache) for a, b in ((0, 5), (5, 6), (6, 7))]
         torch.testing.assert_close(torch.cat(parts, 1), model(idx[:, :7]), atol=1e-5, rtol=1e-5)
+        assert cache.length == 7 and cache.keys.shape[3] == 7  # preallocated: it never grew
+        cache.keep_rows(torch.tensor([1]))
+        more = model(idx[1:, 7:12], cache=cache)  # past the capacity: the cache grows
+        torch.testing.assert_close(more, model(idx[1:])[:, 7:], atol=1e-5, rtol=1e-5)
 
 
 # --- length-grouped batches ------------------------------------------------------------------
@@ -352,3 +343,14 @@ def test_compiled_model_generate_batch_equals_the_plain_model(compiled_pair):
         pc.generate(model, torch.tensor([p]), 10, 16, use_cache=False)[0, len(p) :].tolist()
         for p in prompts
     ]
+
+
+def test_in_precision_bf16_is_a_copy_and_fp32_the_model_itself():
+    model = tiny_model().eval()
+    assert engine.in_precision(model, "fp32") is model
+    half = engine.in_precision(model, "bf16")
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # the original stays
+    prompts = random_prompts([4, 7], VOCAB, seed=3)
+    out = engine.generate_batch(half, prompts, 5, 16, pad_token_id=0)  # bf16 cache and all
+    assert [len(row) for row in out] == [5, 5]

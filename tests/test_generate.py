@@ -53,10 +53,9 @@ def test_context_overflow_with_cache_equals_course_loop(model, prompt_len):
     assert torch.equal(cached, naive)
 
 
-def test_generate_empties_the_cache_afterwards(model):
+def test_generate_leaves_the_models_own_cache_alone(model):
     pc.generate(model, torch.tensor(prompts_of([5])), 4, CTX, use_cache=True)
-    assert model.current_pos == 0
-    assert all(block.att.cache_k is None for block in model.trf_blocks)
+    assert model.current_pos == 0 and model.kv_cache is None  # generate keeps its own cache
 
 
 def test_generate_stops_before_eos_like_the_course(model):
@@ -261,3 +260,65 @@ def test_generate_batch_progress_bar(model, capsys):
     assert out == [alone(model, p, 3, CTX) for p in prompts]
     err = capsys.readouterr().err
     assert "generating" in err and "2/2" in err
+
+
+# --- exact speculative decoding by prompt lookup --------------------------------------------
+
+
+def test_lookup_draft_follows_the_latest_longest_earlier_ngram():
+    text = [5, 6, 7, 1, 5, 6, 9, 2, 5, 6]
+    assert engine.lookup_draft(text, 2) == [9, 2]  # "5 6" last seen before at 4: then 9 2
+    assert engine.lookup_draft(text + [9], 3) == [2, 5, 6]  # "5 6 9" at 4
+    assert engine.lookup_draft([1, 2, 3], 4) == []  # 3 never came before
+    assert engine.lookup_draft(text, 0) == []
+
+
+@pytest.mark.parametrize("oracle", ["right", "wrong", "mixed", "lookup"])
+def test_prompt_lookup_gives_exactly_the_greedy_tokens(model, monkeypatch, oracle):
+    """Drafts that greedy would pick, drafts it never picks, half of each, and the real
+    prompt lookup: the tokens are plain greedy's every time; only the forwards change."""
+    prompt = prompts_of([7], seed=11)[0]
+    plain = list(engine.stream_tokens(model, prompt, 30, CTX))
+    assert plain == alone(model, prompt, 30, CTX)
+    real_lookup = engine.lookup_draft
+
+    def drafts(history, k, max_ngram=3):
+        ahead = plain[len(history) - len(prompt) :][:k]
+        if oracle == "right":
+            return ahead
+        if oracle == "wrong":
+            return [(t + 1) % VOCAB for t in ahead]
+        if oracle == "mixed":
+            return ahead[:1] + [(t + 1) % VOCAB for t in ahead[1:]]
+        return real_lookup(history, k, max_ngram)
+
+    monkeypatch.setattr(engine, "lookup_draft", drafts)
+    stats: dict[str, int] = {}
+    got = list(engine.stream_tokens(model, prompt, 30, CTX, draft_tokens=4, stats=stats))
+    assert got == plain
+    assert stats["tokens"] == 30
+    if oracle == "right":  # every draft kept: 4 + 1 tokens per forward (the last one short)
+        assert stats["forwards"] == 6
+    elif oracle == "wrong":  # every draft rejected: one token per forward, as without drafts
+        assert stats["forwards"] == 30 and stats["drafted"] > 0
+    elif oracle == "mixed":
+        assert stats["forwards"] == 15
+
+
+def test_prompt_lookup_with_eos_and_a_full_context(model):
+    """Stops before eos like plain decoding, and drafts nothing past the context."""
+    prompt = [3, 4, 5, 3, 4, 5, 3, 4] * 2  # copying prompts make the lookup draft
+    plain = list(engine.stream_tokens(model, prompt, 40, 24))
+    assert list(engine.stream_tokens(model, prompt, 40, 24, draft_tokens=3)) == plain
+    eos = plain[4]
+    cut = plain[: plain.index(eos)]
+    got = engine.stream_tokens(model, prompt, 40, 24, eos_id=eos, draft_tokens=3)
+    assert list(got) == cut
+    two = [prompt, prompt[:5]]
+    batch = engine.generate_batch(model, two, 20, CTX, pad_token_id=0, draft_tokens=3)
+    assert batch == engine.generate_batch(model, two, 20, CTX, pad_token_id=0)
+
+
+def test_prompt_lookup_refuses_sampling(model):
+    with pytest.raises(ValueError, match="greedy"):
+        list(engine.stream_tokens(model, [1, 2], 5, CTX, temperature=1.0, draft_tokens=2))

@@ -86,15 +86,17 @@ def test_greedy_generation_matches_transformers(hf_model, ours, use_cache):
 
 
 @needs_transformers
-def test_hidden_states_match_transformers(hf_model, ours):
-    """The engine's forward (``hidden_states``) is GPT-2's too."""
-    import engine
-
+def test_forward_keywords_match_transformers(hf_model, ours):
+    """The forward's fast paths (explicit positions, only some positions through the head)
+    are GPT-2's forward too."""
     idx = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(5))
+    keep = torch.rand(2, 20, generator=torch.Generator().manual_seed(6)) < 0.5
     with torch.no_grad():
-        expected = hf_model.transformer(idx).last_hidden_state
-        got = engine.hidden_states(ours, idx, torch.arange(20), engine.causal_attention())
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        expected = hf_model(idx).logits
+        got = ours(idx, positions=torch.arange(20), head_mask=keep)
+        last = ours(idx, last_only=True)
+    torch.testing.assert_close(got, expected[keep], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(last, expected[:, -1:], atol=1e-4, rtol=1e-4)
 
 
 # --- the course's key/value cache ---------------------------------------------------------
@@ -113,7 +115,8 @@ def test_cached_forward_in_chunks_equals_full_forward(model):
         model.reset_kv_cache()
         parts = [model(idx[:, a:b], use_cache=True) for a, b in ((0, 5), (5, 8), (8, 9), (9, 12))]
         assert model.current_pos == 12
-        assert model.trf_blocks[0].att.cache_k.shape == (2, 4, 12, 8)  # [b, heads, seq, head_dim]
+        keys = model.kv_cache.keys  # [layers, b, heads, room, head_dim], grown as needed
+        assert keys.shape[:3] == (2, 2, 4) and keys.shape[3] >= 12 and keys.shape[4] == 8
         model.reset_kv_cache()
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
 
@@ -123,8 +126,7 @@ def test_reset_kv_cache_starts_over(model):
     with torch.no_grad():
         model(idx[:, :3], use_cache=True)
         model.reset_kv_cache()
-        assert model.current_pos == 0
-        assert all(b.att.cache_k is None and b.att.cache_v is None for b in model.trf_blocks)
+        assert model.current_pos == 0 and model.kv_cache is None
         again = model(idx, use_cache=True)  # positions from 0 again
         model.reset_kv_cache()
         torch.testing.assert_close(again, model(idx), atol=1e-5, rtol=1e-5)
@@ -133,7 +135,7 @@ def test_reset_kv_cache_starts_over(model):
 def test_forward_without_cache_leaves_the_cache_alone(model):
     with torch.no_grad():
         model(torch.tensor([[1, 2, 3]]))
-    assert model.current_pos == 0 and model.trf_blocks[0].att.cache_k is None
+    assert model.current_pos == 0 and model.kv_cache is None
 
 
 def test_too_long_input_is_refused_clearly(model):
