@@ -254,7 +254,10 @@ def test_generate_batch_validates_its_input(model):
     assert engine.generate_batch(model, [], 3, CTX, pad_token_id=0) == []
 
 
-def test_generate_batch_progress_bar(model, capsys):
+def test_generate_batch_progress_bar(model, capsys, monkeypatch):
+    import progress_bars
+
+    monkeypatch.setattr(progress_bars, "on_terminal", lambda stream=None: True)  # (as in a shell)
     prompts = prompts_of([4, 6], seed=10)
     out = engine.generate_batch(model, prompts, 3, CTX, pad_token_id=0, batch_size=1, progress=True)
     assert out == [alone(model, p, 3, CTX) for p in prompts]
