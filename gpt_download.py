@@ -22,7 +22,7 @@ import os
 import re
 from pathlib import Path
 
-from downloads import (
+from runtime.downloads import (
     DOWNLOAD_TIMEOUT,
     DiskError,
     DownloadError,

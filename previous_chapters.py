@@ -8,7 +8,7 @@
 This file is the course layer: plain, short, and the reference that everything else is
 tested against. The faster paths that the chapter's pipeline uses (a loss that skips
 padding, batched generation with a preallocated cache, length-grouped batches, fused
-AdamW) live apart in ``main/engine.py``; callers choose them explicitly, for example
+AdamW) live apart in ``runtime/engine.py``; callers choose them explicitly, for example
 ``train_model_simple(..., loss_fn=engine.packed_loss_batch)``.
 
 Two things differ from the course's own code, neither in the maths: the query, key and
@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from progress_bars import progress_bar
+from runtime.progress_bars import progress_bar
 
 # ---------------------------------------------------------------------------
 # Configurations

@@ -6,7 +6,7 @@
 
 Wall times measured on this project's 2-core AMD EPYC machine (CPU, 2 torch threads) while
 nothing else ran: the default sizes 452-456 s (measured before the code base was split into
-previous_chapters.py and main/engine.py; the work is the same), --quick 112-123 s
+previous_chapters.py and runtime/engine.py; the work is the same), --quick 112-123 s
 (2026-11-25). The machine is shared: while other work ran, --quick took 3.2-5.4 minutes.
 --quick measures the same model the same way with less of everything, so its ratios are
 noisy; judge the targets by a default run.
@@ -54,8 +54,8 @@ import torch  # noqa: E402
 import previous_chapters as pc  # noqa: E402
 from benchmarks import contenders, decoding, measure, report  # noqa: E402
 from benchmarks.workload import QUICK, Sizes, load_data, training_batches  # noqa: E402
-from instruction_data import ConfigError  # noqa: E402
-from run_config import check_precision  # noqa: E402
+from course.instruction_data import ConfigError  # noqa: E402
+from runtime.run_config import check_precision  # noqa: E402
 
 RESULTS_DIR = report.RESULTS_DIR
 MODEL = "gpt2-small (124M)"

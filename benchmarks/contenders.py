@@ -6,7 +6,7 @@
 * **course-style**: the same ``GPTModel`` driven by the course functions of
   ``previous_chapters``: ``calc_loss_batch``, plain ``torch.optim.AdamW``,
   ``evaluate_model`` and ``generate(use_cache=False)``;
-* **LoRA**: ours with the weights frozen and rank-16 adapters (exercise 7.4, ``main/lora.py``),
+* **LoRA**: ours with the weights frozen and rank-16 adapters (exercise 7.4, ``course/lora.py``),
   trained by the same step as ours.
 """
 
@@ -28,9 +28,9 @@ from benchmarks.workload import (
     WEIGHT_DECAY,
     Data,
 )
-from engine import make_optimizer, packed_loss_batch
-from instruction_data import EOS_TOKEN_ID, format_input
-from lora import apply_lora
+from course.instruction_data import EOS_TOKEN_ID, format_input
+from course.lora import apply_lora
+from runtime.engine import make_optimizer, packed_loss_batch
 
 # --------------------------------------------------------------------------------------
 # The models: transformers' GPT-2 and ours with the same weights

@@ -21,8 +21,8 @@ from benchmarks import contenders as c
 from benchmarks.measure import alternate, compare_outputs, fastest_hf_cache, sync
 from benchmarks.report import yes
 from benchmarks.workload import Data, Sizes
-from engine import generate_batch, stream_tokens
-from run_config import check_precision
+from runtime.engine import generate_batch, stream_tokens
+from runtime.run_config import check_precision
 
 TARGET_SHARE = 0.8  # of the bandwidth bound, fp32, batch 1
 DRAFT_TOKENS = 4

@@ -35,7 +35,7 @@ import previous_chapters as pc  # noqa: E402
 from benchmarks import contenders as c  # noqa: E402
 from benchmarks.bench import MODEL  # noqa: E402
 from benchmarks.workload import load_data  # noqa: E402
-from instruction_data import create_dataloaders  # noqa: E402
+from course.instruction_data import create_dataloaders  # noqa: E402
 
 PHASES = ("forward (loss)", "backward", "optimizer", "evaluation", "sample", "rest")
 

@@ -50,8 +50,8 @@ import torch  # noqa: E402
 from benchmarks import REPO_ROOT  # noqa: E402  (puts main/ on sys.path)
 from benchmarks.report import RESULTS_DIR, cpu_name  # noqa: E402
 from benchmarks.synthetic_alpaca import make_entries  # noqa: E402
-from instruction_data import ChapterError, ConfigError, load_instruction_data  # noqa: E402
-from outputs import save_json, write_atomically  # noqa: E402
+from course.instruction_data import ChapterError, ConfigError, load_instruction_data  # noqa: E402
+from runtime.outputs import save_json, write_atomically  # noqa: E402
 
 SCRIPT = Path(__file__).resolve()
 DATA_CANDIDATES = [
@@ -149,7 +149,7 @@ class CountingTokenizer:
 def chapter_config(args: argparse.Namespace, precision: str):
     """The chapter's settings: GPT-2 medium with random weights (tiny: the smoke preset's
     GPT and 8 new tokens), the data file, no judge, run folders in the work folder."""
-    from run_config import make_config
+    from runtime.run_config import make_config
 
     common = dict(data=args.data_file, device=args.device, precision=precision, use_judge=False)
     common["output_dir"] = str(Path(args.work) / "runs")
@@ -160,7 +160,7 @@ def chapter_config(args: argparse.Namespace, precision: str):
 
 def timed_training(args: argparse.Namespace, cfg, device, model, loaders, tokenizer) -> dict:
     """``finetune`` with the arguments the chapter's ``train`` step passes; its row."""
-    from finetuning import finetune
+    from course.finetuning import finetune
 
     settings = dict(num_epochs=cfg.epochs, lr=cfg.lr, weight_decay=cfg.weight_decay)
     settings.update(eval_freq=cfg.eval_freq, eval_iter=cfg.eval_iter, seed=cfg.seed)
@@ -186,7 +186,7 @@ def timed_training(args: argparse.Namespace, cfg, device, model, loaders, tokeni
 def timed_responses(cfg, device, model, test_data, tokenizer: CountingTokenizer) -> dict:
     """``generate_responses`` as the chapter's ``write_responses`` step calls it, in the
     run's precision (where it has no ``precision`` yet: the bf16 copy it would make)."""
-    from finetuning import generate_responses
+    from course.finetuning import generate_responses
 
     settings = dict(context_size=model.context_length, style=cfg.prompt_style, progress=False)
     settings.update(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size)
@@ -211,8 +211,8 @@ def workload_worker(args: argparse.Namespace) -> int:
     """Part 1: each precision in turn, a row for its training and one for its responses;
     a precision the hardware lacks, or a failure, is one row."""
     import instruction_finetuning as chapter
-    from run_config import check_settings
-    from trainer import TrainingInterrupted
+    from runtime.run_config import check_settings
+    from runtime.trainer import TrainingInterrupted
 
     for precision in args.precisions:
         step = "train"
@@ -248,7 +248,7 @@ def collective_worker(args: argparse.Namespace) -> int:
     """One rank of the torchrun all_reduce: every rank adds rank + 1 into 4 MB."""
     import torch.distributed as dist
 
-    from distributed import ranks_from_env
+    from runtime.distributed import ranks_from_env
 
     ranks = ranks_from_env()
     device = torch.device(args.device)

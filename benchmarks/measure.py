@@ -31,9 +31,9 @@ from benchmarks.workload import (
     train_step_flops,
     training_batches,
 )
-from engine import generate_batch, packed_loss_batch
-from instruction_data import create_dataloaders
-from lora import count_parameters
+from course.instruction_data import create_dataloaders
+from course.lora import count_parameters
+from runtime.engine import generate_batch, packed_loss_batch
 
 BENCH_SCRIPT = Path(__file__).resolve().with_name("bench.py")
 

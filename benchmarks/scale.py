@@ -47,7 +47,7 @@ from benchmarks import synthetic_alpaca  # noqa: E402
 from benchmarks.measure import alternate, current_rss, peak_rss  # noqa: E402
 from benchmarks.report import RESULTS_DIR, cpu_name  # noqa: E402
 from benchmarks.report import markdown_table as report_table  # noqa: E402
-from run_config import RunConfig  # noqa: E402
+from runtime.run_config import RunConfig  # noqa: E402
 
 MAX_NEW_TOKENS = RunConfig.max_new_tokens  # the run's response limit
 
@@ -68,7 +68,7 @@ def reset_peak_rss() -> int:
 def course_style_tokens(data, tokenizer) -> list:
     """``InstructionDataset`` as the course builds it: a list of ids per entry, each prompt
     encoded again to find its length."""
-    from instruction_data import InstructionDataset
+    from course.instruction_data import InstructionDataset
 
     dataset = InstructionDataset(data, tokenizer)
     return [dataset.encoded_texts, dataset.prompt_lengths]
@@ -76,9 +76,9 @@ def course_style_tokens(data, tokenizer) -> list:
 
 def worker(kind: str, data_path: str) -> dict:
     """Time and peak memory (above the loaded data) of one job on the data file."""
+    from course.instruction_data import InstructionDataset, read_instruction_file
     from find_near_duplicates import find_print_and_remove_near_duplicates
-    from gpt2_tokenizer import get_tokenizer
-    from instruction_data import InstructionDataset, read_instruction_file
+    from runtime.gpt2_tokenizer import get_tokenizer
 
     data = read_instruction_file(data_path)
     tokenizer = get_tokenizer(offline=True)
@@ -144,11 +144,11 @@ def bench_generate(data: list[dict], prompts: int = 16, new_tokens: int = 33) ->
     measured: 1 new token (about the prefill alone) and ``new_tokens``. The projection adds
     one prefill per batch of the test split and its new tokens at the per-token rate.
     """
-    import engine
-    from finetuning import fit_prompt
-    from gpt2_tokenizer import get_tokenizer
-    from instruction_data import format_response, split_data
+    from course.finetuning import fit_prompt
+    from course.instruction_data import format_response, split_data
     from previous_chapters import GPTModel, gpt2_config
+    from runtime import engine
+    from runtime.gpt2_tokenizer import get_tokenizer
 
     tokenizer = get_tokenizer(offline=True)
     _, test, _ = split_data(data)
@@ -187,8 +187,8 @@ def bench_generate(data: list[dict], prompts: int = 16, new_tokens: int = 33) ->
 
 def bench_bf16(rounds: int = 4) -> dict:
     """A training step (GPT-2 small shapes, batch 8 x 256 tokens) in fp32 and bf16 autocast."""
-    import engine
     from previous_chapters import GPTModel, gpt2_config
+    from runtime import engine
 
     torch.manual_seed(0)
     model = GPTModel(gpt2_config("gpt2-small (124M)", qkv_bias=True))
@@ -354,7 +354,7 @@ def plot(r: dict, path: Path) -> None:
 
 
 def save(r: dict, stem: Path) -> None:
-    from outputs import save_json
+    from runtime.outputs import save_json
 
     rows = table_rows(r)
     save_json(r, stem.with_suffix(".json"))

@@ -29,8 +29,8 @@ if __package__ in (None, ""):  # run as a script: make the benchmarks package im
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import REPO_ROOT  # noqa: E402,F401  (puts main/ on sys.path)
-from gpt2_tokenizer import get_tokenizer  # noqa: E402
-from outputs import save_json  # noqa: E402
+from runtime.gpt2_tokenizer import get_tokenizer  # noqa: E402
+from runtime.outputs import save_json  # noqa: E402
 
 ALPACA_ENTRIES = 52_002
 # Words per field: lognormal (median, sigma), clipped to (low, high). Chosen so that the

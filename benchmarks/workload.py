@@ -7,9 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from benchmarks import REPO_ROOT
-from engine import IGNORE_INDEX
-from gpt2_tokenizer import get_tokenizer
-from instruction_data import (
+from course.instruction_data import (
     SAMPLE_DATA_PATH,
     InstructionDataset,
     custom_collate_fn,
@@ -17,6 +15,8 @@ from instruction_data import (
     load_instruction_data,
     split_data,
 )
+from runtime.engine import IGNORE_INDEX
+from runtime.gpt2_tokenizer import get_tokenizer
 
 SEED = 123
 LR, WEIGHT_DECAY = 5e-5, 0.1  # the chapter's AdamW settings

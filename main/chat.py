@@ -14,14 +14,9 @@ that ``engine.stream_tokens`` yields into text, never splitting a character that
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-# `python main/chat.py` from a fresh clone: find the modules in the repository root
-_ROOT = Path(__file__).resolve().parents[1]
-if (_ROOT / "previous_chapters.py").is_file() and str(_ROOT) not in sys.path:
-    sys.path.append(str(_ROOT))
 if __name__ == "__main__":  # (before the slow imports: Ctrl-C there is one line too)
-    import interrupts
+    from runtime import interrupts
 
     interrupts.guard_startup()
 
@@ -33,11 +28,17 @@ from typing import Any, TextIO
 
 import torch
 
-from engine import in_precision, stream_tokens
-from gpt2_tokenizer import get_tokenizer
-from instruction_data import EOS_TOKEN_ID, PROMPT_STYLES, ChapterError, PromptStyle, format_input
-from model_file import LoadedModel, find_model_file, load_model_file
-from run_config import PRECISIONS, check_precision
+from course.instruction_data import (
+    EOS_TOKEN_ID,
+    PROMPT_STYLES,
+    ChapterError,
+    PromptStyle,
+    format_input,
+)
+from runtime.engine import in_precision, stream_tokens
+from runtime.gpt2_tokenizer import get_tokenizer
+from runtime.model_file import LoadedModel, find_model_file, load_model_file
+from runtime.run_config import PRECISIONS, check_precision
 
 QUIT_WORDS = ("exit", "quit", "/exit", "/quit")
 

@@ -24,14 +24,9 @@ from ``engine.stream_tokens`` (through ``chat.stream_reply``) and stops at end-o
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-# `python main/chat_page.py` from a fresh clone: find the modules in the repository root
-_ROOT = Path(__file__).resolve().parents[1]
-if (_ROOT / "previous_chapters.py").is_file() and str(_ROOT) not in sys.path:
-    sys.path.append(str(_ROOT))
 if __name__ == "__main__":  # (before the slow imports: Ctrl-C there is one line too)
-    import interrupts
+    from runtime import interrupts
 
     interrupts.guard_startup()
 
@@ -46,10 +41,10 @@ from typing import Any
 import torch
 
 from chat import add_generation_args, load_for_chat, stream_reply
-from instruction_data import ChapterError
-from interrupts import INTERRUPTED
-from interrupts import describe as describe_stop
-from model_file import LoadedModel
+from course.instruction_data import ChapterError
+from runtime.interrupts import INTERRUPTED
+from runtime.interrupts import describe as describe_stop
+from runtime.model_file import LoadedModel
 
 # Nothing is fetched from the internet (set before Gradio is imported, which reads them)
 OFFLINE_ENV = {

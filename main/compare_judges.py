@@ -20,25 +20,19 @@ saves the numbers as JSON beside the plot.
 from __future__ import annotations
 
 if __name__ == "__main__":  # (before the slow imports: Ctrl-C there is one line too)
-    import interrupts
+    from runtime import interrupts
 
     interrupts.guard_startup()
-
-import sys
-from pathlib import Path
-
-# `python main/compare_judges.py`: find the modules in main/ and the repository root
-for _path in (Path(__file__).resolve().parent, Path(__file__).resolve().parents[1]):
-    if str(_path) not in sys.path:
-        sys.path.append(str(_path))
 
 import argparse
 import os
 import re
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-from instruction_data import ChapterError, DatasetError, read_instruction_file
-from judge_stats import agreement
+from course.instruction_data import ChapterError, DatasetError, read_instruction_file
+from course.judge_stats import agreement
 from ollama_evaluate import (
     JUDGE_APIS,
     JUDGE_MAX_FAILURES,
@@ -48,7 +42,7 @@ from ollama_evaluate import (
     judge_responses,
     read_responses,
 )
-from outputs import save_figure, save_json
+from runtime.outputs import save_figure, save_json
 
 PLOT = "outputs/judge-agreement.png"
 

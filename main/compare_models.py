@@ -24,28 +24,22 @@ runs of each seed and reports each metric's mean and spread across the seeds.
 from __future__ import annotations
 
 if __name__ == "__main__":  # (before the slow imports: Ctrl-C there is one line too)
-    import interrupts
+    from runtime import interrupts
 
     interrupts.guard_startup()
-
-import sys
-from pathlib import Path
-
-# `python main/compare_models.py`: find the modules in main/ and the repository root
-for _path in (Path(__file__).resolve().parent, Path(__file__).resolve().parents[1]):
-    if str(_path) not in sys.path:
-        sys.path.append(str(_path))
 
 import argparse
 import functools
 import os
 import re
+import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 
-from instruction_data import ChapterError, ConfigError, DatasetError, format_input
-from judge_stats import mean_and_spread, mean_with_ci
+from course.instruction_data import ChapterError, ConfigError, DatasetError, format_input
+from course.judge_stats import mean_and_spread, mean_with_ci
 from ollama_evaluate import (
     JUDGE_APIS,
     JUDGE_MAX_FAILURES,
@@ -209,7 +203,7 @@ def _rate(values: Sequence[float]) -> dict:
 def summarize(records: Sequence[dict], length: Callable[[str], int] | None = None) -> dict:
     """Win rate, length-controlled win rate and position bias of the judged questions."""
     if length is None:
-        from gpt2_tokenizer import get_tokenizer
+        from runtime.gpt2_tokenizer import get_tokenizer
 
         tokenizer = get_tokenizer()
         length = lambda text: len(tokenizer.encode(text, allowed_special="all"))  # noqa: E731

@@ -20,12 +20,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# `python main/dpo_finetuning.py` from a fresh clone: find the modules in the repository root
-_ROOT = Path(__file__).resolve().parents[1]
-if (_ROOT / "previous_chapters.py").is_file() and str(_ROOT) not in sys.path:
-    sys.path.append(str(_ROOT))
 if __name__ == "__main__":  # (before the slow imports: Ctrl-C there is one line too)
-    import interrupts
+    from runtime import interrupts
 
     interrupts.guard_startup()
 
@@ -38,24 +34,14 @@ from typing import Any
 
 import torch
 
-from dpo import (
+from course.dpo import (
     DPOHistory,
     plot_dpo_tracking,
     policy_and_reference,
     train_model_dpo_simple,
 )
-from dpo_config import (  # noqa: F401 (re-exported for the notebook)
-    DPOConfig,
-    check_dpo_settings,
-    make_dpo_config,
-    sft_model_path,
-    start_dpo_run,
-)
-from engine import make_optimizer
-from finetuning import build_model, generate_responses
-from gpt2_tokenizer import get_tokenizer
-from gpt_download import DownloadError
-from instruction_data import (
+from course.finetuning import build_model, generate_responses
+from course.instruction_data import (
     DATA_URL,
     ChapterError,
     DatasetError,
@@ -64,10 +50,8 @@ from instruction_data import (
     report_long_entries,
     split_data,
 )
-from judge_host import redact_urls
-from model_file import LoadedModel, load_model_file, read_run_config
+from gpt_download import DownloadError
 from ollama_evaluate import judge_settings, score_responses
-from outputs import checksum_path, save_figure, save_json, save_model
 from preference_data import (
     PREFERENCE_FILE,
     create_preference_loaders,
@@ -75,9 +59,21 @@ from preference_data import (
     load_preference_data,
     usable_pairs,
 )
-from run_config import RESPONSES_FILE, RunConfig, model_config
-from run_settings import add_flags, flag_settings
-from trainer import TrainingInterrupted
+from runtime.dpo_config import (  # noqa: F401 (re-exported for the notebook)
+    DPOConfig,
+    check_dpo_settings,
+    make_dpo_config,
+    sft_model_path,
+    start_dpo_run,
+)
+from runtime.engine import make_optimizer
+from runtime.gpt2_tokenizer import get_tokenizer
+from runtime.judge_host import redact_urls
+from runtime.model_file import LoadedModel, load_model_file, read_run_config
+from runtime.outputs import checksum_path, save_figure, save_json, save_model
+from runtime.run_config import RESPONSES_FILE, RunConfig, model_config
+from runtime.run_settings import add_flags, flag_settings
+from runtime.trainer import TrainingInterrupted
 
 CHECKPOINT_FILE = "checkpoint.pt"  # DPO training's, in the run's folder until the model is saved
 TRAINING_FILE = "dpo-training-result.json"

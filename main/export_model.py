@@ -30,12 +30,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# `python main/export_model.py` from a fresh clone: find the modules in the repository root
-_ROOT = Path(__file__).resolve().parents[1]
-if (_ROOT / "previous_chapters.py").is_file() and str(_ROOT) not in sys.path:
-    sys.path.append(str(_ROOT))
 if __name__ == "__main__":  # (before the slow imports: Ctrl-C there is one line too)
-    import interrupts
+    from runtime import interrupts
 
     interrupts.guard_startup()
 
@@ -48,22 +44,24 @@ from collections.abc import Sequence
 
 import torch
 
-# (gpt2_tokenizer's own search for GPT-2's BPE files on disk, and its checksum)
-from gpt2_tokenizer import ENDOFTEXT, find_bpe_files
-from instruction_data import (
+from course.instruction_data import (
     EOS_TOKEN_ID,
     PROMPT_STYLES,
     ChapterError,
     PromptStyle,
     check_prompt_style,
 )
-from interrupts import INTERRUPTED
-from interrupts import describe as describe_stop
-from model_file import LoadedModel, find_model_file, load_model_file
-from outputs import write_folder_atomically
 from previous_chapters import GPT_CONFIG_124M, MODEL_CONFIGS
-from progress_bars import on_terminal
-from run_config import check_writable_folder
+from runtime.errors import ExportError  # noqa: F401 (re-exported)
+
+# (gpt2_tokenizer's own search for GPT-2's BPE files on disk, and its checksum)
+from runtime.gpt2_tokenizer import ENDOFTEXT, find_bpe_files
+from runtime.interrupts import INTERRUPTED
+from runtime.interrupts import describe as describe_stop
+from runtime.model_file import LoadedModel, find_model_file, load_model_file
+from runtime.outputs import write_folder_atomically
+from runtime.progress_bars import on_terminal
+from runtime.run_config import check_writable_folder
 
 FORMATS = ("hf", "gguf")
 DTYPES = {"f32": torch.float32, "f16": torch.float16}
@@ -93,10 +91,6 @@ LAYER_TENSORS = [
     ("ff.layers.2.weight", "mlp.c_proj.weight", "ffn_down.weight"),
     ("ff.layers.2.bias", "mlp.c_proj.bias", "ffn_down.bias"),
 ]
-
-
-class ExportError(ChapterError):
-    """An export that cannot be done: an existing output, a non-GPT-2 vocabulary, a bad option."""
 
 
 def renamed_tensors(model: torch.nn.Module, fmt: str) -> dict[str, torch.Tensor]:

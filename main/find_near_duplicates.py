@@ -34,14 +34,9 @@ with u = 2^-8, and the products accumulate in float32.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-# `python main/find_near_duplicates.py`: find the modules in main/ and the repository root
-for _path in (Path(__file__).resolve().parent, Path(__file__).resolve().parents[1]):
-    if str(_path) not in sys.path:
-        sys.path.append(str(_path))
 if __name__ == "__main__":  # (before the slow imports: Ctrl-C there is one line too)
-    import interrupts
+    from runtime import interrupts
 
     interrupts.guard_startup()
 
@@ -53,10 +48,10 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from instruction_data import ChapterError, read_instruction_file
-from outputs import save_json
-from progress_bars import progress_bar
-from run_config import cpu_has_fast_bf16
+from course.instruction_data import ChapterError, read_instruction_file
+from runtime.outputs import save_json
+from runtime.progress_bars import progress_bar
+from runtime.run_config import cpu_has_fast_bf16
 
 FIELDS = ("instruction", "input", "output")
 REMOVED_BY = ("input", "output")  # near-duplicates in these fields are removed

@@ -26,29 +26,21 @@ the first version under ``original`` (with the critiques), so the two can be com
 from __future__ import annotations
 
 if __name__ == "__main__":  # (before the slow imports: Ctrl-C there is one line too)
-    import interrupts
+    from runtime import interrupts
 
     interrupts.guard_startup()
-
-import sys
-from pathlib import Path
-
-# `python main/generate_instruction_data.py`: find the modules in main/ and the repository root
-for _path in (Path(__file__).resolve().parent, Path(__file__).resolve().parents[1]):
-    if str(_path) not in sys.path:
-        sys.path.append(str(_path))
 
 import argparse
 import json
 import os
 import re
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
-import judge_client
+from course.instruction_data import PROMPT_STYLES, ChapterError, ConfigError, DatasetError
 from find_near_duplicates import entry_pairs
-from instruction_data import PROMPT_STYLES, ChapterError, ConfigError, DatasetError
-from judge_host import JudgeReplyError, judge_base, redact_url
 from ollama_evaluate import (
     JUDGE_APIS,
     JUDGE_MAX_FAILURES,
@@ -60,7 +52,9 @@ from ollama_evaluate import (
     split_timeout,
     with_judge_hint,
 )
-from outputs import save_json
+from runtime import judge_client
+from runtime.judge_host import JudgeReplyError, judge_base, redact_url
+from runtime.outputs import save_json
 
 
 @dataclass(frozen=True)
@@ -287,7 +281,7 @@ def generate_instruction_data(
     attempts in all (default: 4 per entry); fewer entries than asked after them:
     ``DatasetError``. ``max_failures`` failed requests in a row: ``JudgeUnavailableError``.
     """
-    from progress_bars import progress_bar
+    from runtime.progress_bars import progress_bar
 
     output = Path(output)
     entries, rejected = _read_list(output), _read_list(rejected_path(output))

@@ -23,13 +23,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# `python main/instruction_finetuning.py` from a fresh clone: find the modules in the
-# repository root (previous_chapters.py, gpt_download.py); an installed copy comes first.
-_ROOT = Path(__file__).resolve().parents[1]
-if (_ROOT / "previous_chapters.py").is_file() and str(_ROOT) not in sys.path:
-    sys.path.append(str(_ROOT))
 if __name__ == "__main__":  # (before the slow imports: Ctrl-C there is one line too)
-    import interrupts
+    from runtime import interrupts
 
     interrupts.guard_startup()
 
@@ -41,26 +36,15 @@ from typing import Any
 import torch
 
 import gpt_download
-from distributed import (
-    SINGLE_PROCESS,
-    Ranks,
-    broadcast,
-    main_process_first,
-    process_group,
-    quiet_unless_main,
-    rank_device,
-    ranks_from_env,
-)
-from exercises import VARIANTS, variant_settings
-from finetuning import (
+from course.exercises import VARIANTS, variant_settings
+from course.finetuning import (
     TrainingResult,
     build_model,
     finetune,
     generate_responses,
     plot_training,
 )
-from gpt2_tokenizer import get_tokenizer
-from instruction_data import (
+from course.instruction_data import (
     DATA_URL,
     SAMPLE_DATA_PATH,
     SMOKE_HINT,
@@ -72,20 +56,38 @@ from instruction_data import (
     report_long_entries,
     split_data,
 )
-from interrupts import INTERRUPTED
-from interrupts import describe as describe_stop
-from judge_host import redact_urls
-from lora import (
+from course.lora import (
     adapter_file_name,
     apply_lora,
     load_lora_adapter,
     save_lora_adapter,
     save_merged_model,
 )
-from model_file import read_state_dict
 from ollama_evaluate import judge_settings, score_responses
-from outputs import OutputError, checksum_path, read_json, save_figure, save_json, save_model
-from run_config import (
+from runtime.distributed import (
+    SINGLE_PROCESS,
+    Ranks,
+    broadcast,
+    main_process_first,
+    process_group,
+    quiet_unless_main,
+    rank_device,
+    ranks_from_env,
+)
+from runtime.gpt2_tokenizer import get_tokenizer
+from runtime.interrupts import INTERRUPTED
+from runtime.interrupts import describe as describe_stop
+from runtime.judge_host import redact_urls
+from runtime.model_file import read_state_dict
+from runtime.outputs import (
+    OutputError,
+    checksum_path,
+    read_json,
+    save_figure,
+    save_json,
+    save_model,
+)
+from runtime.run_config import (
     CHECKPOINT_FILE,
     RESPONSES_FILE,
     SMOKE_MODEL_OVERRIDES,
@@ -100,9 +102,9 @@ from run_config import (
     release_run,
     start_run,
 )
-from run_settings import add_flags, flag_settings
-from token_ids import token_lengths
-from trainer import NonFiniteLossError, TrainingInterrupted
+from runtime.run_settings import add_flags, flag_settings
+from runtime.token_ids import token_lengths
+from runtime.trainer import NonFiniteLossError, TrainingInterrupted
 
 __all__ = [  # the settings, re-exported for the notebook and the command line
     "DATA_URL",

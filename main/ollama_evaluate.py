@@ -23,14 +23,9 @@ Score an existing responses file (again), as the course's script does:
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-# `python main/ollama_evaluate.py` from a fresh clone: find the modules in the repository root
-_ROOT = Path(__file__).resolve().parents[1]
-if (_ROOT / "previous_chapters.py").is_file() and str(_ROOT) not in sys.path:
-    sys.path.append(str(_ROOT))
 if __name__ == "__main__":  # (before the slow imports: Ctrl-C there is one line too)
-    import interrupts
+    from runtime import interrupts
 
     interrupts.guard_startup()
 
@@ -43,8 +38,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import judge_client
-from instruction_data import (
+from course.instruction_data import (
     ChapterError,
     ConfigError,
     DatasetError,
@@ -52,7 +46,16 @@ from instruction_data import (
     format_input,
     read_instruction_file,
 )
-from judge_client import (  # noqa: F401 (re-exported: ollama_evaluate.check_judge etc.)
+from course.judge_stats import mean_with_ci
+from course.local_metrics import (  # noqa: F401 (re-exported: ollama_evaluate.rouge_l_f1 etc.)
+    LOCAL_METRICS_NOTE,
+    exact_match,
+    lcs_length,
+    local_metrics,
+    rouge_l_f1,
+)
+from runtime import judge_client
+from runtime.judge_client import (  # noqa: F401 (re-exported: ollama_evaluate.check_judge etc.)
     JUDGE_TIMEOUT,
     MAX_REPLY_BYTES,
     check_judge,
@@ -60,7 +63,7 @@ from judge_client import (  # noqa: F401 (re-exported: ollama_evaluate.check_jud
     post_json,
     split_timeout,
 )
-from judge_host import (  # noqa: F401 (re-exported: ollama_evaluate.judge_endpoint etc.)
+from runtime.judge_host import (  # noqa: F401 (re-exported: ollama_evaluate.judge_endpoint etc.)
     JUDGE_APIS,
     OLLAMA_DEFAULT_PORT,
     JudgeReplyError,
@@ -72,16 +75,8 @@ from judge_host import (  # noqa: F401 (re-exported: ollama_evaluate.judge_endpo
     start_hint,
     with_judge_hint,
 )
-from judge_stats import mean_with_ci
-from local_metrics import (  # noqa: F401 (re-exported: ollama_evaluate.rouge_l_f1 etc.)
-    LOCAL_METRICS_NOTE,
-    exact_match,
-    lcs_length,
-    local_metrics,
-    rouge_l_f1,
-)
-from outputs import save_json
-from progress_bars import progress_bar
+from runtime.outputs import save_json
+from runtime.progress_bars import progress_bar
 
 JUDGE_OPTIONS = {"seed": 123, "temperature": 0, "num_ctx": 2048}
 JUDGE_MAX_FAILURES = 3  # failed requests in a row after which the judge counts as down

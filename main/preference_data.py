@@ -23,12 +23,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# `python main/preference_data.py` from a fresh clone: find the modules in the repository root
-_ROOT = Path(__file__).resolve().parents[1]
-if (_ROOT / "previous_chapters.py").is_file() and str(_ROOT) not in sys.path:
-    sys.path.append(str(_ROOT))
 if __name__ == "__main__":  # (before the slow imports: Ctrl-C there is one line too)
-    import interrupts
+    from runtime import interrupts
 
     interrupts.guard_startup()
 
@@ -43,8 +39,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from gpt_download import DownloadError
-from instruction_data import (
+from course.instruction_data import (
     DATA_URL,
     EOS_TOKEN_ID,
     REQUIRED_KEYS,
@@ -59,7 +54,7 @@ from instruction_data import (
     raise_problems,
     read_instruction_file,
 )
-from interrupts import describe as describe_stop
+from gpt_download import DownloadError
 from ollama_evaluate import (
     JUDGE_APIS,
     JUDGE_MAX_FAILURES,
@@ -72,8 +67,9 @@ from ollama_evaluate import (
     judge_endpoint,
     with_judge_hint,
 )
-from outputs import save_json, verify_file
-from token_ids import shared_prefix_length
+from runtime.interrupts import describe as describe_stop
+from runtime.outputs import save_json, verify_file
+from runtime.token_ids import shared_prefix_length
 
 PREFERENCE_KEYS = ("chosen", "rejected")
 SAMPLE_PREFERENCE_PATH = Path(__file__).resolve().parent / "data" / "sample-preference-data.json"

@@ -113,7 +113,7 @@ def download_sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     What makes a failing download fast is how often it retries and how long it waits; a
     test asserts those instead of timing itself.
     """
-    import downloads
+    from runtime import downloads
 
     asked: list[float] = []
     monkeypatch.setattr(downloads.time, "sleep", asked.append)

@@ -19,11 +19,10 @@ from dataclasses import asdict
 
 import torch
 
-import distributed
-import engine
+from course.instruction_data import create_dataloaders, custom_collate_fn
 from helpers import CharTokenizer, tiny_model, varied_entries
-from instruction_data import create_dataloaders, custom_collate_fn
-from trainer import train_resumable
+from runtime import distributed, engine
+from runtime.trainer import train_resumable
 
 TRAINING = dict(num_epochs=2, eval_freq=3, eval_iter=2, start_context="i", progress=False)
 

@@ -401,8 +401,8 @@ def tiny_model_file(
     (its prompt style and model shape) beside it unless ``run_config=False``."""
     from dataclasses import asdict
 
-    from outputs import save_json, save_model
-    from run_config import RunConfig
+    from runtime.outputs import save_json, save_model
+    from runtime.run_config import RunConfig
 
     folder.mkdir(parents=True, exist_ok=True)
     model = tiny_model(seed, sharpen=0.3, **TINY_GPT2_VOCAB).eval()

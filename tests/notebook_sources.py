@@ -143,7 +143,7 @@ PARAMETERS = {
 def _wanted_parameter_lines(nb: Any, config_class: type, smoke: Any, own: frozenset[str]):
     """(line, the line as ``run_settings.parameter_line`` writes it) of each setting's
     parameter (``smoke``: the smoke preset; ``own``: parameters of the notebook's own)."""
-    from run_settings import definitions, param_name, parameter_line
+    from runtime.run_settings import definitions, param_name, parameter_line
 
     by_param = {param_name(name, d): name for name, d in definitions(config_class)}
     for line in parameters_cell(nb).splitlines():

@@ -12,9 +12,9 @@ import torch
 
 import previous_chapters as pc
 from benchmarks import contenders, measure, report, workload
-from engine import generate_batch
-from gpt2_tokenizer import get_tokenizer
-from instruction_data import SAMPLE_DATA_PATH, load_instruction_data, split_data
+from course.instruction_data import SAMPLE_DATA_PATH, load_instruction_data, split_data
+from runtime.engine import generate_batch
+from runtime.gpt2_tokenizer import get_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 needs_transformers = pytest.mark.skipif(

@@ -19,11 +19,11 @@ import torch
 import chat
 import previous_chapters as pc
 from chat import chat_prompt, chat_tokenizer, repl, stream_reply
-from engine import stream_tokens
+from course.instruction_data import EOS_TOKEN_ID, format_input
 from helpers import REPO_ROOT, random_prompts, tiny_model, tiny_model_file
-from instruction_data import EOS_TOKEN_ID, format_input
-from model_file import load_model_file
-from outputs import save_model
+from runtime.engine import stream_tokens
+from runtime.model_file import load_model_file
+from runtime.outputs import save_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -221,7 +221,7 @@ def test_the_terminal_chat_refuses_bad_settings_before_loading(tmp_path, capsys)
 
 
 def test_bf16_is_refused_in_one_line_where_the_cpu_lacks_it(tmp_path, capsys, monkeypatch):
-    import run_config
+    from runtime import run_config
 
     monkeypatch.setattr(run_config, "cpu_has_fast_bf16", lambda: False)
     assert chat.main(["--model", str(tmp_path / "absent.pth"), "--precision", "bf16"]) == 2
@@ -233,7 +233,7 @@ def test_bf16_is_refused_in_one_line_where_the_cpu_lacks_it(tmp_path, capsys, mo
 def test_bf16_chat_holds_weights_and_cache_in_bf16(tmp_path, tokenizer, monkeypatch):
     """--precision bf16 loads the model in bf16 (run_config's rule allowing it here), and the
     answer is the greedy continuation of that bf16 model."""
-    import run_config
+    from runtime import run_config
 
     monkeypatch.setattr(run_config, "cpu_has_fast_bf16", lambda: True)
     path = tiny_model_file(tmp_path)

@@ -26,7 +26,7 @@ import pytest
 import chat_page
 from chat import chat_tokenizer, stream_reply
 from helpers import closed_port, tiny_model_file
-from model_file import load_model_file
+from runtime.model_file import load_model_file
 
 CHROMIUM_ARGS = [
     "--headless",

@@ -13,10 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import gpt2_tokenizer
 import instruction_finetuning as ift
-from helpers import DataServer, FakeJudge, closed_port_url, numbered_entries
-from instruction_data import (
+from course.instruction_data import (
     DATA_URL,
     REQUIRED_KEYS,
     SAMPLE_DATA_PATH,
@@ -26,7 +24,9 @@ from instruction_data import (
     load_instruction_data,
     split_data,
 )
+from helpers import DataServer, FakeJudge, closed_port_url, numbered_entries
 from previous_chapters import gpt2_config
+from runtime import gpt2_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only add hand-offs
 
@@ -512,8 +512,8 @@ def test_the_readmes_flag_table_lists_every_flag_of_help():
 
 
 def test_every_flag_and_check_comes_from_the_settings_definitions():
-    from run_config import check_ranges
-    from run_settings import SETTINGS, definitions, ranges
+    from runtime.run_config import check_ranges
+    from runtime.run_settings import SETTINGS, definitions, ranges
 
     flags = {s for a in ift.build_arg_parser()._actions for s in a.option_strings}
     for name, definition in definitions(ift.RunConfig):
@@ -529,8 +529,8 @@ def test_every_flag_and_check_comes_from_the_settings_definitions():
 
 def test_dpo_settings_reuse_the_shared_definitions():
     import dpo_finetuning as dft
-    from dpo_config import DPOConfig
-    from run_settings import SETTINGS, definitions
+    from runtime.dpo_config import DPOConfig
+    from runtime.run_settings import SETTINGS, definitions
 
     shared = {n: d for n, d in definitions(DPOConfig) if n in SETTINGS}
     assert {"lr", "epochs", "batch_size", "judge_timeout", "seed", "device"} <= set(shared)

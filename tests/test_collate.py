@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-import collate_drafts
-import instruction_data as data
-from gpt2_tokenizer import get_tokenizer
+from course import collate_drafts
+from course import instruction_data as data
 from helpers import IGN, PAD, CharTokenizer, varied_entries
+from runtime.gpt2_tokenizer import get_tokenizer
 
 # The course's toy batch and the tensors the book prints for it
 COURSE_BATCH = [[0, 1, 2, 3, 4], [5, 6], [7, 8, 9]]

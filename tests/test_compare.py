@@ -12,7 +12,7 @@ from test_llama_cpp import gguf_file, llama_cpp, llama_server, model_path  # noq
 import compare_judges as cj
 import compare_models as cm
 import ollama_evaluate as oe
-from outputs import save_json
+from runtime.outputs import save_json
 
 pytestmark = pytest.mark.filterwarnings("ignore::ollama_evaluate.JudgeReplyWarning")
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import gpt_download
-import instruction_data as data
+from course import instruction_data as data
 from helpers import DataServer, closed_port_url, make_entries
 
 ENTRY_WITH_INPUT = {

@@ -20,15 +20,12 @@ from dataclasses import asdict
 import pytest
 import torch
 
-import distributed
-import engine
-import run_config
-import trainer
+from course.instruction_data import ConfigError, custom_collate_fn
 from distributed_worker import TRAINING, Recorder, tiny_training_setup
 from helpers import REPO_ROOT, CharTokenizer, tiny_model
-from instruction_data import ConfigError, custom_collate_fn
 from previous_chapters import calc_loss_batch
-from run_config import check_settings, make_config
+from runtime import distributed, engine, run_config, trainer
+from runtime.run_config import check_settings, make_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -11,15 +11,15 @@ from dataclasses import astuple, fields
 import pytest
 import torch
 
-import dpo
-from gpt2_tokenizer import get_tokenizer
+from course import dpo
 from helpers import tiny_model
 from preference_data import (
     SAMPLE_PREFERENCE_PATH,
     create_preference_loaders,
     load_preference_data,
 )
-from trainer import NonFiniteLossError, TrainingInterrupted
+from runtime.gpt2_tokenizer import get_tokenizer
+from runtime.trainer import NonFiniteLossError, TrainingInterrupted
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only add hand-offs
 

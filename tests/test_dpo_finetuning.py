@@ -13,13 +13,13 @@ import torch
 
 import dpo_finetuning as dft
 import instruction_finetuning as ift
+from course.instruction_data import SAMPLE_DATA_PATH, ConfigError, DatasetError
 from helpers import FakeJudge, closed_port
-from instruction_data import SAMPLE_DATA_PATH, ConfigError, DatasetError
-from model_file import ModelFileError
-from outputs import save_json, save_model
 from preference_data import SAMPLE_PREFERENCE_PATH
 from previous_chapters import GPTModel
-from run_config import RunConfig, model_config
+from runtime.model_file import ModelFileError
+from runtime.outputs import save_json, save_model
+from runtime.run_config import RunConfig, model_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: threads only add hand-offs
 
@@ -300,7 +300,7 @@ def test_ctrl_c_in_training_then_resume_ends_with_the_weights_of_an_uninterrupte
     """The command line, stopped by SIGINT in the middle of DPO training (exit 130, a
     checkpoint, the resume hint), then resumed: the DPO model file equals, bit for bit, the
     one of a run that was never interrupted."""
-    import dpo
+    from course import dpo
 
     flags = ["--smoke", "--no-judge", "--checkpoint-every", "3"]
     assert dft.main([*flags, "--output-dir", str(tmp_path / "whole")]) == 0

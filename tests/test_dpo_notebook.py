@@ -13,14 +13,14 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from notebook_sources import cell_definitions, differences, parameter_differences
 
-import dpo
 import dpo_finetuning as dft
 import preference_data as pdata
-from dpo_config import DPOConfig
-from figures import source_of
+from course import dpo
+from course.figures import source_of
 from helpers import NotebookOutputs, closed_port, run_notebook_offline
-from notebook_sources import cell_definitions, differences, parameter_differences
+from runtime.dpo_config import DPOConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO_ROOT / "main" / "dpo.ipynb"

@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-import engine
-import instruction_data as data
 import previous_chapters as pc
+from course import instruction_data as data
 from helpers import IGN, CharTokenizer, random_prompts, tiny_model, varied_entries
+from runtime import engine
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

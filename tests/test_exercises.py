@@ -1,4 +1,4 @@
-"""The exercises 7.1-7.4 as variants (main/exercises.py), their command line, and
+"""The exercises 7.1-7.4 as variants (course/exercises.py), their command line, and
 main/exercises.ipynb: its committed state and a headless smoke run of it (papermill)."""
 
 from __future__ import annotations
@@ -10,14 +10,11 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import nbformat
 import pytest
-
-import exercises
-import figures
-import instruction_data
-import instruction_finetuning as ift
-import lora
-from helpers import NotebookOutputs, run_notebook_offline
 from notebook_sources import cell_definitions, differences, parameter_differences
+
+import instruction_finetuning as ift
+from course import exercises, figures, instruction_data, lora
+from helpers import NotebookOutputs, run_notebook_offline
 from previous_chapters import gpt2_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -22,16 +22,16 @@ import torch
 import export_model as ex
 import previous_chapters as pc
 from chat import chat_prompt
-from gpt2_tokenizer import get_tokenizer
+from course.instruction_data import PROMPT_STYLES, ConfigError
 from helpers import REPO_ROOT, TINY_GPT2_VOCAB, needs_transformers, tiny_model, tiny_model_file
-from instruction_data import PROMPT_STYLES, ConfigError
-from model_file import (
+from runtime.gpt2_tokenizer import get_tokenizer
+from runtime.model_file import (
     ModelFileError,
     config_from_state_dict,
     find_model_file,
     load_model_file,
 )
-from outputs import save_json, save_model, write_folder_atomically
+from runtime.outputs import save_json, save_model, write_folder_atomically
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -10,12 +10,12 @@ import matplotlib.pyplot as plt
 import pytest
 import torch
 
-import finetuning as ft
 import gpt_download as gd
-import instruction_data as data
 import previous_chapters as pc
-from gpt2_tokenizer import get_tokenizer
+from course import finetuning as ft
+from course import instruction_data as data
 from helpers import TINY_CHECKPOINT, CharTokenizer, numbered_entries
+from runtime.gpt2_tokenizer import get_tokenizer
 
 matplotlib.use("Agg")
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import engine
 import previous_chapters as pc
 from helpers import random_prompts, tiny_model
+from runtime import engine
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -255,7 +255,7 @@ def test_generate_batch_validates_its_input(model):
 
 
 def test_generate_batch_progress_bar(model, capsys, monkeypatch):
-    import progress_bars
+    from runtime import progress_bars
 
     monkeypatch.setattr(progress_bars, "on_terminal", lambda stream=None: True)  # (as in a shell)
     prompts = prompts_of([4, 6], seed=10)

@@ -14,8 +14,8 @@ import pytest
 from test_llama_cpp import gguf_file, llama_cpp, llama_server, model_path  # noqa: F401
 
 import generate_instruction_data as gd
+from course.instruction_data import load_instruction_data
 from helpers import LoopbackServer, _QuietHandler, closed_port
-from instruction_data import load_instruction_data
 
 LLAMA3 = gd.TEMPLATES["llama3"]
 TOPICS = ["rivers", "planets", "birds", "rivers", "colours", "", "trees", "LONG", "stones"]

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import downloads
 import gpt_download as gd
 from helpers import TINY_CHECKPOINT, Mirror, SilentServer, closed_port
+from runtime import downloads
 
 TINY = TINY_CHECKPOINT
 DATA_FILE = "model.ckpt.data-00000-of-00001"

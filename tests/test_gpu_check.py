@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from benchmarks import gpu_check
-from gpt2_tokenizer import get_tokenizer
+from course.instruction_data import format_input, load_instruction_data, validate_instruction_data
 from helpers import REPO_ROOT
-from instruction_data import format_input, load_instruction_data, validate_instruction_data
-from run_config import cpu_has_fast_bf16
+from runtime.gpt2_tokenizer import get_tokenizer
+from runtime.run_config import cpu_has_fast_bf16
 
 
 def formatted_lengths(entries: list[dict]) -> np.ndarray:

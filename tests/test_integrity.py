@@ -25,13 +25,10 @@ import torch
 import chat_page
 import export_model
 import instruction_finetuning as ift
-import interrupts
-import outputs
-import run_config
-import trainer
+from course.instruction_data import ChapterError
 from helpers import tiny_model, tiny_model_file
-from instruction_data import ChapterError
-from model_file import find_model_file, read_state_dict
+from runtime import interrupts, outputs, run_config, trainer
+from runtime.model_file import find_model_file, read_state_dict
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -314,7 +311,7 @@ def test_two_run_folders_in_the_same_second(tmp_path, monkeypatch):
 
 
 def test_run_folders_are_named_after_what_they_hold(tmp_path):
-    from exercises import variant_settings
+    from course.exercises import variant_settings
 
     names = {}
     for variant in ("baseline", "phi3_prompt", "mask_instructions", "alpaca_52k", "lora"):

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 import ollama_evaluate as oe
+from course.instruction_data import format_input
 from helpers import REPO_ROOT, closed_port, default_sigint
-from instruction_data import format_input
 
 
 def entries(*responses: str) -> list[dict]:

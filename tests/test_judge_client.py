@@ -17,10 +17,10 @@ from collections.abc import Callable
 
 import pytest
 
-import judge_client
 import ollama_evaluate as oe
 from helpers import closed_port
-from judge_host import redact_url, redact_urls
+from runtime import judge_client
+from runtime.judge_host import redact_url, redact_urls
 
 
 class RawServer:
@@ -414,7 +414,7 @@ def test_redact_urls_cleans_a_whole_config():
 
 
 def test_run_config_json_holds_no_url_secret(tmp_path, capsys):
-    import run_config
+    from runtime import run_config
 
     url = "http://user:secret@127.0.0.1:11434"
     cfg = run_config.RunConfig(
@@ -448,7 +448,7 @@ def test_query_model_is_the_books_short_function_and_the_modules_import_downward
 
 
 def test_a_resumed_run_takes_the_url_credentials_given_again(tmp_path, capsys):
-    import run_config
+    from runtime import run_config
 
     url = "http://user:secret@127.0.0.1:11434"
     cfg = run_config.RunConfig(output_dir=str(tmp_path), judge_url=url)

@@ -7,7 +7,7 @@ import pytest
 from scipy import stats
 from sklearn.metrics import cohen_kappa_score
 
-import judge_stats as js
+from course import judge_stats as js
 
 
 def _scores(seed: int, n: int = 110, low: int = 1, high: int = 5) -> np.ndarray:

@@ -48,6 +48,6 @@ def test_a_stray_file_in_the_tree_is_not_linted() -> None:
     stray.write_text("x=1;y =2\n")  # fails both lint and format
     try:
         assert str(stray.relative_to(REPO_ROOT)) not in project_files()
-        assert "main/instruction_data.py" in project_files()
+        assert "course/instruction_data.py" in project_files()
     finally:
         stray.unlink()

@@ -33,12 +33,12 @@ import torch
 import export_model as ex
 import ollama_evaluate as oe
 from chat import chat_prompt
-from engine import stream_tokens
-from gpt2_tokenizer import get_tokenizer
+from course.instruction_data import EOS_TOKEN_ID
 from helpers import closed_port, tiny_model_file
-from instruction_data import EOS_TOKEN_ID
-from model_file import load_model_file
-from outputs import save_json
+from runtime.engine import stream_tokens
+from runtime.gpt2_tokenizer import get_tokenizer
+from runtime.model_file import load_model_file
+from runtime.outputs import save_json
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

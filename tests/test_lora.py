@@ -11,11 +11,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-import engine
 import instruction_finetuning as ift
-import lora
 import previous_chapters as pc
+from course import lora
 from helpers import tiny_config, tiny_model, varied_entries
+from runtime import engine
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -13,17 +13,15 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from notebook_sources import cell_definitions, differences, parameter_differences, sync
 
-import engine
-import figures
-import finetuning
-import instruction_data
 import instruction_finetuning as ift
 import ollama_evaluate
 import previous_chapters as pc
+from course import figures, finetuning, instruction_data
 from helpers import NotebookOutputs, closed_port, run_notebook_offline
-from notebook_sources import cell_definitions, differences, parameter_differences, sync
-from run_config import RunConfig
+from runtime import engine
+from runtime.run_config import RunConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO_ROOT / "main" / "main.ipynb"
@@ -183,7 +181,7 @@ def test_an_edited_format_input_cell_changes_what_the_loaders_make(tmp_path) -> 
 
     # the modules' loaders, unedited, start the same entry without it
     cfg = RunConfig.smoke_preset()
-    from gpt2_tokenizer import get_tokenizer
+    from runtime.gpt2_tokenizer import get_tokenizer
 
     tokenizer = get_tokenizer(offline=True)
     _, test, val = instruction_data.split_data(instruction_data.read_instruction_file(cfg.data))

@@ -12,8 +12,8 @@ import matplotlib.pyplot as plt
 import pytest
 import torch
 
-import outputs
 from helpers import tiny_model
+from runtime import outputs
 
 matplotlib.use("Agg")
 

@@ -6,6 +6,10 @@ import pytest
 
 from helpers import REPO_ROOT
 
+PACKAGES = ("course", "runtime")  # the library: chapter 7's course layer, the machinery
+
+PACKAGES = ("course", "runtime")  # the library: chapter 7's course layer, the machinery
+
 tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from 3.11")
 
 
@@ -13,10 +17,13 @@ def test_the_wheel_includes_every_module_and_ruff_knows_them_as_first_party() ->
     config = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
     included = set(config["tool"]["hatch"]["build"]["targets"]["wheel"]["only-include"])
     modules = {p.name for p in REPO_ROOT.glob("*.py")}
-    modules |= {f"main/{p.name}" for p in (REPO_ROOT / "main").glob("*.py")}
+    for folder in ("main", *PACKAGES):
+        modules |= {f"{folder}/{p.name}" for p in (REPO_ROOT / folder).glob("*.py")}
     assert included == modules
     first_party = set(config["tool"]["ruff"]["lint"]["isort"]["known-first-party"])
-    assert {name.split("/")[-1].removesuffix(".py") for name in modules} <= first_party
+    top_level = {name.removesuffix(".py") for name in modules if name.count("/") == 0}
+    commands = {name[5:].removesuffix(".py") for name in modules if name.startswith("main/")}
+    assert top_level | commands | set(PACKAGES) <= first_party
 
 
 def test_every_command_line_script_has_a_console_script_that_points_at_its_main() -> None:

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import preference_data as pd
+from course.instruction_data import DatasetError, format_input, read_instruction_file
 from helpers import closed_port
-from instruction_data import DatasetError, format_input, read_instruction_file
 from ollama_evaluate import JudgeReplyWarning, JudgeUnavailableError
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from tqdm import tqdm
 
-from progress_bars import progress_bar
+from runtime.progress_bars import progress_bar
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

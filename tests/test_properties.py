@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import instruction_data as data
-from collate_drafts import collate_draft_3
+from course import instruction_data as data
+from course.collate_drafts import collate_draft_3
+from course.instruction_data import ChapterError
 from helpers import IGN, PAD, make_entries, tiny_config, tiny_model
-from instruction_data import ChapterError
 from preference_data import SAMPLE_PREFERENCE_PATH as SAMPLE_PREFERENCE
 
 hypothesis = pytest.importorskip(
@@ -175,10 +175,9 @@ def _good_files(folder: Path) -> dict[str, Path]:
     """One file of each kind, as the project writes it (with its checksum beside it)."""
     from dataclasses import asdict
 
-    import outputs
-    import trainer
-    from lora import apply_lora, save_lora_adapter
-    from run_config import RunConfig
+    from course.lora import apply_lora, save_lora_adapter
+    from runtime import outputs, trainer
+    from runtime.run_config import RunConfig
 
     model = tiny_model(1)
     optimizer = torch.optim.AdamW(model.parameters())
@@ -208,12 +207,11 @@ def _good_files(folder: Path) -> dict[str, Path]:
 
 def _read(kind: str, path: Path):
     """Read ``path`` with the project's reader of files of ``kind``."""
-    import outputs
-    import trainer
-    from lora import load_lora_adapter
-    from model_file import load_model_file
+    from course.lora import load_lora_adapter
     from preference_data import load_preference_data
-    from run_config import RunConfig, read_saved_config
+    from runtime import outputs, trainer
+    from runtime.model_file import load_model_file
+    from runtime.run_config import RunConfig, read_saved_config
 
     if kind == "checkpoint":
         model = tiny_model(5)
@@ -271,7 +269,7 @@ def _damage(data: bytes, changes) -> bytes:
 def _expect_read_or_own_error(kind: str, data: bytes, *, checksum: bool) -> None:
     """Write ``data`` as a file of ``kind`` (its recorded checksum beside it, or none) and
     read it: it reads (then it must be unchanged, if checked), or raises a ChapterError."""
-    import outputs
+    from runtime import outputs
 
     original = _original(kind)
     with tempfile.TemporaryDirectory() as folder:

@@ -8,7 +8,7 @@ import pytest
 
 import find_near_duplicates as fnd
 from benchmarks import scale, synthetic_alpaca
-from instruction_data import read_instruction_file, validate_instruction_data
+from course.instruction_data import read_instruction_file, validate_instruction_data
 
 
 @pytest.fixture(scope="module")

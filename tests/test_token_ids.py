@@ -10,10 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import token_ids
-from gpt2_tokenizer import get_tokenizer
-from helpers import CharTokenizer, make_entries
-from instruction_data import (
+from course.instruction_data import (
     PROMPT_STYLES,
     SAMPLE_DATA_PATH,
     InstructionDataset,
@@ -21,6 +18,9 @@ from instruction_data import (
     format_response,
     load_instruction_data,
 )
+from helpers import CharTokenizer, make_entries
+from runtime import token_ids
+from runtime.gpt2_tokenizer import get_tokenizer
 
 
 @pytest.fixture(scope="module")

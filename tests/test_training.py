@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 import previous_chapters as pc
-import progress_bars
-from gpt2_tokenizer import get_tokenizer
 from helpers import IGN, tiny_model
+from runtime import progress_bars
+from runtime.gpt2_tokenizer import get_tokenizer
 
 matplotlib.use("Agg")
 

@@ -22,9 +22,9 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import MISSING, Field, dataclass, field, fields, replace
 from typing import Any
 
-from instruction_data import DATA_URL, PROMPT_STYLES
-from judge_host import JUDGE_APIS
+from course.instruction_data import DATA_URL, PROMPT_STYLES
 from previous_chapters import MODEL_CONFIGS
+from runtime.judge_host import JUDGE_APIS
 
 PRECISIONS = ("fp32", "bf16")
 

@@ -18,9 +18,7 @@ from typing import Any
 import torch
 
 import gpt_download
-from distributed import SINGLE_PROCESS, Ranks
-from engine import generate_batch, in_precision, make_optimizer, packed_loss_batch
-from instruction_data import (
+from course.instruction_data import (
     EOS_TOKEN_ID,
     PromptStyle,
     first_few,
@@ -36,7 +34,9 @@ from previous_chapters import (
     plot_losses,
     resolve_model_name,
 )
-from trainer import train_resumable
+from runtime.distributed import SINGLE_PROCESS, Ranks
+from runtime.engine import generate_batch, in_precision, make_optimizer, packed_loss_batch
+from runtime.trainer import train_resumable
 
 # --------------------------------------------------------------------------------------
 # 7.5 Loading a pretrained LLM

@@ -22,15 +22,18 @@ from urllib.parse import urlsplit
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from engine import LengthGroupedBatchSampler
 from gpt_download import DiskError, download_file
-from token_ids import encode_prompts_and_responses, shared_prefix_length, token_lengths
+from runtime.engine import LengthGroupedBatchSampler
+from runtime.errors import ChapterError, ConfigError, DatasetError  # noqa: F401 (re-exported)
+from runtime.token_ids import encode_prompts_and_responses, shared_prefix_length, token_lengths
 
 DATA_URL = (
     "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/"
     "01_main-chapter-code/instruction-data.json"
 )
-SAMPLE_DATA_PATH = Path(__file__).resolve().parent / "data" / "sample-instruction-data.json"
+SAMPLE_DATA_PATH = (
+    Path(__file__).resolve().parents[1] / "main" / "data" / "sample-instruction-data.json"
+)
 REQUIRED_KEYS = ("instruction", "input", "output")
 JSON_LINES_SUFFIXES = (".jsonl", ".ndjson")  # read as one entry per line
 EOS_TOKEN_ID = 50256  # <|endoftext|> in GPT-2's vocabulary, also used as padding
@@ -38,18 +41,6 @@ SMOKE_HINT = (
     "To run the chapter offline on the bundled sample data, use "
     "`python main/instruction_finetuning.py --smoke` (or SMOKE = True in the notebook)."
 )
-
-
-class ChapterError(Exception):
-    """An expected failure (bad data, a bad setting, no judge...) with a message saying what to do."""
-
-
-class DatasetError(ChapterError, ValueError):
-    """The instruction data is not a JSON list of {instruction, input, output} strings."""
-
-
-class ConfigError(ChapterError, ValueError):
-    """A setting that cannot work: an unknown model size, prompt style, device or judge API."""
 
 
 def first_few(indices: Sequence[int], n: int = 10) -> str:

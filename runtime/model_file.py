@@ -28,20 +28,17 @@ from typing import Any
 
 import torch
 
-from instruction_data import ChapterError, PromptStyle, get_prompt_style
-from outputs import load_failure, read_json, verify_file
+from course.instruction_data import PromptStyle, get_prompt_style
 from previous_chapters import MODEL_CONFIGS, GPTModel, gpt2_config
-from run_config import RUN_CONFIG_FILE, latest_run, run_folders
+from runtime.errors import ModelFileError  # noqa: F401 (re-exported)
+from runtime.outputs import load_failure, read_json, verify_file
+from runtime.run_config import RUN_CONFIG_FILE, latest_run, run_folders
 
 MODEL_FILE_GLOB = "*-sft.pth"
 MAKE_ONE = (
     "fine-tune one with `python main/instruction_finetuning.py` "
     "(or `--smoke` for a tiny one in seconds)"
 )
-
-
-class ModelFileError(ChapterError):
-    """A model file that is missing, unreadable, not a GPTModel state dict, or the wrong size."""
 
 
 @dataclass

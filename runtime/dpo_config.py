@@ -18,14 +18,13 @@ from typing import Any
 
 import torch
 
-from dpo import REDUCTIONS
-from instruction_data import ConfigError, check_prompt_style
-from judge_host import redact_urls
-from model_file import find_model_file, model_in_folder
-from ollama_evaluate import judge_endpoint
-from outputs import save_json
+from course.dpo import REDUCTIONS
+from course.instruction_data import ConfigError, check_prompt_style
 from preference_data import PREFERENCE_FILE, SAMPLE_PREFERENCE_PATH
-from run_config import (
+from runtime.judge_host import judge_endpoint, redact_urls
+from runtime.model_file import find_model_file, model_in_folder
+from runtime.outputs import save_json
+from runtime.run_config import (
     check_device,
     check_ranges,
     check_writable_folder,
@@ -33,7 +32,7 @@ from run_config import (
     latest_run,
     new_run_folder,
 )
-from run_settings import FLOAT, SWITCH, TEXT, Setting, above_zero, ranges, setting
+from runtime.run_settings import FLOAT, SWITCH, TEXT, Setting, above_zero, ranges, setting
 
 DPO_CONFIG_FILE = "dpo-config.json"
 THE_SFT_RUNS = "the SFT run's"

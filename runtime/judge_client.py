@@ -26,8 +26,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from instruction_data import ConfigError
-from judge_host import (
+from course.instruction_data import ConfigError
+from runtime.judge_host import (
     JudgeReplyError,
     JudgeUnavailableError,
     judge_base,

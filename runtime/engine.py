@@ -47,7 +47,7 @@ from previous_chapters import (
     next_token_logits,
     sample_next_token,
 )
-from progress_bars import progress_bar
+from runtime.progress_bars import progress_bar
 
 IGNORE_INDEX = -100  # cross_entropy's default: targets with this value are skipped
 

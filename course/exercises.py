@@ -30,11 +30,11 @@ from pathlib import Path
 
 import torch
 
-from instruction_data import ConfigError
-from judge_stats import mean_and_spread
-from lora import apply_lora, count_parameters
-from outputs import save_json
+from course.instruction_data import ConfigError
+from course.judge_stats import mean_and_spread
+from course.lora import apply_lora, count_parameters
 from previous_chapters import GPTModel
+from runtime.outputs import save_json
 
 ALPACA_URL = "https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/main/alpaca_data.json"
 STAND_IN_FILE = "alpaca-stand-in.json"

@@ -36,9 +36,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from engine import ends_after_last
 from previous_chapters import train_model_simple
-from trainer import ResumableRun
+from runtime.engine import ends_after_last
+from runtime.trainer import ResumableRun
 
 REDUCTIONS = ("sum", "mean")
 LN2 = math.log(2)  # the DPO loss while the policy equals the reference

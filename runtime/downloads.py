@@ -26,7 +26,7 @@ from pathlib import Path
 import requests
 import urllib3
 
-from progress_bars import progress_bar
+from runtime.progress_bars import progress_bar
 
 DOWNLOAD_TIMEOUT = (5.0, 30.0)  # seconds to connect, seconds of silence while receiving
 MIN_RATE = 1000.0  # bytes per second: a transfer slower than this ...

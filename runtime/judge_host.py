@@ -11,30 +11,11 @@ import os
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from instruction_data import ChapterError, ConfigError
+from course.instruction_data import ConfigError
+from runtime.errors import JudgeReplyError, JudgeUnavailableError  # noqa: F401 (re-exported)
 
 OLLAMA_DEFAULT_PORT = 11434
 JUDGE_APIS = ("ollama", "openai")
-
-
-class JudgeUnavailableError(ChapterError, ConnectionError):
-    """The LLM judge cannot be reached, does not have the model, or stopped answering.
-
-    ``result``: set by ``ollama_evaluate.judge_responses`` to the ``JudgeResult`` of what was
-    scored before (in this or an earlier session); None when raised elsewhere.
-    ``server_down``: True when starting the server is what to do (no connection, no reply
-    in time); False when the server answered and the message says what to do.
-    """
-
-    result: Any = None
-    server_down: bool = True
-
-
-class JudgeReplyError(JudgeUnavailableError):
-    """The judge answered, but not with a usable reply (an HTTP error, an empty or null
-    reply, not JSON, too large, not the API's shape): a failed attempt, never a result."""
-
-    server_down = False
 
 
 def redact_url(url: str | None) -> str | None:

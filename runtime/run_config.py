@@ -26,17 +26,17 @@ from urllib.parse import urlsplit
 
 import torch
 
-from instruction_data import (
+from course.instruction_data import (
     DATA_URL,
     SAMPLE_DATA_PATH,
     ConfigError,
     check_prompt_style,
 )
-from judge_host import redact_url, redact_urls
-from ollama_evaluate import judge_endpoint
-from outputs import read_json, remove_stale_temp_files, save_json
 from previous_chapters import gpt2_config, resolve_model_name
-from run_settings import PRECISIONS, ranges, setting
+from runtime.errors import RunLockedError  # noqa: F401 (re-exported)
+from runtime.judge_host import judge_endpoint, redact_url, redact_urls
+from runtime.outputs import read_json, remove_stale_temp_files, save_json
+from runtime.run_settings import PRECISIONS, ranges, setting
 
 # The smoke run's model: GPT-2's vocabulary and layout, tiny sizes, random weights.
 SMOKE_MODEL_OVERRIDES = {"emb_dim": 64, "n_layers": 2, "n_heads": 4, "context_length": 256}
@@ -307,10 +307,6 @@ def check_settings(cfg: RunConfig) -> torch.device:
 _RUN_NAME = re.compile(r"^\d{8}-\d{6}-")  # <date>-<time>-<tag>, as new_run_folder names them
 LOCK_FILE = ".lock"  # held (flock) by the process that writes the run; it holds the pid
 _LOCKS: dict[Path, int] = {}  # the run folders this process holds: their lock files' fds
-
-
-class RunLockedError(ConfigError):
-    """Another process is writing the run folder."""
 
 
 def lock_run(folder: str | os.PathLike) -> None:

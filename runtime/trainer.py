@@ -44,7 +44,16 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from distributed import (
+from course.instruction_data import ChapterError
+from previous_chapters import (
+    LoopState,
+    LossFn,
+    TrainingRun,
+    calc_loss_batch,
+    evaluate_model,
+    train_model_simple,
+)
+from runtime.distributed import (
     SINGLE_PROCESS,
     Ranks,
     barrier,
@@ -54,25 +63,9 @@ from distributed import (
     sum_across,
     sync_generator,
 )
-from engine import IGNORE_INDEX
-from instruction_data import ChapterError
-from outputs import keep_previous, load_failure, verify_file, write_atomically
-from previous_chapters import (
-    LoopState,
-    LossFn,
-    TrainingRun,
-    calc_loss_batch,
-    evaluate_model,
-    train_model_simple,
-)
-
-
-class TrainingInterrupted(ChapterError):
-    """Training stopped on Ctrl-C or SIGTERM after saving a checkpoint."""
-
-
-class NonFiniteLossError(ChapterError):
-    """The training loss became NaN or infinite."""
+from runtime.engine import IGNORE_INDEX
+from runtime.errors import NonFiniteLossError, TrainingInterrupted  # noqa: F401 (re-exported)
+from runtime.outputs import keep_previous, load_failure, verify_file, write_atomically
 
 
 @dataclass

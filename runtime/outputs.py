@@ -28,19 +28,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from instruction_data import ChapterError
+from runtime.errors import FileCheckError, OutputError  # noqa: F401 (re-exported)
 
 CHECKSUM_SUFFIX = ".sha256"
 _NO_SPACE = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
 _LOW_SPACE = 64 * 2**20  # bytes free below which a failed write is put down to a full disk
-
-
-class OutputError(ChapterError, OSError):
-    """A file could not be written: no space left, a read-only folder, no permission."""
-
-
-class FileCheckError(ChapterError):
-    """A file the project wrote is damaged (its checksum differs) or cannot be read."""
 
 
 def _umask() -> int:

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from instruction_data import ConfigError
+from course.instruction_data import ConfigError
 
 
 @dataclass(frozen=True)

@@ -35,14 +35,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from instruction_data import ChapterError
-from outputs import load_failure, verify_file, write_atomically
+from runtime.errors import LoRAError  # noqa: F401 (re-exported)
+from runtime.outputs import load_failure, verify_file, write_atomically
 
 ADAPTER_FORMAT = "lora-adapter-v1"
-
-
-class LoRAError(ChapterError, ValueError):
-    """A LoRA setting that cannot work, or an adapter that does not fit the model."""
 
 
 def check_lora_settings(rank: object, alpha: object) -> None:
