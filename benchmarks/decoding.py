@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import copy
 import statistics
-import time
 
 import torch
 
 import previous_chapters as pc
 from benchmarks import contenders as c
-from benchmarks.measure import alternate, compare_outputs, fastest_hf_cache, sync
+from benchmarks.measure import alternate, best_seconds, compare_outputs, fastest_hf_cache
 from benchmarks.report import yes
 from benchmarks.workload import Data, Sizes
 from runtime.engine import generate_batch, stream_tokens
@@ -34,18 +33,8 @@ def memory_bandwidth(device: torch.device, mib: int = 1024, repeats: int = 5) ->
     src = torch.ones(mib * 2**18, device=device)  # float32: 4 bytes each
     dst = torch.empty_like(src)
     size = src.numel() * src.element_size()
-    best = {}
-    for moved, kernel in ((2 * size, lambda: dst.copy_(src)), (size, lambda: src.sum())):
-        kernel()
-        seconds = float("inf")
-        for _ in range(repeats):
-            sync(device)
-            start = time.perf_counter()
-            kernel()
-            sync(device)
-            seconds = min(seconds, time.perf_counter() - start)
-        best[moved] = moved / seconds
-    return max(best.values())
+    kernels = ((2 * size, lambda: dst.copy_(src)), (size, lambda: src.sum()))
+    return max(moved / best_seconds(kernel, device, repeats) for moved, kernel in kernels)
 
 
 def bytes_per_token(model: torch.nn.Module, prompt_len: int, new_tokens: int) -> float:

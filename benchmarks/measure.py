@@ -71,24 +71,20 @@ def alternate(
     return times
 
 
+def best_seconds(kernel: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """The fastest of ``repeats`` timed runs of ``kernel``, after one untimed run."""
+    return min(alternate({"kernel": lambda r: kernel}, repeats, 1, device)["kernel"])
+
+
 def matmul_peak(device: torch.device, n: int = 2048, repeats: int = 5) -> dict[str, float]:
     """Best fp32 FLOP/s of an n x n matmul, by torch.matmul and (CPU) by oneDNN directly."""
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     kernels = {"torch.matmul": lambda: a @ b}
     if device.type == "cpu" and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
         kernels["oneDNN"] = lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
-    rates = {}
-    for name, kernel in kernels.items():
-        kernel()
-        best = float("inf")
-        for _ in range(repeats):
-            sync(device)
-            start = time.perf_counter()
-            kernel()
-            sync(device)
-            best = min(best, time.perf_counter() - start)
-        rates[name] = 2 * n**3 / best
-    return rates
+    return {
+        name: 2 * n**3 / best_seconds(kernel, device, repeats) for name, kernel in kernels.items()
+    }
 
 
 # --------------------------------------------------------------------------------------

@@ -226,83 +226,94 @@ def machine() -> dict:
     }
 
 
+def tokenize_rows(t: dict, n: int) -> list[list[str]]:
+    """The rows of tokenizing ``n`` entries: ours against the course's."""
+    ours, course = t["ours"], t["course"]
+    return [
+        [
+            f"Tokenizing {n:,} entries: seconds",
+            f"{ours['seconds']:.2f}",
+            f"{course['seconds']:.2f} (a list per entry)",
+            "< 3 s",
+            "yes" if ours["seconds"] < 3 else "**no**",
+        ],
+        [
+            "Tokenizing: peak memory above the data, MB",
+            f"{ours['peak_mb']:.0f}",
+            f"{course['peak_mb']:.0f}",
+            "< 100 MB",
+            "yes" if ours["peak_mb"] < 100 else "**no**",
+        ],
+        [
+            f"Token ids held ({ours['tokens']:,.0f} tokens), MB",
+            f"{ours['ids_mb']:.1f}",
+            "",
+            "",
+            "",
+        ],
+    ]
+
+
+def dedup_rows(d: dict) -> list[list[str]]:
+    """The rows of the near-duplicate search."""
+    return [
+        [
+            "Near-duplicates, 3 fields, removal: minutes",
+            f"{d['seconds'] / 60:.1f}",
+            "",
+            "a few",
+            "",
+        ],
+        [
+            "Near-duplicates: peak memory, GB",
+            f"{d['peak_mb'] / 1e3:.2f}",
+            f"{d['full_matrix_gb']:.1f} (the full float64 matrix)",
+            "a few GB",
+            "yes" if d["peak_mb"] < 4e3 else "**no**",
+        ],
+        ["Near-duplicates: entries removed", f"{d['entries'] - d['kept']:,}", "", "", ""],
+    ]
+
+
+def generate_rows(g: dict) -> list[list[str]]:
+    """The rows of the responses' speed and the projected time for the test set."""
+    return [
+        [
+            f"Responses, {g['model']}: new tokens/s after the prefill, batch 8 / 16",
+            f"{g['tokens_per_s_batch8']:.1f} / {g['tokens_per_s_batch16']:.1f}",
+            "",
+            "",
+            "",
+        ],
+        [
+            f"Projected time for all {g['test_entries']:,} test responses ({g['projected_new_tokens']:,} tokens): hours, batch 8 / 16",
+            f"{g['projected_hours_batch8']:.1f} / {g['projected_hours_batch16']:.1f}",
+            "2.9 (course: one at a time, L4 GPU)",
+            "",
+            "",
+        ],
+    ]
+
+
+def bf16_rows(b: dict) -> list[list[str]]:
+    """The row of the CPU training step under bf16 autocast."""
+    return [
+        [
+            "Training step on the CPU, GPT-2 small, 8 x 256: seconds, bf16 autocast",
+            f"{b['bf16']:.2f}",
+            f"{b['fp32']:.2f} (fp32)",
+            "faster than fp32",
+            "yes" if b["speedup"] > 1 else "**no**",
+        ],
+    ]
+
+
 def table_rows(r: dict) -> list[list[str]]:
-    """[measurement, ours, reference, goal, met] rows."""
-    rows, n = [], r["entries"]
-    if "tokenize" in r:
-        ours, course = r["tokenize"]["ours"], r["tokenize"]["course"]
-        rows += [
-            [
-                f"Tokenizing {n:,} entries: seconds",
-                f"{ours['seconds']:.2f}",
-                f"{course['seconds']:.2f} (a list per entry)",
-                "< 3 s",
-                "yes" if ours["seconds"] < 3 else "**no**",
-            ],
-            [
-                "Tokenizing: peak memory above the data, MB",
-                f"{ours['peak_mb']:.0f}",
-                f"{course['peak_mb']:.0f}",
-                "< 100 MB",
-                "yes" if ours["peak_mb"] < 100 else "**no**",
-            ],
-            [
-                f"Token ids held ({ours['tokens']:,.0f} tokens), MB",
-                f"{ours['ids_mb']:.1f}",
-                "",
-                "",
-                "",
-            ],
-        ]
-    if "dedup" in r:
-        d = r["dedup"]
-        rows += [
-            [
-                "Near-duplicates, 3 fields, removal: minutes",
-                f"{d['seconds'] / 60:.1f}",
-                "",
-                "a few",
-                "",
-            ],
-            [
-                "Near-duplicates: peak memory, GB",
-                f"{d['peak_mb'] / 1e3:.2f}",
-                f"{d['full_matrix_gb']:.1f} (the full float64 matrix)",
-                "a few GB",
-                "yes" if d["peak_mb"] < 4e3 else "**no**",
-            ],
-            ["Near-duplicates: entries removed", f"{d['entries'] - d['kept']:,}", "", "", ""],
-        ]
-    if "generate" in r:
-        g = r["generate"]
-        rows += [
-            [
-                f"Responses, {g['model']}: new tokens/s after the prefill, batch 8 / 16",
-                f"{g['tokens_per_s_batch8']:.1f} / {g['tokens_per_s_batch16']:.1f}",
-                "",
-                "",
-                "",
-            ],
-            [
-                f"Projected time for all {g['test_entries']:,} test responses ({g['projected_new_tokens']:,} tokens): hours, batch 8 / 16",
-                f"{g['projected_hours_batch8']:.1f} / {g['projected_hours_batch16']:.1f}",
-                "2.9 (course: one at a time, L4 GPU)",
-                "",
-                "",
-            ],
-        ]
-    if "bf16" in r:
-        b = r["bf16"]
-        rows += [
-            [
-                "Training step on the CPU, GPT-2 small, 8 x 256: seconds, bf16 autocast",
-                f"{b['bf16']:.2f}",
-                f"{b['fp32']:.2f} (fp32)",
-                "faster than fp32",
-                "yes" if b["speedup"] > 1 else "**no**",
-            ],
-        ]
-    return rows  # fmt: skip
+    """[measurement, ours, reference, goal, met] rows, of the measurements in ``r``."""
+    rows = tokenize_rows(r["tokenize"], r["entries"]) if "tokenize" in r else []
+    for key, make_rows in (("dedup", dedup_rows), ("generate", generate_rows), ("bf16", bf16_rows)):
+        rows += make_rows(r[key]) if key in r else []
+    return rows
 
 
 def markdown_table(rows: list[list[str]]) -> str:

@@ -60,6 +60,16 @@ def show_source(*objects: Any) -> Any:
 # --------------------------------------------------------------------------------------
 
 
+def _finish(fig: Any, ax: Any, title: str, xlabel: str, ylabel: str) -> Any:
+    """A one-panel figure's title, axis labels and legend, laid out; returns the figure."""
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def plot_token_lengths(
     lengths_by_split: dict[str, Sequence[int]], context_length: int, allowed_max_length: int
 ):
@@ -72,15 +82,11 @@ def plot_token_lengths(
     if allowed_max_length < context_length:
         ax.axvline(allowed_max_length, color="red", linestyle=":", label="allowed_max_length")
     over = sum(n + 1 > allowed_max_length for n in all_lengths)  # +1: the end-of-text token
-    ax.set_title(
+    title = (
         f"{len(all_lengths)} entries: longest {max(all_lengths)} tokens, "
         f"median {int(np.median(all_lengths))}; {over} would be cut"
     )
-    ax.set_xlabel("tokens per entry (prompt + response)")
-    ax.set_ylabel("entries")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, title, "tokens per entry (prompt + response)", "entries")
 
 
 # categories of a cell in a drawn batch: (label, colour)
@@ -179,12 +185,8 @@ def plot_padding(loader: Any, ignore_index: int = -100):
     ax.bar(steps, real, width=1.0, label="positions with a target")
     ax.bar(steps, padded, bottom=real, width=1.0, color="#d9d9d9", label="padding (ignored)")
     share = sum(padded) / max(sum(real) + sum(padded), 1)
-    ax.set_title(f"one epoch of training batches: {share:.0%} of all positions are padding")
-    ax.set_xlabel("batch")
-    ax.set_ylabel("positions")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    title = f"one epoch of training batches: {share:.0%} of all positions are padding"
+    return _finish(fig, ax, title, "batch", "positions")
 
 
 # --------------------------------------------------------------------------------------
@@ -203,15 +205,11 @@ def plot_response_lengths(
     bins = np.linspace(0, top, min(40, top) + 1)
     ax.hist([reference, model], bins=bins, label=["reference output", "model response"])
     ax.axvline(max_new_tokens, color="black", linestyle="--", label="max_new_tokens")
-    ax.set_title(
+    title = (
         f"{len(entries)} test responses: median {int(np.median(model))} tokens "
         f"(references: {int(np.median(reference))})"
     )
-    ax.set_xlabel("tokens")
-    ax.set_ylabel("entries")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, title, "tokens", "entries")
 
 
 def before_after_table(

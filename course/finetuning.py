@@ -105,6 +105,13 @@ class TrainingResult:
     def final_val_loss(self) -> float | None:
         return self.val_losses[-1] if self.val_losses else None
 
+    @classmethod
+    def of_state(cls, state: Any, num_epochs: int) -> TrainingResult:
+        """The result of a finished ``trainer.TrainState``."""
+        history = state.history
+        losses = (history.train_losses, history.val_losses, history.track_tokens_seen)
+        return cls(*state.initial_losses, *losses, num_epochs, state.seconds / 60)
+
 
 def restart_shuffling(loader: Any, seed: int) -> None:
     """Reseed a loader's shuffling, so the batch order depends only on ``seed``, not on
@@ -113,6 +120,25 @@ def restart_shuffling(loader: Any, seed: int) -> None:
         generator = getattr(owner, "generator", None)
         if generator is not None:
             generator.manual_seed(seed)
+
+
+def start_training(
+    model: torch.nn.Module,
+    train_loader: Any,
+    val_loader: Any,
+    lr: float,
+    weight_decay: float,
+    seed: int,
+    start_context: str | None = None,
+) -> tuple[torch.optim.Optimizer, str]:
+    """7.6's start: the seed, the loader's order restarted from it, and AdamW; returns the
+    optimizer and the prompt continued after each epoch (by default the first validation
+    entry's, as in the course)."""
+    if start_context is None:
+        start_context = format_input(val_loader.dataset.data[0], val_loader.dataset.style)
+    torch.manual_seed(seed)
+    restart_shuffling(train_loader, seed)
+    return make_optimizer(model, lr=lr, weight_decay=weight_decay), start_context
 
 
 def finetune(
@@ -141,20 +167,16 @@ def finetune(
     """Section 7.6: AdamW on the chapter's settings, trained by the course's loop.
 
     The loop is the course's ``train_model_simple``, with ``trainer.train_resumable``'s
-    pieces: the losses before training, checkpoints at ``checkpoint_path`` and ``resume``. The fast
-    engine is chosen here: ``loss_fn`` is ``engine.packed_loss_batch`` (the course's
-    ``calc_loss_batch`` gives the same numbers, slower) and AdamW is fused. ``start_context``,
-    continued after each epoch, defaults to the first validation prompt, as in the course.
-
+    pieces: the losses before training, checkpoints at ``checkpoint_path`` and ``resume``.
+    The fast engine is chosen here: ``loss_fn`` is ``engine.packed_loss_batch`` (the
+    course's ``calc_loss_batch`` gives the same numbers, slower) and AdamW is fused.
     The loaders' batches are global batches: ``grad_accum`` micro-batches on each of the
     ``ranks`` (torchrun's processes) make one step, the same step as one batch that size
     (see ``trainer``); ``precision="bf16"`` runs the losses under bf16 autocast.
     """
-    if start_context is None:
-        start_context = format_input(val_loader.dataset.data[0], val_loader.dataset.style)
-    torch.manual_seed(seed)
-    restart_shuffling(train_loader, seed)
-    optimizer = make_optimizer(model, lr=lr, weight_decay=weight_decay)
+    optimizer, start_context = start_training(
+        model, train_loader, val_loader, lr, weight_decay, seed, start_context
+    )
     state = train_resumable(
         model,
         train_loader,
@@ -175,17 +197,10 @@ def finetune(
         ranks=ranks,
         precision=precision,
     )
-    minutes = state.seconds / 60
-    print(f"Training completed in {minutes:.2f} minutes.")
+    result = TrainingResult.of_state(state, num_epochs)
+    print(f"Training completed in {result.minutes:.2f} minutes.")
     model.eval()
-    return TrainingResult(
-        *state.initial_losses,
-        state.history.train_losses,
-        state.history.val_losses,
-        state.history.track_tokens_seen,
-        num_epochs,
-        minutes,
-    )
+    return result
 
 
 def plot_training(result: TrainingResult):

@@ -92,7 +92,21 @@ def _adapter(linear: nn.Linear, out_dim: int, rank: int, alpha: float) -> LoRALa
     return LoRALayer(linear.in_features, out_dim, rank, alpha, device=w.device, dtype=w.dtype)
 
 
-class LinearWithLoRA(nn.Module):
+class WrapsLinear(nn.Module):
+    """A layer around a linear layer ``self.linear``: its ``weight`` and ``bias`` are the base
+    layer's, for code that asks a linear layer for its shape, device or dtype (the engine asks
+    out_head); computing with them would leave the update out."""
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.linear.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.linear.bias
+
+
+class LinearWithLoRA(WrapsLinear):
     """A linear layer plus a LoRA update: linear(x) + lora(x)."""
 
     def __init__(self, linear: nn.Linear, rank: int, alpha: float) -> None:
@@ -106,18 +120,8 @@ class LinearWithLoRA(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         return self.lora.delta_weight()
 
-    # The base layer's tensors, for code that asks a linear layer for its shape, device or
-    # dtype (the engine asks out_head); computing with them would leave the update out.
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.linear.weight
 
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.linear.bias
-
-
-class QKVWithLoRA(nn.Module):
+class QKVWithLoRA(WrapsLinear):
     """The fused query/key/value layer with the course's three adapters, one per third of its
     output: [q | k | v] + [lora_query(x) | lora_key(x) | lora_value(x)]."""
 
@@ -138,14 +142,6 @@ class QKVWithLoRA(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         parts = (self.lora_query, self.lora_key, self.lora_value)
         return torch.cat([lora.delta_weight() for lora in parts], dim=0)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.linear.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.linear.bias
 
 
 WRAPPERS = (LinearWithLoRA, QKVWithLoRA)

@@ -42,8 +42,7 @@ import torch
 
 from chat import add_generation_args, load_for_chat, stream_reply
 from course.instruction_data import ChapterError
-from runtime.interrupts import INTERRUPTED
-from runtime.interrupts import describe as describe_stop
+from runtime.interrupts import failed, stopped
 from runtime.model_file import LoadedModel
 
 # Nothing is fetched from the internet (set before Gradio is imported, which reads them)
@@ -203,11 +202,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"Chat page for {loaded.path}: open {url} in a browser; {reach}. Ctrl-C stops it.")
         serve_until_interrupted(page)
     except (ChapterError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return failed(exc)
     except KeyboardInterrupt as exc:
-        print(f"\n{describe_stop(exc)}: the chat page stopped", file=sys.stderr)
-        return INTERRUPTED
+        return stopped(exc, "the chat page stopped")
     return 0
 
 

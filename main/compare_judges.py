@@ -42,6 +42,7 @@ from ollama_evaluate import (
     judge_responses,
     read_responses,
 )
+from runtime.interrupts import failed, stopped
 from runtime.outputs import save_figure, save_json
 
 PLOT = "outputs/judge-agreement.png"
@@ -222,15 +223,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         plot = save_figure(plot_agreement(report), args.plot)
         saved = save_json(report, Path(args.plot).with_suffix(".json"))
         print(f"Scatter plot: {plot}\nNumbers: {saved}")
-    except KeyboardInterrupt:
-        print(
-            "\ninterrupted: the scores so far are saved; run the same command again",
-            file=sys.stderr,
-        )
-        return 130
+    except KeyboardInterrupt as exc:
+        return stopped(exc, "the scores so far are saved; run the same command again")
     except (ChapterError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return failed(exc)
     return 0
 
 

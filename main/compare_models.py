@@ -52,6 +52,7 @@ from ollama_evaluate import (
     read_responses,
     with_judge_hint,
 )
+from runtime.interrupts import failed, stopped
 
 LENGTH_TOLERANCE = 10  # tokens: pairs this close in length make the length-controlled rate
 LENGTH_METHOD = f"pairs whose responses differ by at most {LENGTH_TOLERANCE} GPT-2 tokens"
@@ -378,15 +379,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 std = "n/a" if s["std"] is None else f"{s['std']:.3f}"
                 mean = "n/a" if s["mean"] is None else f"{s['mean']:.3f}"
                 print(f"across {s['n_seeds']} seeds: {metric} mean {mean}, std {std}")
-    except KeyboardInterrupt:
-        print(
-            "\ninterrupted: the verdicts so far are saved; run the same command again",
-            file=sys.stderr,
-        )
-        return 130
+    except KeyboardInterrupt as exc:
+        saved = "the verdicts so far are saved; run the same command again"
+        return stopped(exc, saved)
     except (ChapterError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return failed(exc)
     return 0
 
 

@@ -56,8 +56,7 @@ from runtime.errors import ExportError  # noqa: F401 (re-exported)
 
 # (gpt2_tokenizer's own search for GPT-2's BPE files on disk, and its checksum)
 from runtime.gpt2_tokenizer import ENDOFTEXT, find_bpe_files
-from runtime.interrupts import INTERRUPTED
-from runtime.interrupts import describe as describe_stop
+from runtime.interrupts import failed, stopped
 from runtime.model_file import LoadedModel, find_model_file, load_model_file
 from runtime.outputs import write_folder_atomically
 from runtime.progress_bars import on_terminal
@@ -384,11 +383,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             overwrite=args.overwrite,
         )
     except (ChapterError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return failed(exc)
     except KeyboardInterrupt as exc:
-        print(f"\n{describe_stop(exc)}: nothing was exported", file=sys.stderr)
-        return INTERRUPTED
+        return stopped(exc, "nothing was exported")
     return 0
 
 

@@ -53,6 +53,7 @@ from ollama_evaluate import (
     with_judge_hint,
 )
 from runtime import judge_client
+from runtime.interrupts import failed, stopped
 from runtime.judge_host import JudgeReplyError, judge_base, redact_url
 from runtime.outputs import save_json
 
@@ -438,16 +439,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_attempts=args.max_attempts,
             max_failures=args.max_failures,
         )
-    except KeyboardInterrupt:
-        print(
-            f"\ninterrupted: the entries so far are saved in {args.output}; run the same "
-            "command again to go on",
-            file=sys.stderr,
-        )
-        return 130
+    except KeyboardInterrupt as exc:
+        saved = f"the entries so far are saved in {args.output}; run the same command again"
+        return stopped(exc, f"{saved} to go on")
     except (ChapterError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return failed(exc)
     print(
         f"{len(entries)} entries in {args.output} (python main/instruction_finetuning.py "
         f"--data {args.output})"

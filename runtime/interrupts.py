@@ -73,3 +73,16 @@ def run_command(main: Callable[[], int]) -> int:
     except KeyboardInterrupt as exc:
         print(f"\n{describe(exc)}", file=sys.stderr)
         return INTERRUPTED
+
+
+def stopped(exc: KeyboardInterrupt, what: str) -> int:
+    """A command's end on Ctrl-C or SIGTERM: how it was stopped and ``what`` stands now (one
+    line); returns the exit status 130."""
+    print(f"\n{describe(exc)}: {what}", file=sys.stderr)
+    return INTERRUPTED
+
+
+def failed(exc: BaseException) -> int:
+    """A command's end on an expected failure: its one ``error:`` line; returns 2."""
+    print(f"error: {exc}", file=sys.stderr)
+    return 2

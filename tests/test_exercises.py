@@ -164,7 +164,8 @@ def test_notebook_is_committed_without_outputs_and_with_one_parameters_cell():
 def test_the_cells_define_the_lora_layers_as_the_module_does():
     nb = nbformat.read(NOTEBOOK, as_version=4)
     names = [d.name for d in cell_definitions(nb)]
-    lora_names = ["LoRALayer", "_adapter", "LinearWithLoRA", "replace_linear_with_lora"]
+    lora_names = ["LoRALayer", "_adapter", "WrapsLinear", "LinearWithLoRA"]
+    lora_names += ["replace_linear_with_lora"]
     lora_names += ["QKVWithLoRA", "lora_layers", "apply_lora"]
     assert names == ["run_variant", *lora_names, "pairwise_against_baseline"]
     assert differences(NOTEBOOK) == []  # (python tests/notebook_sources.py --sync fixes it)
