@@ -26,7 +26,6 @@ if __name__ == "__main__":  # (before the slow imports: Ctrl-C there is one line
     interrupts.guard_startup()
 
 import argparse
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
@@ -67,10 +66,11 @@ from runtime.dpo_config import (  # noqa: F401 (re-exported for the notebook)
     start_dpo_run,
 )
 from runtime.engine import make_optimizer
+from runtime.errors import FileCheckError
 from runtime.gpt2_tokenizer import get_tokenizer
 from runtime.judge_host import redact_urls
-from runtime.model_file import LoadedModel, load_model_file, read_run_config
-from runtime.outputs import checksum_path, save_figure, save_json, save_model
+from runtime.model_file import LoadedModel, load_model_file, read_run_config, read_state_dict
+from runtime.outputs import checksum_path, read_json, save_figure, save_json, save_model
 from runtime.run_config import RESPONSES_FILE, RunConfig, model_config
 from runtime.run_settings import add_flags, flag_settings
 from runtime.trainer import TrainingInterrupted
@@ -208,10 +208,10 @@ def _trained_earlier(cfg: DPOConfig, policy) -> DPOResult | None:
     done, model_path = cfg.run_dir / TRAINING_FILE, cfg.run_dir / dpo_model_name(cfg)
     if not (done.is_file() and model_path.is_file()):
         return None
-    device = next(policy.parameters()).device
-    policy.load_state_dict(torch.load(model_path, map_location=device, weights_only=True))
+    advice = f"delete it and {model_path.name} to train again with --resume"
+    saved = read_json(done, advice)  # (both checked against their checksums first)
+    policy.load_state_dict(read_state_dict(model_path))
     policy.eval()
-    saved = json.loads(done.read_text(encoding="utf-8"))
     print(f"DPO training finished in an earlier session of this run; loaded {model_path}")
     return DPOResult(DPOHistory(**saved["tracking"]), saved["minutes"])
 
@@ -266,7 +266,7 @@ def save_dpo(cfg: DPOConfig, policy, result: DPOResult) -> tuple[dict[str, Path]
     paths = {
         "plot": save_figure(fig, cfg.run_dir / "dpo-plot.png"),
         "model": save_model(policy, cfg.run_dir / dpo_model_name(cfg)),
-        "training": save_json(asdict(result), cfg.run_dir / TRAINING_FILE),
+        "training": save_json(asdict(result), cfg.run_dir / TRAINING_FILE, checksum=True),
     }
     for name in (CHECKPOINT_FILE, CHECKPOINT_FILE.replace(".pt", ".prev.pt")):  # (the model
         (cfg.run_dir / name).unlink(missing_ok=True)  # file holds what they held)
@@ -283,9 +283,12 @@ def _saved_sft_responses(cfg: DPOConfig, test: list[dict]) -> list[dict] | None:
     if (read_run_config(cfg.model) or {}).get("max_new_tokens") != cfg.max_new_tokens:
         return None
     path = Path(cfg.model).parent / RESPONSES_FILE
+    if not path.is_file():
+        return None
     try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        saved = read_json(path, "generating the SFT model's responses again instead")
+    except FileCheckError as exc:
+        print(f"SFT responses not reused: {exc}")
         return None
     keys = ("instruction", "input", "output")
     same = isinstance(saved, list) and len(saved) == len(test)

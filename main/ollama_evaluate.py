@@ -75,7 +75,7 @@ from runtime.judge_host import (  # noqa: F401 (re-exported: ollama_evaluate.jud
     start_hint,
     with_judge_hint,
 )
-from runtime.outputs import save_json
+from runtime.outputs import checksum_path, save_json, verify_file
 from runtime.progress_bars import progress_bar
 
 JUDGE_OPTIONS = {"seed": 123, "temperature": 0, "num_ctx": 2048}
@@ -561,7 +561,12 @@ def judge_settings(cfg: Any) -> dict[str, Any]:
 
 
 def read_responses(path: str | os.PathLike, json_key: str = "model_response") -> list[dict]:
-    """The entries of a responses file; each must also have a string ``json_key``."""
+    """The entries of a responses file; each must also have a string ``json_key``. A file
+    with a checksum file (the chapter run's) is checked against it first."""
+    advice = (
+        f"generate the responses again, or delete {checksum_path(path).name} to use it as it is"
+    )
+    verify_file(path, advice)
     entries = read_instruction_file(path)
     missing = [i for i, e in enumerate(entries) if not isinstance(e.get(json_key), str)]
     if missing:

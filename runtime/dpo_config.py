@@ -11,7 +11,6 @@ command's own ``--resume`` continues the run ``latest-dpo`` points to, or a give
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from course.instruction_data import ConfigError, check_prompt_style
 from preference_data import PREFERENCE_FILE, SAMPLE_PREFERENCE_PATH
 from runtime.judge_host import judge_endpoint, redact_urls
 from runtime.model_file import find_model_file, model_in_folder
-from runtime.outputs import save_json
+from runtime.outputs import read_json, save_json
 from runtime.run_config import (
     check_device,
     check_ranges,
@@ -146,12 +145,17 @@ def _resume_dpo_config(resume: bool | str, given: dict) -> DPOConfig:
     if run is None:
         raise ConfigError(f"nothing to resume: {output_dir}/ holds no earlier DPO run")
     path = run / DPO_CONFIG_FILE
-    try:
-        cfg = DPOConfig(**json.loads(path.read_text(encoding="utf-8")))
-    except (OSError, ValueError, TypeError) as exc:
+    if not path.is_file():
         raise ConfigError(
-            f"cannot resume from {run}: {path} is missing or unreadable ({exc}); "
-            "pass the folder of an earlier DPO run"
+            f"cannot resume from {run}: {path} is missing; pass the folder of an earlier DPO run"
+        )
+    saved = read_json(path, "start a new DPO run without --resume")  # (checked: checksum)
+    try:
+        cfg = DPOConfig(**saved)
+    except TypeError as exc:
+        raise ConfigError(
+            f"cannot resume from {run}: {path} does not hold a DPO run's settings ({exc}); "
+            "start a new DPO run without --resume"
         ) from None
     cfg = replace(cfg, output_dir=str(run.parent), run_name=run.name)
     differ = [
@@ -211,6 +215,7 @@ def start_dpo_run(cfg: DPOConfig) -> Path:
         return cfg.run_dir
     folder = new_run_folder(cfg.output_dir, "dpo-smoke" if cfg.smoke else "dpo", link="latest-dpo")
     cfg.run_name = folder.name
-    save_json(redact_urls(asdict(cfg)), folder / DPO_CONFIG_FILE)  # (no URL secrets)
+    settings = redact_urls(asdict(cfg))  # (no URL secrets)
+    save_json(settings, folder / DPO_CONFIG_FILE, checksum=True)
     print(f"This DPO run's outputs go to {folder.resolve()}")  # absolute: whatever the cwd
     return folder

@@ -208,6 +208,35 @@ def test_ctrl_c_outside_training_exits_130_saying_how_to_resume(tmp_path, capsys
     assert (run / "dpo-summary.json").is_file()
 
 
+@pytest.mark.parametrize(
+    "name", ["dpo-config.json", "dpo-training-result.json", "gpt-random-init-dpo.pth"]
+)
+def test_resume_refuses_a_damaged_file_of_the_run_in_one_line(tmp_path, capsys, monkeypatch, name):
+    """The files a resumed DPO run reads back carry checksums; one flipped byte is refused
+    with one line naming the file, and the run resumes once the file is restored."""
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dft, "write_both_responses", interrupted)
+    argv = ["--smoke", "--epochs", "1", "--output-dir", str(tmp_path), "--no-judge"]
+    assert dft.main(argv) == 130
+    monkeypatch.undo()
+    path = (tmp_path / "latest-dpo").resolve() / name
+    assert path.with_name(name + ".sha256").is_file()
+    good = path.read_bytes()
+    data = bytearray(good)
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert dft.main(["--resume", "--output-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err
+    assert f"{path} is damaged" in err
+    path.write_bytes(good)
+    assert dft.main(["--resume", "--output-dir", str(tmp_path)]) == 0
+
+
 def test_resume_needs_an_earlier_dpo_run_and_keeps_its_settings(tmp_path, capsys):
     assert dft.main(["--resume", "--output-dir", str(tmp_path)]) == 2
     assert "nothing to resume" in capsys.readouterr().err
