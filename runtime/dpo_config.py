@@ -98,6 +98,7 @@ class DPOConfig:
     judge_api: str = setting("judge_api")
     judge_timeout: float = setting("judge_timeout")
     judge_max_failures: int = setting("judge_max_failures")
+    judge_rubric: str = setting("judge_rubric")
     models_dir: str = setting("models_dir", help="where GPT-2's tokenizer files are kept")
     output_dir: str = setting("output_dir")
     run_name: str | None = None  # set when the run starts

@@ -93,6 +93,7 @@ class RunConfig:
     judge_api: str = setting("judge_api")
     judge_timeout: float = setting("judge_timeout")
     judge_max_failures: int = setting("judge_max_failures")
+    judge_rubric: str = setting("judge_rubric")
     # outputs
     output_dir: str = setting("output_dir")  # each run gets a folder of its own in here
     run_name: str | None = None  # that folder's name, set when the run starts

@@ -29,14 +29,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = [REPO_ROOT / "main" / name for name in ("main.ipynb", "exercises.ipynb", "dpo.ipynb")]
 # where a notebook's definitions come from, searched in this order
 MODULES = (
-    "instruction_data",
-    "collate_drafts",
+    "course.instruction_data",
+    "course.collate_drafts",
     "previous_chapters",
-    "finetuning",
-    "engine",
+    "course.finetuning",
+    "runtime.engine",
     "ollama_evaluate",
-    "lora",
-    "dpo",
+    "course.lora",
+    "course.dpo",
     "preference_data",
 )
 
@@ -134,9 +134,9 @@ def parameters_cell(nb: Any) -> str:
 
 # each notebook's config class, and the parameters that mean something else there
 PARAMETERS = {
-    "main.ipynb": ("run_config", "RunConfig", frozenset()),
-    "exercises.ipynb": ("run_config", "RunConfig", frozenset({"LORA_RANK", "LORA_ALPHA"})),
-    "dpo.ipynb": ("dpo_config", "DPOConfig", frozenset()),
+    "main.ipynb": ("runtime.run_config", "RunConfig", frozenset()),
+    "exercises.ipynb": ("runtime.run_config", "RunConfig", frozenset({"LORA_RANK", "LORA_ALPHA"})),
+    "dpo.ipynb": ("runtime.dpo_config", "DPOConfig", frozenset()),
 }
 
 

@@ -349,7 +349,7 @@ def test_run_folders_are_named_after_what_they_hold(tmp_path):
 
 def _hold_lock(folder: Path) -> subprocess.Popen:
     code = (
-        "import sys, time; import run_config; run_config.lock_run(sys.argv[1]); "
+        "import sys, time; from runtime import run_config; run_config.lock_run(sys.argv[1]); "
         "print('locked', flush=True); time.sleep(60)"
     )
     holder = subprocess.Popen(

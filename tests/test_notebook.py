@@ -198,10 +198,10 @@ def test_a_cell_that_drifts_from_its_module_is_found_and_synced(tmp_path) -> Non
     nbformat.write(nb, path)
     assert differences(path) == [
         f"drifted.ipynb cell {nb.cells.index(cell)}: format_input differs from "
-        "instruction_data.format_input"
+        "course.instruction_data.format_input"
     ]
     assert sync(path) == [
-        f"drifted.ipynb cell {nb.cells.index(cell)}: instruction_data.format_input"
+        f"drifted.ipynb cell {nb.cells.index(cell)}: course.instruction_data.format_input"
     ]
     assert differences(path) == []
     synced = nbformat.read(path, as_version=4)
