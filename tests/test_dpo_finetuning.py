@@ -88,6 +88,27 @@ def test_flags_become_settings():
     )
 
 
+def test_the_judge_scores_both_models_on_the_rubric_chosen(tmp_path, capsys):
+    """``--judge-rubric 1-5`` (a shared setting): both models' responses are scored on the
+    1-5 rubric, and each summary names it beside the mean and its interval."""
+    args = dft.build_arg_parser().parse_args(["--smoke", "--judge-rubric", "1-5"])
+    assert dft.config_from_args(args).judge_rubric == "1-5"
+    server = FakeJudge(lambda prompt: "4" if "rubric of 1 to 5" in prompt else "85")
+    try:
+        cfg = dft.DPOConfig.smoke_preset(judge_url=server.base, judge_rubric="1-5")
+        entry = {"instruction": "Say hi.", "input": "", "output": "Hi.", "model_response": "Hi."}
+        responses = {}
+        for name in ("sft", "dpo"):
+            responses[name] = ([dict(entry)], save_json([entry], tmp_path / f"{name}.json"))
+        scores = dft.score_both(cfg, responses, progress=False)
+    finally:
+        server.close()
+    for name in ("sft", "dpo"):
+        judge = scores[name]["judge"]
+        assert (judge["rubric"], judge["mean_score"], judge["mean_ci95"]) == ("1-5", 4, [4.0, 4.0])
+        assert json.loads((tmp_path / f"{name}.json").read_text())[0]["judge_rubric"] == "1-5"
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
