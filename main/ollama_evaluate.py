@@ -13,7 +13,8 @@ refuses an unusable reply; after ``max_failures`` failed attempts in a row the j
 as down. Each entry's score and a short excerpt of the judge's reply are saved into the
 responses file as they arrive, so Ctrl-C, a crash or a judge that went away loses nothing,
 and the next run asks only the entries still missing (``--rescore-unscored``: also those
-whose reply had no score).
+whose reply had no score). That bookkeeping lives in ``runtime/judge_scores.py``; its names
+are re-exported here.
 
 Score an existing responses file (again), as the course's script does:
 
