@@ -22,7 +22,7 @@ from course.instruction_data import ConfigError, check_prompt_style
 from preference_data import PREFERENCE_FILE, SAMPLE_PREFERENCE_PATH
 from runtime.judge_host import judge_endpoint, redact_urls
 from runtime.model_file import find_model_file, model_in_folder
-from runtime.outputs import read_json, save_json
+from runtime.outputs import save_json
 from runtime.run_config import (
     check_device,
     check_ranges,
@@ -30,6 +30,7 @@ from runtime.run_config import (
     given_settings,
     latest_run,
     new_run_folder,
+    read_saved_config,
 )
 from runtime.run_settings import FLOAT, SWITCH, TEXT, Setting, above_zero, ranges, setting
 
@@ -150,14 +151,8 @@ def _resume_dpo_config(resume: bool | str, given: dict) -> DPOConfig:
         raise ConfigError(
             f"cannot resume from {run}: {path} is missing; pass the folder of an earlier DPO run"
         )
-    saved = read_json(path, "start a new DPO run without --resume")  # (checked: checksum)
-    try:
-        cfg = DPOConfig(**saved)
-    except TypeError as exc:
-        raise ConfigError(
-            f"cannot resume from {run}: {path} does not hold a DPO run's settings ({exc}); "
-            "start a new DPO run without --resume"
-        ) from None
+    # (its checksum, then each setting's type, checked as a chapter run's run-config.json)
+    cfg = read_saved_config(path, DPOConfig, "start a new DPO run without --resume")
     cfg = replace(cfg, output_dir=str(run.parent), run_name=run.name)
     differ = [
         f"{name}={getattr(cfg, name)!r}"

@@ -269,6 +269,16 @@ def test_resume_needs_an_earlier_dpo_run_and_keeps_its_settings(tmp_path, capsys
     assert "keeps the settings it started with (beta=0.1)" in capsys.readouterr().err
 
 
+def test_resume_refuses_a_dpo_config_with_a_wrongly_typed_setting_in_one_line(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    saved = {**asdict(dft.DPOConfig.smoke_preset(run_name="run")), "beta": "big"}
+    save_json(saved, tmp_path / "run" / "dpo-config.json")  # (by hand: no checksum)
+    assert dft.main(["--resume", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert 'dpo-config.json: beta must be float but is "big"' in err
+
+
 # --- end to end -------------------------------------------------------------------------------
 
 
