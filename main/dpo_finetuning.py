@@ -275,10 +275,28 @@ def save_dpo(cfg: DPOConfig, policy, result: DPOResult) -> tuple[dict[str, Path]
     return paths, fig
 
 
-def _saved_sft_responses(cfg: DPOConfig, test: list[dict]) -> list[dict] | None:
-    """The chapter run's responses to these test entries, if its folder holds them (and it
-    allowed the same response length)."""
-    if cfg.model is None:
+def _answers(saved: Any, test: list[dict]) -> bool:
+    """Whether ``saved`` (read from a responses file) answers exactly these test entries."""
+    keys = ("instruction", "input", "output")
+    same = isinstance(saved, list) and len(saved) == len(test)
+    return same and all(
+        isinstance(s, dict)
+        and isinstance(s.get("model_response"), str)
+        and all(s.get(k) == t[k] for k in keys)
+        for s, t in zip(saved, test, strict=True)
+    )
+
+
+def _saved_responses(cfg: DPOConfig, name: str, file: str, test: list[dict]) -> tuple | None:
+    """(responses, where from) saved earlier for these test entries: by an earlier session
+    of this run (checked: a damaged file is refused), else for the SFT model by the chapter
+    run (if it allowed the same response length; a damaged file is not reused); or None."""
+    own = cfg.run_dir / file
+    if own.is_file():
+        saved = read_json(own, "delete it to generate the responses again with --resume")
+        if _answers(saved, test):
+            return saved, "an earlier session of this run"
+    if name != "sft" or cfg.model is None:
         return None
     if (read_run_config(cfg.model) or {}).get("max_new_tokens") != cfg.max_new_tokens:
         return None
@@ -290,15 +308,7 @@ def _saved_sft_responses(cfg: DPOConfig, test: list[dict]) -> list[dict] | None:
     except FileCheckError as exc:
         print(f"SFT responses not reused: {exc}")
         return None
-    keys = ("instruction", "input", "output")
-    same = isinstance(saved, list) and len(saved) == len(test)
-    same = same and all(
-        isinstance(s, dict)
-        and isinstance(s.get("model_response"), str)
-        and all(s.get(k) == t[k] for k in keys)
-        for s, t in zip(saved, test, strict=True)
-    )
-    return saved if same else None
+    return (saved, str(path.parent)) if _answers(saved, test) else None
 
 
 def write_both_responses(
@@ -306,18 +316,18 @@ def write_both_responses(
 ) -> dict[str, tuple[list[dict], Path]]:
     """The test entries answered by the SFT model and by the DPO model, saved side by side.
 
-    The chapter run's own responses are reused when its folder holds them for these entries
-    (with any judge scores they carry, so the judge is not asked again).
+    Responses saved by an earlier session of this run, or the chapter run's own for the SFT
+    model, are reused (with any judge scores they carry, so the judge is not asked again).
     """
     out = {}
     for name, model, file in (
         ("sft", reference, SFT_RESPONSES_FILE),
         ("dpo", policy, DPO_RESPONSES_FILE),
     ):
-        saved = _saved_sft_responses(cfg, test) if name == "sft" else None
+        saved = _saved_responses(cfg, name, file, test)
         if saved is not None:
-            print(f"SFT responses: reused those of {Path(cfg.model).parent}")
-            responses = saved
+            print(f"{name.upper()} responses: reused those of {saved[1]}")
+            responses = saved[0]
         else:
             print(f"Generating the {name.upper()} model's responses to {len(test)} test entries")
             responses = generate_responses(
@@ -330,7 +340,7 @@ def write_both_responses(
                 batch_size=cfg.gen_batch_size,
                 progress=progress,
             )
-        out[name] = (responses, save_json(responses, cfg.run_dir / file))
+        out[name] = (responses, save_json(responses, cfg.run_dir / file, checksum=True))
     return out
 
 

@@ -269,6 +269,35 @@ def test_resume_needs_an_earlier_dpo_run_and_keeps_its_settings(tmp_path, capsys
     assert "keeps the settings it started with (beta=0.1)" in capsys.readouterr().err
 
 
+def test_resume_reuses_the_responses_saved_and_refuses_damaged_ones(tmp_path, capsys, monkeypatch):
+    """Stopped while scoring: the resumed run reuses both responses files (checked against
+    their checksums) instead of generating them again; a flipped byte is refused in one line."""
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dft, "score_both", interrupted)
+    argv = ["--smoke", "--epochs", "1", "--output-dir", str(tmp_path), "--no-judge"]
+    assert dft.main(argv) == 130
+    monkeypatch.undo()
+    run = (tmp_path / "latest-dpo").resolve()
+    path = run / "dpo-responses.json"
+    for name in ("sft-responses.json", "dpo-responses.json"):
+        assert (run / f"{name}.sha256").is_file()
+    good = path.read_bytes()
+    path.write_bytes(good.replace(b'"model_response": "', b'"model_response": "X', 1))
+    capsys.readouterr()
+    assert dft.main(["--resume", "--output-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{path} is damaged" in err and "Traceback" not in err
+    path.write_bytes(good)
+    assert dft.main(["--resume", "--output-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "SFT responses: reused those of an earlier session of this run" in out
+    assert "DPO responses: reused those of an earlier session of this run" in out
+    assert "Generating the" not in out and path.read_bytes() == good
+
+
 def test_resume_refuses_a_dpo_config_with_a_wrongly_typed_setting_in_one_line(tmp_path, capsys):
     (tmp_path / "run").mkdir()
     saved = {**asdict(dft.DPOConfig.smoke_preset(run_name="run")), "beta": "big"}
