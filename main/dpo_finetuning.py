@@ -26,7 +26,6 @@ if __name__ == "__main__":  # (before the slow imports: Ctrl-C there is one line
     interrupts.guard_startup()
 
 import argparse
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
@@ -67,10 +66,11 @@ from runtime.dpo_config import (  # noqa: F401 (re-exported for the notebook)
     start_dpo_run,
 )
 from runtime.engine import make_optimizer
+from runtime.errors import FileCheckError
 from runtime.gpt2_tokenizer import get_tokenizer
 from runtime.judge_host import redact_urls
-from runtime.model_file import LoadedModel, load_model_file, read_run_config
-from runtime.outputs import checksum_path, save_figure, save_json, save_model
+from runtime.model_file import LoadedModel, load_model_file, read_run_config, read_state_dict
+from runtime.outputs import checksum_path, read_json, save_figure, save_json, save_model
 from runtime.run_config import RESPONSES_FILE, RunConfig, model_config
 from runtime.run_settings import add_flags, flag_settings
 from runtime.trainer import TrainingInterrupted
@@ -208,10 +208,10 @@ def _trained_earlier(cfg: DPOConfig, policy) -> DPOResult | None:
     done, model_path = cfg.run_dir / TRAINING_FILE, cfg.run_dir / dpo_model_name(cfg)
     if not (done.is_file() and model_path.is_file()):
         return None
-    device = next(policy.parameters()).device
-    policy.load_state_dict(torch.load(model_path, map_location=device, weights_only=True))
+    advice = f"delete it and {model_path.name} to train again with --resume"
+    saved = read_json(done, advice)  # (both checked against their checksums first)
+    policy.load_state_dict(read_state_dict(model_path))
     policy.eval()
-    saved = json.loads(done.read_text(encoding="utf-8"))
     print(f"DPO training finished in an earlier session of this run; loaded {model_path}")
     return DPOResult(DPOHistory(**saved["tracking"]), saved["minutes"])
 
@@ -266,7 +266,7 @@ def save_dpo(cfg: DPOConfig, policy, result: DPOResult) -> tuple[dict[str, Path]
     paths = {
         "plot": save_figure(fig, cfg.run_dir / "dpo-plot.png"),
         "model": save_model(policy, cfg.run_dir / dpo_model_name(cfg)),
-        "training": save_json(asdict(result), cfg.run_dir / TRAINING_FILE),
+        "training": save_json(asdict(result), cfg.run_dir / TRAINING_FILE, checksum=True),
     }
     for name in (CHECKPOINT_FILE, CHECKPOINT_FILE.replace(".pt", ".prev.pt")):  # (the model
         (cfg.run_dir / name).unlink(missing_ok=True)  # file holds what they held)
@@ -275,27 +275,40 @@ def save_dpo(cfg: DPOConfig, policy, result: DPOResult) -> tuple[dict[str, Path]
     return paths, fig
 
 
-def _saved_sft_responses(cfg: DPOConfig, test: list[dict]) -> list[dict] | None:
-    """The chapter run's responses to these test entries, if its folder holds them (and it
-    allowed the same response length)."""
-    if cfg.model is None:
-        return None
-    if (read_run_config(cfg.model) or {}).get("max_new_tokens") != cfg.max_new_tokens:
-        return None
-    path = Path(cfg.model).parent / RESPONSES_FILE
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+def _answers(saved: Any, test: list[dict]) -> bool:
+    """Whether ``saved`` (read from a responses file) answers exactly these test entries."""
     keys = ("instruction", "input", "output")
     same = isinstance(saved, list) and len(saved) == len(test)
-    same = same and all(
+    return same and all(
         isinstance(s, dict)
         and isinstance(s.get("model_response"), str)
         and all(s.get(k) == t[k] for k in keys)
         for s, t in zip(saved, test, strict=True)
     )
-    return saved if same else None
+
+
+def _saved_responses(cfg: DPOConfig, name: str, file: str, test: list[dict]) -> tuple | None:
+    """(responses, where from) saved earlier for these test entries: by an earlier session
+    of this run (checked: a damaged file is refused), else for the SFT model by the chapter
+    run (if it allowed the same response length; a damaged file is not reused); or None."""
+    own = cfg.run_dir / file
+    if own.is_file():
+        saved = read_json(own, "delete it to generate the responses again with --resume")
+        if _answers(saved, test):
+            return saved, "an earlier session of this run"
+    if name != "sft" or cfg.model is None:
+        return None
+    if (read_run_config(cfg.model) or {}).get("max_new_tokens") != cfg.max_new_tokens:
+        return None
+    path = Path(cfg.model).parent / RESPONSES_FILE
+    if not path.is_file():
+        return None
+    try:
+        saved = read_json(path, "generating the SFT model's responses again instead")
+    except FileCheckError as exc:
+        print(f"SFT responses not reused: {exc}")
+        return None
+    return (saved, str(path.parent)) if _answers(saved, test) else None
 
 
 def write_both_responses(
@@ -303,18 +316,18 @@ def write_both_responses(
 ) -> dict[str, tuple[list[dict], Path]]:
     """The test entries answered by the SFT model and by the DPO model, saved side by side.
 
-    The chapter run's own responses are reused when its folder holds them for these entries
-    (with any judge scores they carry, so the judge is not asked again).
+    Responses saved by an earlier session of this run, or the chapter run's own for the SFT
+    model, are reused (with any judge scores they carry, so the judge is not asked again).
     """
     out = {}
     for name, model, file in (
         ("sft", reference, SFT_RESPONSES_FILE),
         ("dpo", policy, DPO_RESPONSES_FILE),
     ):
-        saved = _saved_sft_responses(cfg, test) if name == "sft" else None
+        saved = _saved_responses(cfg, name, file, test)
         if saved is not None:
-            print(f"SFT responses: reused those of {Path(cfg.model).parent}")
-            responses = saved
+            print(f"{name.upper()} responses: reused those of {saved[1]}")
+            responses = saved[0]
         else:
             print(f"Generating the {name.upper()} model's responses to {len(test)} test entries")
             responses = generate_responses(
@@ -327,7 +340,7 @@ def write_both_responses(
                 batch_size=cfg.gen_batch_size,
                 progress=progress,
             )
-        out[name] = (responses, save_json(responses, cfg.run_dir / file))
+        out[name] = (responses, save_json(responses, cfg.run_dir / file, checksum=True))
     return out
 
 

@@ -13,7 +13,8 @@ refuses an unusable reply; after ``max_failures`` failed attempts in a row the j
 as down. Each entry's score and a short excerpt of the judge's reply are saved into the
 responses file as they arrive, so Ctrl-C, a crash or a judge that went away loses nothing,
 and the next run asks only the entries still missing (``--rescore-unscored``: also those
-whose reply had no score).
+whose reply had no score). That bookkeeping lives in ``runtime/judge_scores.py``; its names
+are re-exported here.
 
 Score an existing responses file (again), as the course's script does:
 
@@ -33,20 +34,14 @@ import argparse
 import json
 import os
 import re
-import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
 from typing import Any
 
 from course.instruction_data import (
     ChapterError,
     ConfigError,
-    DatasetError,
-    first_few,
     format_input,
-    read_instruction_file,
 )
-from course.judge_stats import mean_with_ci
 from course.local_metrics import (  # noqa: F401 (re-exported: ollama_evaluate.rouge_l_f1 etc.)
     LOCAL_METRICS_NOTE,
     exact_match,
@@ -75,12 +70,27 @@ from runtime.judge_host import (  # noqa: F401 (re-exported: ollama_evaluate.jud
     start_hint,
     with_judge_hint,
 )
-from runtime.outputs import save_json
-from runtime.progress_bars import progress_bar
+from runtime.judge_scores import (  # noqa: F401 (re-exported: ollama_evaluate.JudgeResult etc.)
+    JUDGE_MAX_FAILURES,
+    NO_SCORE,
+    RUBRICS,
+    JudgeFailure,
+    JudgeReplyWarning,
+    JudgeResult,
+    ask_each,
+    check_rubric,
+    collect_result,
+    has_judge_reply,
+    judge_settings,
+    no_score,
+    print_scores,
+    read_responses,
+    to_ask,
+    what_to_do,
+    with_short_reply,
+)
 
 JUDGE_OPTIONS = {"seed": 123, "temperature": 0, "num_ctx": 2048}
-JUDGE_MAX_FAILURES = 3  # failed requests in a row after which the judge counts as down
-RUBRICS = {"0-100": (0, 100), "1-5": (1, 5)}  # the scales a judge scores on: (lowest, highest)
 RUBRIC_1_5 = """Score it on this rubric of 1 to 5, judging four criteria:
 correctness (is it true and does it agree with the correct output?), completeness (does it do
 all that was asked?), following the instruction (does it do what was asked, in the form
@@ -91,10 +101,6 @@ asked?) and conciseness (no padding, repetition or text that was not asked for).
 2: mostly wrong or incomplete, or largely ignores the instruction.
 1: wrong, empty, off-topic or nonsense.
 Respond with the integer number only."""
-
-
-class JudgeReplyWarning(UserWarning):
-    """The judge's reply to one entry could not be turned into a score in 0..100."""
 
 
 def query_model(
@@ -140,13 +146,6 @@ def ask_judge(
     return judge_client.ask(
         query_model, prompt, model, url, api=api, timeout=timeout, max_bytes=max_bytes, key=key
     )
-
-
-def check_rubric(rubric: str) -> str:
-    """``rubric`` if it is one of ``RUBRICS``, else a ``ConfigError`` naming them."""
-    if rubric not in RUBRICS:
-        raise ConfigError(f"unknown rubric {rubric!r}; choose one of: {', '.join(RUBRICS)}")
-    return rubric
 
 
 def judge_prompt(entry: dict, json_key: str = "model_response", rubric: str = "0-100") -> str:
@@ -195,198 +194,6 @@ def parse_score(reply: str, rubric: str = "0-100") -> int | None:
     return score if low <= score <= high else None
 
 
-@dataclass
-class JudgeFailure:
-    index: int  # position of the entry in the list given to the judge
-    reply: str
-    reason: str
-
-
-NO_SCORE = "no integer score in 0..100"
-
-
-def no_score(rubric: str = "0-100") -> str:
-    """The failure reason of a reply without a score on ``rubric``."""
-    low, high = RUBRICS[rubric]
-    return f"no integer score in {low}..{high}"
-
-
-@dataclass
-class JudgeResult:
-    """Scores of every entry the judge scored, and every entry it failed on (never dropped).
-
-    Entries neither scored nor failed were not asked: the judge stopped first.
-    """
-
-    scores: list[int]  # in entry order, scored entries only (like the book's list)
-    scored_indices: list[int]
-    failures: list[JudgeFailure]
-    model: str
-    url: str
-    n_entries: int | None = None  # all entries given to the judge (None: scored + failed)
-    rubric: str = "0-100"
-
-    def __post_init__(self) -> None:
-        if self.n_entries is None:
-            self.n_entries = self.n_scored + self.n_failed
-
-    @property
-    def n_scored(self) -> int:
-        return len(self.scores)
-
-    @property
-    def n_failed(self) -> int:
-        return len(self.failures)
-
-    @property
-    def n_not_asked(self) -> int:
-        return self.n_entries - self.n_scored - self.n_failed
-
-    @property
-    def mean(self) -> float | None:
-        return sum(self.scores) / len(self.scores) if self.scores else None
-
-    def note(self) -> str:
-        """What the mean covers, in one line."""
-        total = self.n_entries
-        if self.n_scored == total:
-            return f"all {total} entries scored"
-        note = f"mean over the {self.n_scored} scored entries"
-        if self.n_failed:
-            note += (
-                f"; {self.n_failed} of {total} entries got no valid score and are NOT in the mean"
-            )
-        if self.n_not_asked:
-            note += f"; {self.n_not_asked} of {total} entries were not asked (the judge stopped)"
-        return note
-
-    def summary(self) -> dict:
-        return {
-            "judge_model": self.model,
-            "judge_url": self.url,
-            "n_entries": self.n_entries,
-            "n_scored": self.n_scored,
-            "n_failed": self.n_failed,
-            "n_not_asked": self.n_not_asked,
-            "mean_score": self.mean,
-            "mean_ci95": mean_with_ci(self.scores)["ci95"],  # bootstrap, fixed seed
-            "rubric": self.rubric,
-            "note": self.note(),
-            "scores": self.scores,
-            "scored_indices": self.scored_indices,
-            "failures": [asdict(f) for f in self.failures],
-        }
-
-
-def has_judge_reply(entry: dict, model: str, rubric: str = "0-100") -> bool:
-    """Whether ``entry`` holds a saved reply of judge ``model`` on ``rubric`` (none saved:
-    the book's 0-100): its score, or None for a reply without one. An empty saved reply is no
-    reply (an older version stored failed attempts so)."""
-    score, (low, high) = entry.get("judge_score"), RUBRICS[rubric]
-    if score is None:
-        reply = entry.get("judge_reply")
-        usable = "judge_score" in entry and isinstance(reply, str) and bool(reply.strip())
-    else:
-        usable = type(score) is int and low <= score <= high
-    same = entry.get("judge_model") == model and entry.get("judge_rubric", "0-100") == rubric
-    return same and usable
-
-
-def _with_short_reply(entry: dict) -> dict:
-    """A copy of ``entry`` whose saved ``judge_reply`` is an excerpt (an older version saved
-    whole replies, however large)."""
-    entry = dict(entry)
-    if isinstance(entry.get("judge_reply"), str):
-        entry["judge_reply"] = excerpt(entry["judge_reply"])
-    return entry
-
-
-def to_ask(
-    records: Sequence[dict], model: str, rescore_unscored: bool = False, rubric: str = "0-100"
-) -> list[int]:
-    """The entries to ask judge ``model`` about on ``rubric``: those without its reply, and
-    with ``rescore_unscored`` also those whose saved reply had no score."""
-    return [
-        i
-        for i, entry in enumerate(records)
-        if not has_judge_reply(entry, model, rubric)
-        or (rescore_unscored and entry.get("judge_score") is None)
-    ]
-
-
-def _collect(
-    records: Sequence[dict],
-    model: str,
-    endpoint: str,
-    request_failures: dict[int, str],
-    rubric: str = "0-100",
-) -> JudgeResult:
-    """The result read from the entries' saved replies and this session's failed requests."""
-    scores, indices, failures = [], [], []
-    for i, entry in enumerate(records):
-        if has_judge_reply(entry, model, rubric) and entry["judge_score"] is not None:
-            scores.append(entry["judge_score"])
-            indices.append(i)
-        elif has_judge_reply(entry, model, rubric):
-            reply = str(entry.get("judge_reply", ""))
-            failures.append(JudgeFailure(i, reply, no_score(rubric)))
-        elif i in request_failures:
-            failures.append(JudgeFailure(i, "", f"request failed: {request_failures[i]}"))
-    shown = redact_url(endpoint)
-    return JudgeResult(scores, indices, failures, model, shown, len(records), rubric)
-
-
-def _warn(index: int, reason: str, reply: str | None = None) -> None:
-    shown = "" if reply is None else f"; judge reply: {excerpt(reply)!r}"
-    warnings.warn(f"entry {index}: {reason}{shown}", JudgeReplyWarning, stacklevel=4)
-
-
-def ask_each(
-    records: list[dict],
-    todo: Sequence[int],
-    ask: Callable[[dict], str],
-    *,
-    model: str,
-    max_failures: int,
-    request_failures: dict[int, str],
-    save_path: str | os.PathLike | None,
-    progress: bool,
-    keep: Callable[[dict, str], None] | None = None,
-    desc: str = "Scoring entries",
-    rubric: str = "0-100",
-) -> None:
-    """Ask the judge about each entry in ``todo``; stop after ``max_failures`` failed requests
-    in a row (``JudgeUnavailableError``). Each reply is saved into ``records`` (and the file):
-    as the judge's score with an excerpt of the reply, or as ``keep(entry, reply)`` stores it
-    (``preference_data`` keeps the judge's rewrites this way). A failed request (unusable
-    replies included) saves nothing, so the entry is asked again next time."""
-    in_a_row = 0
-    for i in progress_bar(todo, desc=desc, enabled=progress):
-        try:
-            reply = ask(records[i])
-        except JudgeUnavailableError as exc:
-            request_failures[i] = str(exc)
-            _warn(i, f"request failed: {exc}")
-            in_a_row += 1
-            if in_a_row >= max_failures:
-                raise type(exc)(  # (its kind decides what to do: start the server, or not)
-                    f"the LLM judge failed {in_a_row} requests in a row, so it counts as down; "
-                    f"last: {exc}"
-                ) from None
-            continue
-        in_a_row = 0
-        if keep is not None:
-            keep(records[i], reply)
-        else:
-            score = parse_score(reply, rubric)
-            records[i].update(judge_model=model, judge_score=score, judge_reply=excerpt(reply))
-            records[i]["judge_rubric"] = rubric
-            if score is None:
-                _warn(i, no_score(rubric), reply)
-        if save_path is not None:
-            save_json(records, save_path)
-
-
 def judge_responses(
     json_data: Sequence[dict],
     json_key: str = "model_response",
@@ -421,7 +228,7 @@ def judge_responses(
     if max_failures < 1:
         raise ConfigError(f"max_failures={max_failures}: give at least 1")
     key = api_key if api_key is not None else judge_client.api_key(api)
-    records = [_with_short_reply(entry) for entry in json_data]
+    records = [with_short_reply(entry) for entry in json_data]
     todo = to_ask(records, model, rescore_unscored, rubric)
     if len(todo) < len(records):
         print(f"{len(records) - len(todo)} of {len(records)} entries have a saved reply of {model}")
@@ -430,30 +237,25 @@ def judge_responses(
         prompt = judge_prompt(entry, json_key, rubric)
         return ask_judge(prompt, model, endpoint, api=api, timeout=timeout, key=key)
 
+    def keep(entry: dict, reply: str) -> str | None:
+        score = parse_score(reply, rubric)
+        entry.update(judge_model=model, judge_score=score, judge_reply=excerpt(reply))
+        entry["judge_rubric"] = rubric
+        return no_score(rubric) if score is None else None
+
     request_failures: dict[int, str] = {}
     try:
         if todo and check:
             check_judge(endpoint, model, api=api, key=key)
         limits = {"max_failures": max_failures, "request_failures": request_failures}
-        limits.update(model=model, save_path=save_path, progress=progress, rubric=rubric)
+        limits.update(model=model, save_path=save_path, progress=progress, keep=keep)
         ask_each(records, todo, ask, **limits)
     except JudgeUnavailableError as exc:
         saved = save_path is not None and any(has_judge_reply(r, model, rubric) for r in records)
-        error = type(exc)(_what_to_do(exc, api, model, save_path if saved else None))
-        error.result = _collect(records, model, endpoint, request_failures, rubric)
+        error = type(exc)(what_to_do(exc, api, model, save_path if saved else None))
+        error.result = collect_result(records, model, endpoint, request_failures, rubric)
         raise error from None
-    return _collect(records, model, endpoint, request_failures, rubric)
-
-
-def _what_to_do(exc: Exception, api: str, model: str, saved_in: str | os.PathLike | None) -> str:
-    """The judge's failure, how to start the judge, and (with replies saved) how to go on."""
-    message = with_judge_hint(exc, api, model)
-    if saved_in is not None:
-        message += (
-            f" The replies so far are saved in {saved_in}; scoring it again (python "
-            f"main/ollama_evaluate.py --file_path {saved_in}) asks only the missing entries."
-        )
-    return message
+    return collect_result(records, model, endpoint, request_failures, rubric)
 
 
 def generate_model_scores(
@@ -468,18 +270,6 @@ def generate_model_scores(
     list; use ``judge_responses`` (same keywords) for the failures and a summary.
     """
     return judge_responses(json_data, json_key, model, **kwargs).scores
-
-
-def print_scores(result: JudgeResult, label: str = "") -> None:
-    """The course's two lines (number of scores, average score), and what the mean covers."""
-    mean = "n/a" if result.mean is None else f"{result.mean:.2f}"
-    low, high = mean_with_ci(result.scores)["ci95"] or (None, None)
-    if low is not None:
-        mean += f" (95% bootstrap interval {low:.2f} to {high:.2f}; rubric {result.rubric})"
-    print(f"Number of scores: {result.n_scored} of {result.n_entries}")
-    print(f"Average score{label}: {mean}")
-    if result.n_scored < result.n_entries:
-        print(f"  ({result.note()})")
 
 
 def score_responses(
@@ -546,30 +336,6 @@ def score_responses(
 # --------------------------------------------------------------------------------------
 # The command line: score an existing responses file
 # --------------------------------------------------------------------------------------
-
-
-def judge_settings(cfg: Any) -> dict[str, Any]:
-    """``score_responses``'s judge keywords from a run's settings (``use_judge``, ``judge_*``)."""
-    return {
-        "use_judge": cfg.use_judge,
-        "judge_url": cfg.judge_url,
-        "judge_model": cfg.judge_model,
-        "judge_api": cfg.judge_api,
-        "timeout": cfg.judge_timeout,
-        "max_failures": cfg.judge_max_failures,
-    }
-
-
-def read_responses(path: str | os.PathLike, json_key: str = "model_response") -> list[dict]:
-    """The entries of a responses file; each must also have a string ``json_key``."""
-    entries = read_instruction_file(path)
-    missing = [i for i, e in enumerate(entries) if not isinstance(e.get(json_key), str)]
-    if missing:
-        raise DatasetError(
-            f"{path}: {len(missing)} of {len(entries)} entries have no string {json_key!r} "
-            f"(entries {first_few(missing)}); generate the responses first (section 7.7)"
-        )
-    return entries
 
 
 def build_arg_parser() -> argparse.ArgumentParser:

@@ -11,7 +11,6 @@ command's own ``--resume`` continues the run ``latest-dpo`` points to, or a give
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from runtime.run_config import (
     given_settings,
     latest_run,
     new_run_folder,
+    read_saved_config,
 )
 from runtime.run_settings import FLOAT, SWITCH, TEXT, Setting, above_zero, ranges, setting
 
@@ -99,6 +99,7 @@ class DPOConfig:
     judge_api: str = setting("judge_api")
     judge_timeout: float = setting("judge_timeout")
     judge_max_failures: int = setting("judge_max_failures")
+    judge_rubric: str = setting("judge_rubric")
     models_dir: str = setting("models_dir", help="where GPT-2's tokenizer files are kept")
     output_dir: str = setting("output_dir")
     run_name: str | None = None  # set when the run starts
@@ -146,13 +147,12 @@ def _resume_dpo_config(resume: bool | str, given: dict) -> DPOConfig:
     if run is None:
         raise ConfigError(f"nothing to resume: {output_dir}/ holds no earlier DPO run")
     path = run / DPO_CONFIG_FILE
-    try:
-        cfg = DPOConfig(**json.loads(path.read_text(encoding="utf-8")))
-    except (OSError, ValueError, TypeError) as exc:
+    if not path.is_file():
         raise ConfigError(
-            f"cannot resume from {run}: {path} is missing or unreadable ({exc}); "
-            "pass the folder of an earlier DPO run"
-        ) from None
+            f"cannot resume from {run}: {path} is missing; pass the folder of an earlier DPO run"
+        )
+    # (its checksum, then each setting's type, checked as a chapter run's run-config.json)
+    cfg = read_saved_config(path, DPOConfig, "start a new DPO run without --resume")
     cfg = replace(cfg, output_dir=str(run.parent), run_name=run.name)
     differ = [
         f"{name}={getattr(cfg, name)!r}"
@@ -211,6 +211,7 @@ def start_dpo_run(cfg: DPOConfig) -> Path:
         return cfg.run_dir
     folder = new_run_folder(cfg.output_dir, "dpo-smoke" if cfg.smoke else "dpo", link="latest-dpo")
     cfg.run_name = folder.name
-    save_json(redact_urls(asdict(cfg)), folder / DPO_CONFIG_FILE)  # (no URL secrets)
+    settings = redact_urls(asdict(cfg))  # (no URL secrets)
+    save_json(settings, folder / DPO_CONFIG_FILE, checksum=True)
     print(f"This DPO run's outputs go to {folder.resolve()}")  # absolute: whatever the cwd
     return folder

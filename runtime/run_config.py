@@ -93,6 +93,7 @@ class RunConfig:
     judge_api: str = setting("judge_api")
     judge_timeout: float = setting("judge_timeout")
     judge_max_failures: int = setting("judge_max_failures")
+    judge_rubric: str = setting("judge_rubric")
     # outputs
     output_dir: str = setting("output_dir")  # each run gets a folder of its own in here
     run_name: str | None = None  # that folder's name, set when the run starts
@@ -370,9 +371,32 @@ def latest_run(output_dir: str | os.PathLike, *, link: str = "latest") -> Path |
     return None
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # (another user's process: it exists)
+        return True
+    return True
+
+
+def remove_stale_links(out: Path, link: str = "latest") -> list[Path]:
+    """Delete the temporary ``.<link>-PID`` links that ``_point_latest`` of a process that
+    no longer runs left in ``out`` (it was killed between making one and renaming it)."""
+    pattern, removed = re.compile(rf"^\.{re.escape(link)}-(\d+)$"), []
+    for path in out.glob(f".{link}-*"):
+        match = pattern.match(path.name)
+        if match and int(match.group(1)) != os.getpid() and not _pid_alive(int(match.group(1))):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
 def _point_latest(out: Path, name: str, link: str = "latest") -> None:
     """Make ``out/latest`` (``out/<link>``) a link to the run folder ``name`` (or write
-    latest.txt without links)."""
+    latest.txt without links); stale temporary links of killed processes are removed."""
+    remove_stale_links(out, link)
     tmp = out / f".{link}-{os.getpid()}"
     try:
         tmp.unlink(missing_ok=True)

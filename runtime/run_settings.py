@@ -25,6 +25,7 @@ from typing import Any
 from course.instruction_data import DATA_URL, PROMPT_STYLES
 from previous_chapters import MODEL_CONFIGS
 from runtime.judge_host import JUDGE_APIS
+from runtime.judge_scores import RUBRICS
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -136,6 +137,13 @@ SETTINGS: dict[str, Setting] = {
     ),
     "judge_max_failures": Setting(
         3, "failed judge requests in a row before giving up", at_least(1), "at least 1", INT
+    ),
+    "judge_rubric": Setting(
+        "0-100",
+        "the judge's scale: 0-100 (the book's) or a 1-5 rubric with written criteria",
+        lambda v: isinstance(v, str) and v in RUBRICS,
+        " or ".join(repr(name) for name in RUBRICS),
+        {"choices": list(RUBRICS)},
     ),
     "use_judge": Setting(
         True,

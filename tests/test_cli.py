@@ -410,6 +410,34 @@ def test_run_phi3_with_prompt_masking(tmp_path, capsys):
     ]
 
 
+def test_the_chapter_run_scores_on_the_rubric_chosen_and_its_summary_says_so(
+    tmp_path, judge_server
+):
+    """``--judge-rubric 1-5``: the run's judge step asks with the 1-5 rubric's prompt, and
+    run-summary.json's judge entry names the rubric, with the mean and its 95% interval."""
+    from course.judge_stats import mean_with_ci
+
+    server = judge_server(lambda prompt: "5" if "rubric of 1 to 5" in prompt else "85")
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(numbered_entries(24)))
+    settings = {"data": str(path), "output_dir": str(tmp_path / "out"), "model_overrides": TINY}
+    settings.update(epochs=1, batch_size=4, max_new_tokens=4, judge_url=server.base)
+    argv = ["--smoke", "--judge-rubric", "1-5", "--judge-url", server.base]
+    assert parse(*argv).judge_rubric == "1-5" and parse("--smoke").judge_rubric == "0-100"
+    cfg = ift.RunConfig.smoke_preset(**settings, judge_rubric="1-5")
+    summary = ift.run(cfg, progress=False)
+    judge = summary["judge"]
+    assert judge["rubric"] == "1-5" and judge["n_scored"] == 2 and judge["mean_score"] == 5
+    assert judge["mean_ci95"] == mean_with_ci(judge["scores"])["ci95"] == [5.0, 5.0]
+    assert all("rubric of 1 to 5" in body["messages"][0]["content"] for body in server.bodies)
+    saved = json.loads((cfg.run_dir / "run-summary.json").read_text())
+    assert saved["judge"]["rubric"] == "1-5" and saved["config"]["judge_rubric"] == "1-5"
+    responses = json.loads((cfg.run_dir / "instruction-data-with-response.json").read_text())
+    assert [(e["judge_rubric"], e["judge_score"]) for e in responses] == [("1-5", 5)] * 2
+    with pytest.raises(ConfigError, match="judge_rubric = 1-10 is out of range"):
+        ift.check_settings(ift.RunConfig.smoke_preset(judge_rubric="1-10"))
+
+
 @pytest.mark.slow
 def test_cli_smoke_end_to_end(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

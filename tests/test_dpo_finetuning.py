@@ -88,6 +88,27 @@ def test_flags_become_settings():
     )
 
 
+def test_the_judge_scores_both_models_on_the_rubric_chosen(tmp_path, capsys):
+    """``--judge-rubric 1-5`` (a shared setting): both models' responses are scored on the
+    1-5 rubric, and each summary names it beside the mean and its interval."""
+    args = dft.build_arg_parser().parse_args(["--smoke", "--judge-rubric", "1-5"])
+    assert dft.config_from_args(args).judge_rubric == "1-5"
+    server = FakeJudge(lambda prompt: "4" if "rubric of 1 to 5" in prompt else "85")
+    try:
+        cfg = dft.DPOConfig.smoke_preset(judge_url=server.base, judge_rubric="1-5")
+        entry = {"instruction": "Say hi.", "input": "", "output": "Hi.", "model_response": "Hi."}
+        responses = {}
+        for name in ("sft", "dpo"):
+            responses[name] = ([dict(entry)], save_json([entry], tmp_path / f"{name}.json"))
+        scores = dft.score_both(cfg, responses, progress=False)
+    finally:
+        server.close()
+    for name in ("sft", "dpo"):
+        judge = scores[name]["judge"]
+        assert (judge["rubric"], judge["mean_score"], judge["mean_ci95"]) == ("1-5", 4, [4.0, 4.0])
+        assert json.loads((tmp_path / f"{name}.json").read_text())[0]["judge_rubric"] == "1-5"
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
@@ -208,6 +229,35 @@ def test_ctrl_c_outside_training_exits_130_saying_how_to_resume(tmp_path, capsys
     assert (run / "dpo-summary.json").is_file()
 
 
+@pytest.mark.parametrize(
+    "name", ["dpo-config.json", "dpo-training-result.json", "gpt-random-init-dpo.pth"]
+)
+def test_resume_refuses_a_damaged_file_of_the_run_in_one_line(tmp_path, capsys, monkeypatch, name):
+    """The files a resumed DPO run reads back carry checksums; one flipped byte is refused
+    with one line naming the file, and the run resumes once the file is restored."""
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dft, "write_both_responses", interrupted)
+    argv = ["--smoke", "--epochs", "1", "--output-dir", str(tmp_path), "--no-judge"]
+    assert dft.main(argv) == 130
+    monkeypatch.undo()
+    path = (tmp_path / "latest-dpo").resolve() / name
+    assert path.with_name(name + ".sha256").is_file()
+    good = path.read_bytes()
+    data = bytearray(good)
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert dft.main(["--resume", "--output-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err
+    assert f"{path} is damaged" in err
+    path.write_bytes(good)
+    assert dft.main(["--resume", "--output-dir", str(tmp_path)]) == 0
+
+
 def test_resume_needs_an_earlier_dpo_run_and_keeps_its_settings(tmp_path, capsys):
     assert dft.main(["--resume", "--output-dir", str(tmp_path)]) == 2
     assert "nothing to resume" in capsys.readouterr().err
@@ -217,6 +267,45 @@ def test_resume_needs_an_earlier_dpo_run_and_keeps_its_settings(tmp_path, capsys
     )
     assert dft.main(["--resume", str(tmp_path / "run"), "--beta", "0.5"]) == 2
     assert "keeps the settings it started with (beta=0.1)" in capsys.readouterr().err
+
+
+def test_resume_reuses_the_responses_saved_and_refuses_damaged_ones(tmp_path, capsys, monkeypatch):
+    """Stopped while scoring: the resumed run reuses both responses files (checked against
+    their checksums) instead of generating them again; a flipped byte is refused in one line."""
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dft, "score_both", interrupted)
+    argv = ["--smoke", "--epochs", "1", "--output-dir", str(tmp_path), "--no-judge"]
+    assert dft.main(argv) == 130
+    monkeypatch.undo()
+    run = (tmp_path / "latest-dpo").resolve()
+    path = run / "dpo-responses.json"
+    for name in ("sft-responses.json", "dpo-responses.json"):
+        assert (run / f"{name}.sha256").is_file()
+    good = path.read_bytes()
+    path.write_bytes(good.replace(b'"model_response": "', b'"model_response": "X', 1))
+    capsys.readouterr()
+    assert dft.main(["--resume", "--output-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{path} is damaged" in err and "Traceback" not in err
+    path.write_bytes(good)
+    assert dft.main(["--resume", "--output-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "SFT responses: reused those of an earlier session of this run" in out
+    assert "DPO responses: reused those of an earlier session of this run" in out
+    assert "Generating the" not in out and path.read_bytes() == good
+
+
+def test_resume_refuses_a_dpo_config_with_a_wrongly_typed_setting_in_one_line(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    saved = {**asdict(dft.DPOConfig.smoke_preset(run_name="run")), "beta": "big"}
+    save_json(saved, tmp_path / "run" / "dpo-config.json")  # (by hand: no checksum)
+    assert dft.main(["--resume", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert 'dpo-config.json: beta must be float but is "big"' in err
 
 
 # --- end to end -------------------------------------------------------------------------------

@@ -310,6 +310,26 @@ def test_two_run_folders_in_the_same_second(tmp_path, monkeypatch):
     assert (tmp_path / "latest").resolve() == second
 
 
+def test_a_temporary_latest_link_left_by_a_killed_process_is_removed(tmp_path):
+    """``_point_latest`` makes ``.latest-PID`` and renames it; a kill in between leaves it.
+    The next pointing of that link removes those of dead processes, never a live one's."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        for pid, link in ((dead.pid, "latest"), (alive.pid, "latest"), (dead.pid, "latest-dpo")):
+            (tmp_path / f".{link}-{pid}").symlink_to("gone", target_is_directory=True)
+        run = run_config.new_run_folder(tmp_path, "smoke")
+        left = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("."))
+        assert left == [f".latest-{alive.pid}", f".latest-dpo-{dead.pid}"]
+        assert (tmp_path / "latest").resolve() == run
+        run_config.new_run_folder(tmp_path, "dpo", link="latest-dpo")
+        assert not (tmp_path / f".latest-dpo-{dead.pid}").is_symlink()
+    finally:
+        alive.kill()
+        alive.wait()
+
+
 def test_run_folders_are_named_after_what_they_hold(tmp_path):
     from course.exercises import variant_settings
 

@@ -21,6 +21,7 @@ import pytest
 import ollama_evaluate as oe
 from course.instruction_data import format_input
 from helpers import REPO_ROOT, closed_port, default_sigint
+from runtime.outputs import save_json, verify_file
 
 
 def entries(*responses: str) -> list[dict]:
@@ -538,6 +539,28 @@ def test_cli_scores_the_file_in_place_and_a_rerun_asks_nothing(judge_server, tmp
     again = capsys.readouterr().out
     assert "2 of 2 entries have a saved reply of llama3" in again
     assert "Number of scores: 1 of 2" in again and "Average score: 90.00" in again
+
+
+def test_cli_refuses_a_damaged_responses_file_that_has_a_checksum(judge_server, tmp_path, capsys):
+    """A responses file saved with a checksum (the chapter run's) keeps it current while
+    scores are saved, and a byte changed afterwards is refused before the judge is asked."""
+    server = judge_server(lambda prompt: "70")
+    path = tmp_path / "responses.json"
+    save_json(entries("resp A", "resp B"), path, checksum=True)
+    assert oe.main(["--file_path", str(path), "--url", server.base]) == 0
+    verify_file(path, "")  # the scores were saved with the checksum updated
+    asked = len(server.paths)
+    data = bytearray(path.read_bytes())
+    data[data.index(b"resp A") + 5] ^= 0x01  # "resp A" becomes "resp @"
+    path.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert oe.main(["--file_path", str(path), "--url", server.base]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err
+    assert f"{path} is damaged" in err and "responses.json.sha256" in err
+    assert len(server.paths) == asked  # nothing was asked
+    path.with_name("responses.json.sha256").unlink()  # made by hand: read unchecked
+    assert oe.main(["--file_path", str(path), "--url", server.base]) == 0
 
 
 def test_cli_timeout_and_max_failures_flags(judge_server, release, tmp_path, capsys):

@@ -438,9 +438,11 @@ def test_query_model_is_the_books_short_function_and_the_modules_import_downward
     assert len(body.strip().splitlines()) <= 12  # the book's loop; limits live in judge_client
     for name in ("timeout", "retry", "max_bytes"):
         assert name not in body
+
     for module, never in (
-        ("runtime.judge_host", {"ollama_evaluate", "runtime.judge_client"}),
-        ("runtime.judge_client", {"ollama_evaluate"}),
+        ("runtime.judge_host", {"ollama_evaluate", "runtime.judge_client", "runtime.judge_scores"}),
+        ("runtime.judge_client", {"ollama_evaluate", "runtime.judge_scores"}),
+        ("runtime.judge_scores", {"ollama_evaluate"}),
     ):
         tree = ast.parse(inspect.getsource(importlib.import_module(module)))
         froms = [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
