@@ -43,7 +43,7 @@ from ollama_evaluate import (
     read_responses,
 )
 from runtime.interrupts import failed, stopped
-from runtime.outputs import save_figure, save_json
+from runtime.outputs import save_figure, save_json, verify_file
 
 PLOT = "outputs/judge-agreement.png"
 
@@ -56,9 +56,13 @@ def scores_path(file_path: str | os.PathLike, model: str, rubric: str) -> Path:
 
 
 def _saved_records(entries: list[dict], path: Path, json_key: str) -> list[dict]:
-    """``entries``, or what an earlier session saved in ``path`` for the same entries."""
+    """``entries``, or what an earlier session saved in ``path`` for the same entries (checked
+    against its checksum); a new file is written at once, with its checksum, and kept current
+    as the scores arrive."""
     if not path.is_file():
+        save_json(entries, path, checksum=True)
         return entries
+    verify_file(path, "delete it and its .sha256 to score these again")
     saved = read_instruction_file(path)
     keys = ("instruction", "input", json_key)
     if len(saved) != len(entries) or any(

@@ -53,6 +53,7 @@ from ollama_evaluate import (
     with_judge_hint,
 )
 from runtime.interrupts import failed, stopped
+from runtime.outputs import save_json
 
 LENGTH_TOLERANCE = 10  # tokens: pairs this close in length make the length-controlled rate
 LENGTH_METHOD = f"pairs whose responses differ by at most {LENGTH_TOLERANCE} GPT-2 tokens"
@@ -112,7 +113,11 @@ def keep_verdict(record: dict, reply: str, model: str) -> None:
 
 
 def _resume(records: list[dict], save_path: Path) -> list[dict]:
+    """The questions with what an earlier session saved for them in ``save_path`` (checked
+    against its checksum); a new file is written at once, with its checksum, and kept current
+    as the verdicts arrive."""
     if not save_path.is_file():
+        save_json(records, save_path, checksum=True)
         return records
     saved = read_responses(save_path, "response_b")
     same = [(s["pair"], s["order"], s["response_a"], s["response_b"]) for s in saved] == [

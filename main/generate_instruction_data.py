@@ -55,7 +55,7 @@ from ollama_evaluate import (
 from runtime import judge_client
 from runtime.interrupts import failed, stopped
 from runtime.judge_host import JudgeReplyError, judge_base, redact_url
-from runtime.outputs import save_json
+from runtime.outputs import save_json, verify_file
 
 
 @dataclass(frozen=True)
@@ -243,8 +243,11 @@ def near_duplicate(entries: Sequence[dict], instruction: str, threshold: float) 
 
 
 def _read_list(path: Path) -> list[dict]:
+    """The entries saved in ``path`` by an earlier run (none: []), checked against the
+    checksum recorded when they were saved (a file made by hand has none: read as it is)."""
     if not path.is_file():
         return []
+    verify_file(path, "move it and its .sha256 away, or choose another --output")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
@@ -295,7 +298,7 @@ def generate_instruction_data(
             while "original" not in entry and "reflection_error" not in entry:
                 with failures:
                     entries[i] = entry = _reflected(magpie, entry, seed + entry.get("attempt", i))
-            save_json(entries, output)
+            save_json(entries, output, checksum=True)
     bar = progress_bar(total=num_entries, initial=min(len(entries), num_entries), enabled=progress)
     while len(entries) < num_entries and attempt < limit:
         with failures:
@@ -308,13 +311,13 @@ def generate_instruction_data(
                 entry = {"instruction": instruction, "input": "", "output": answer}
                 entry = _reflected(magpie, entry, seed + attempt) if reflect else entry
                 entries.append({**entry, "attempt": attempt})
-                save_json(entries, output)
+                save_json(entries, output, checksum=True)
                 bar.update()
             except Rejected as exc:
                 rejected.append(
                     {"attempt": attempt, "stage": exc.stage, "reason": exc.reason, "text": exc.text}
                 )
-                save_json(rejected, rejected_path(output))
+                save_json(rejected, rejected_path(output), checksum=True)
             attempt += 1
     bar.close()
     if len(entries) < num_entries:

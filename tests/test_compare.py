@@ -293,3 +293,41 @@ def test_a_failed_request_leaves_its_pair_unanswered_and_a_rerun_asks_it_again(
     assert first["unanswered"] == 2 and first["wins_b"] == 3 and first["ties"] == 1
     again = cm.compare_models(a_path, b_path, tmp_path / "v.json", **kwargs)
     assert again["unanswered"] == 0 and again["wins_b"] == 4 and len(judge.bodies) == 10
+
+
+def _flip_one_bit(path) -> bytes:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 1
+    path.write_bytes(bytes(data))
+    return bytes(data)
+
+
+def test_damaged_saved_verdicts_and_scores_are_refused_in_one_line(judge_server, tmp_path, capsys):
+    """Issue 16: the files these commands read back carry checksums from their first save; a
+    damaged one is refused in one line, and nothing overwrites it."""
+    judge = judge_server(lambda p: "A" if "Response A" in p else "3")
+    a_path = save_json(responses(4), tmp_path / "a" / "r.json")
+    b_path = save_json(responses(4), tmp_path / "b" / "r.json")
+    out = tmp_path / "verdicts.json"
+    cm.compare_models(a_path, b_path, out, url=judge.base, progress=False)
+    assert (tmp_path / "verdicts.json.sha256").is_file()
+    damaged = _flip_one_bit(out)
+    argv = ["--file_path_a", str(a_path), "--file_path_b", str(b_path), "--output", str(out)]
+    assert cm.main([*argv, "--url", judge.base]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and f"{out} is damaged" in err and len(err.splitlines()) == 1
+    assert out.read_bytes() == damaged
+
+    argv = ["--file_path", str(a_path), "--judge_a", "llama3", "--judge_a_url", judge.base]
+    argv += ["--judge_b", "other", "--judge_b_url", judge.base, "--rubric", "1-5"]
+    argv += ["--plot", str(tmp_path / "agreement.png")]
+    judge.models.append("other")
+    assert cj.main(argv) == 0
+    scores = cj.scores_path(a_path, "llama3", "1-5")
+    assert scores.with_name(scores.name + ".sha256").is_file()
+    damaged = _flip_one_bit(scores)
+    capsys.readouterr()
+    assert cj.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and f"{scores} is damaged" in err and len(err.splitlines()) == 1
+    assert scores.read_bytes() == damaged

@@ -132,6 +132,30 @@ def test_a_rerun_continues_and_gives_what_an_uninterrupted_run_gives(tmp_path, c
     assert json.loads((tmp_path / "a.json").read_text())[:4] == saved
 
 
+def test_a_damaged_output_file_is_refused_on_a_rerun_and_kept(tmp_path, capsys):
+    """Issue 16: a file the command reads back (its output, its rejected attempts) carries a
+    checksum; a rerun refuses a damaged one in one line and changes nothing."""
+    out = tmp_path / "data.json"
+    with FakeCompletions(scripted) as server:
+        assert run(server, out, 5) == 0
+        assert (tmp_path / "data.json.sha256").is_file()
+        for path in (out, gd.rejected_path(out)):
+            good = path.read_bytes()
+            flipped = bytearray(good)
+            flipped[len(good) // 2] ^= 1  # one bit of one byte
+            path.write_bytes(bytes(flipped))
+            damaged = path.read_bytes()
+            capsys.readouterr()
+            assert run(server, out, 6) == 2
+            err = capsys.readouterr().err.strip()
+            assert err.startswith("error:") and len(err.splitlines()) == 1, err
+            assert f"{path} is damaged" in err and "choose another --output" in err
+            assert path.read_bytes() == damaged  # nothing was overwritten
+            path.write_bytes(good)
+        assert run(server, out, 6) == 0  # restored: the rerun continues
+    assert len(json.loads(out.read_text())) == 6
+
+
 def test_too_many_rejections_end_in_one_line_with_the_reasons(tmp_path, capsys):
     with FakeCompletions(lambda p, b: ("Describe the", "length")) as server:
         assert run(server, tmp_path / "d.json", 2, "--max_attempts", "3") == 2
