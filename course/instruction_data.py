@@ -53,17 +53,25 @@ def first_few(indices: Sequence[int], n: int = 10) -> str:
 # --------------------------------------------------------------------------------------
 
 
-def _entry_problems(entry: Any) -> list[str]:
-    """What is wrong with one entry (an empty list when nothing is)."""
-    if not isinstance(entry, dict):
-        return [f"must be an object, got {type(entry).__name__}"]
+def key_problems(entry: dict, keys: Sequence[str], *, empty: str | None = None) -> list[str]:
+    """What is wrong with ``entry``'s ``keys``: each missing or not a string, or, where
+    ``empty`` gives the reason it matters, blank (an empty list when nothing is)."""
     problems = []
-    for key in REQUIRED_KEYS:
+    for key in keys:
         if key not in entry:
             problems.append(f"missing key {key!r}")
         elif not isinstance(entry[key], str):
             problems.append(f"key {key!r} must be a string, got {type(entry[key]).__name__}")
+        elif empty is not None and not entry[key].strip():
+            problems.append(f"{key!r} is empty: {empty}")
     return problems
+
+
+def _entry_problems(entry: Any) -> list[str]:
+    """What is wrong with one entry (an empty list when nothing is)."""
+    if not isinstance(entry, dict):
+        return [f"must be an object, got {type(entry).__name__}"]
+    return key_problems(entry, REQUIRED_KEYS)
 
 
 def raise_problems(

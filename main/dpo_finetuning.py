@@ -39,7 +39,7 @@ from course.dpo import (
     policy_and_reference,
     train_model_dpo_simple,
 )
-from course.finetuning import build_model, generate_responses
+from course.finetuning import build_model
 from course.instruction_data import (
     DATA_URL,
     ChapterError,
@@ -50,6 +50,7 @@ from course.instruction_data import (
     split_data,
 )
 from gpt_download import DownloadError
+from instruction_finetuning import generate_test_responses
 from ollama_evaluate import judge_settings, score_responses
 from preference_data import (
     PREFERENCE_FILE,
@@ -330,16 +331,7 @@ def write_both_responses(
             responses = saved[0]
         else:
             print(f"Generating the {name.upper()} model's responses to {len(test)} test entries")
-            responses = generate_responses(
-                model,
-                test,
-                tokenizer,
-                context_size=model.context_length,
-                style=cfg.prompt_style,
-                max_new_tokens=cfg.max_new_tokens,
-                batch_size=cfg.gen_batch_size,
-                progress=progress,
-            )
+            responses = generate_test_responses(cfg, model, test, tokenizer, progress=progress)
         out[name] = (responses, save_json(responses, cfg.run_dir / file, checksum=True))
     return out
 

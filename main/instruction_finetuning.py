@@ -224,6 +224,30 @@ def save_training(cfg: RunConfig, model, result: TrainingResult) -> tuple[dict[s
     return paths, fig
 
 
+def generate_test_responses(
+    cfg: Any,
+    model: torch.nn.Module,
+    test_data: list[dict],
+    tokenizer: Any,
+    *,
+    progress: bool = True,
+    precision: str = "fp32",
+) -> list[dict]:
+    """``generate_responses`` with a run's settings (``RunConfig`` or ``DPOConfig``): its
+    prompt style, ``max_new_tokens`` and ``gen_batch_size``, in the model's context."""
+    return generate_responses(
+        model,
+        test_data,
+        tokenizer,
+        context_size=model.context_length,
+        style=cfg.prompt_style,
+        max_new_tokens=cfg.max_new_tokens,
+        batch_size=cfg.gen_batch_size,
+        progress=progress,
+        precision=precision,
+    )
+
+
 def write_responses(
     cfg: RunConfig, model, test_data: list[dict], tokenizer, *, progress: bool = True
 ) -> tuple[list[dict], Path]:
@@ -241,16 +265,8 @@ def write_responses(
         ):
             print(f"Responses of an earlier session of this run: {path}")
             return saved, path
-    responses = generate_responses(
-        model,
-        test_data,
-        tokenizer,
-        context_size=model.context_length,
-        style=cfg.prompt_style,
-        max_new_tokens=cfg.max_new_tokens,
-        batch_size=cfg.gen_batch_size,
-        progress=progress,
-        precision=cfg.precision,
+    responses = generate_test_responses(
+        cfg, model, test_data, tokenizer, progress=progress, precision=cfg.precision
     )
     save_json(responses, path, checksum=True)
     print(f"Responses saved as {path}")

@@ -50,6 +50,7 @@ from course.instruction_data import (
     format_input,
     format_response,
     get_prompt_style,
+    key_problems,
     load_instruction_data,
     raise_problems,
     read_instruction_file,
@@ -89,14 +90,7 @@ def _pair_problems(entry: dict) -> list[str]:
     """What is wrong with an entry's pair (an empty list when nothing is)."""
     if "preference_error" in entry:  # the judge gave no usable rewrite: no pair, on purpose
         return []
-    problems = []
-    for key in PREFERENCE_KEYS:
-        if key not in entry:
-            problems.append(f"missing key {key!r}")
-        elif not isinstance(entry[key], str):
-            problems.append(f"key {key!r} must be a string, got {type(entry[key]).__name__}")
-        elif not entry[key].strip():
-            problems.append(f"{key!r} is empty: a pair needs two answers")
+    problems = key_problems(entry, PREFERENCE_KEYS, empty="a pair needs two answers")
     if problems:
         return problems
     if entry["chosen"].strip() == entry["rejected"].strip():
