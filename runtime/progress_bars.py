@@ -36,8 +36,12 @@ def on_terminal(stream: Any = None) -> bool:
 
 
 def in_notebook() -> bool:
-    """Whether this code runs in a Jupyter kernel (where a reader watches the cell's output)."""
-    return "ipykernel" in sys.modules
+    """Whether this code runs in a Jupyter kernel (where a reader watches the cell's output):
+    IPython's running shell is the kernel's. (That ``ipykernel`` was imported says nothing:
+    a program that runs notebooks imports it too.)"""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if hasattr(ipython, "get_ipython") else None
+    return type(shell).__name__ == "ZMQInteractiveShell"
 
 
 def progress_bar(iterable: Iterable | None = None, *, enabled: bool = True, **kwargs: Any) -> tqdm:

@@ -6,6 +6,7 @@ import io
 import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -48,13 +49,29 @@ def test_a_bar_switched_off_draws_nothing_even_on_a_terminal(monkeypatch):
     assert screen.getvalue() == ""
 
 
+class ZMQInteractiveShell:  # the name of the shell a Jupyter kernel runs
+    pass
+
+
 def test_in_a_notebook_the_bar_is_drawn(monkeypatch):
     """A Jupyter kernel's output is no terminal, but a reader watches it: the bar is drawn."""
     cell_output = io.StringIO()
     monkeypatch.setattr(sys, "stderr", cell_output)
-    monkeypatch.setitem(sys.modules, "ipykernel", object())
+    kernel = types.SimpleNamespace(get_ipython=ZMQInteractiveShell)
+    monkeypatch.setitem(sys.modules, "IPython", kernel)
     assert list(progress_bar(range(3), desc="training")) == [0, 1, 2]
     assert re.search(r"training: 100%.*3/3", cell_output.getvalue())
+
+
+def test_a_program_that_only_imported_ipykernel_is_no_notebook(monkeypatch):
+    """papermill and nbclient import ipykernel in the process that runs a notebook: that
+    process's own bars stay off a pipe (the full suite once drew them there)."""
+    log = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", log)
+    monkeypatch.setitem(sys.modules, "ipykernel", object())
+    monkeypatch.setitem(sys.modules, "IPython", types.SimpleNamespace(get_ipython=lambda: None))
+    assert list(progress_bar(range(3), desc="training")) == [0, 1, 2]
+    assert log.getvalue() == ""
 
 
 @pytest.mark.slow
