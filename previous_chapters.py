@@ -32,6 +32,12 @@ from tqdm import tqdm
 
 from runtime.progress_bars import progress_bar
 
+# cuDNN's attention, PyTorch's first choice for bf16 on recent GPUs, builds a plan for every new
+# sequence length, and ours change at every step (decoding, packed training): on an H200 that
+# cost 2 ms of CPU per call and made bf16 7x slower than fp32. PyTorch's flash and
+# memory-efficient kernels need no plan. (A no-op on CPUs.)
+torch.backends.cuda.enable_cudnn_sdp(False)
+
 # ---------------------------------------------------------------------------
 # Configurations
 # ---------------------------------------------------------------------------

@@ -57,6 +57,16 @@ def hf_model(cfg: dict):
     return model
 
 
+def hf_copy(hf, dtype: torch.dtype):
+    """A fresh transformers model with ``hf``'s weights in ``dtype``. Not a deepcopy: after a
+    static-cache ``generate()`` a model holds a compiled call bound to itself (and its cache),
+    which a deepcopy would share, running the original fp32 model on the copy's bf16 cache."""
+    clone = type(hf)(hf.config).to(device=hf.device, dtype=dtype)
+    clone.load_state_dict(hf.state_dict())
+    clone.loss_type = hf.loss_type
+    return clone.train(hf.training)
+
+
 def course_params_from_hf(hf) -> dict:
     """transformers' GPT-2 weights in the course's params layout (Conv1D is [in, out] too)."""
     sd = {k: v.detach().cpu().numpy() for k, v in hf.transformer.state_dict().items()}

@@ -93,7 +93,7 @@ def bf16_rows(ours, hf, data: Data, sizes: Sizes, device, hf_cache: str) -> dict
     except Exception as error:  # the chapter's rule: no bf16 where it would be emulated
         return {"refused": str(error)}
     ours16 = copy.deepcopy(ours).to(torch.bfloat16)
-    hf16 = copy.deepcopy(hf).to(torch.bfloat16)
+    hf16 = c.hf_copy(hf, torch.bfloat16)
     n, ctx = sizes.decode_tokens, ours.context_length
     prompts = data.prompts(sizes.agreement_prompts)
     fp32 = generate_batch(ours, prompts, n, ctx, eos_id=None)

@@ -438,6 +438,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def run_parts(args: argparse.Namespace, result: dict, start: float, log: Path) -> None:
     """Each part in turn, until its share of the budget; one line each as it ends."""
     env = {**os.environ, "GPT2_TOKENIZER_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    # The children (torchrun's workers too) import our modules without `pip install -e .`,
+    # which a bare GPU machine has not run.
+    paths = [str(REPO_ROOT), str(REPO_ROOT / "main"), env.get("PYTHONPATH", "")]
+    env["PYTHONPATH"] = os.pathsep.join(path for path in paths if path)
     if not args.device.startswith("cuda"):
         env["GLOO_SOCKET_IFNAME"] = "lo"  # (Gloo on loopback)
     for name, part in PARTS.items():

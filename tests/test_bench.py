@@ -248,3 +248,16 @@ def test_decoding_section_measures_every_front_end_and_its_rows(models, sample_d
     assert r["bf16"] == {"refused": "--precision fp32"}
     rows = decoding.rows({"decoding": r})
     assert len(rows) == 3 + 2 + 1 and all(len(row) == 6 for row in rows)
+
+
+@needs_transformers
+def test_hf_copy_is_a_fresh_model_with_the_same_weights(models):
+    _, hf = models
+    hf.generate_marker = object()  # (an attribute a deepcopy would carry along)
+    copy16 = contenders.hf_copy(hf, torch.bfloat16)
+    del hf.generate_marker
+    assert not hasattr(copy16, "generate_marker")
+    assert copy16.dtype == torch.bfloat16 and copy16.training == hf.training
+    for (name, a), (_, b) in zip(hf.state_dict().items(), copy16.state_dict().items(), strict=True):
+        assert torch.equal(a.to(torch.bfloat16), b), name
+        assert a.data_ptr() != b.data_ptr(), name
