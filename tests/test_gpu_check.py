@@ -1,7 +1,7 @@
 """The GPU check (benchmarks/gpu_check.py): its CPU mode end to end, its time budget, its data.
 
-No GPU has been lent to this project's sessions, so the check's CUDA paths run only where one
-is; here the same three parts run with ``--device cpu --tiny`` (Gloo instead of NCCL).
+Its CUDA paths run only where a GPU is (they ran once on an H200: benchmarks/README.md); here
+the same three parts run with ``--device cpu --tiny`` (Gloo instead of NCCL).
 """
 
 from __future__ import annotations
