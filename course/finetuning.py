@@ -289,3 +289,27 @@ def generate_responses(
     )
     responses = [extract_response(tokenizer.decode(tokens), style) for tokens in new_tokens]
     return [{**entry, json_key: text} for entry, text in zip(test_data, responses, strict=True)]
+
+
+def generate_test_responses(
+    cfg: Any,
+    model: torch.nn.Module,
+    test_data: list[dict],
+    tokenizer: Any,
+    *,
+    progress: bool = True,
+    precision: str = "fp32",
+) -> list[dict]:
+    """``generate_responses`` with a run's settings (``RunConfig`` or ``DPOConfig``): its
+    prompt style, ``max_new_tokens`` and ``gen_batch_size``, in the model's context."""
+    return generate_responses(
+        model,
+        test_data,
+        tokenizer,
+        context_size=model.context_length,
+        style=cfg.prompt_style,
+        max_new_tokens=cfg.max_new_tokens,
+        batch_size=cfg.gen_batch_size,
+        progress=progress,
+        precision=precision,
+    )

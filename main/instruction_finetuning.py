@@ -41,7 +41,7 @@ from course.finetuning import (
     TrainingResult,
     build_model,
     finetune,
-    generate_responses,
+    generate_test_responses,
     plot_training,
 )
 from course.instruction_data import (
@@ -222,30 +222,6 @@ def save_training(cfg: RunConfig, model, result: TrainingResult) -> tuple[dict[s
         checksum_path(run_dir / name).unlink(missing_ok=True)
     print(f"Model saved as {paths['model']}")
     return paths, fig
-
-
-def generate_test_responses(
-    cfg: Any,
-    model: torch.nn.Module,
-    test_data: list[dict],
-    tokenizer: Any,
-    *,
-    progress: bool = True,
-    precision: str = "fp32",
-) -> list[dict]:
-    """``generate_responses`` with a run's settings (``RunConfig`` or ``DPOConfig``): its
-    prompt style, ``max_new_tokens`` and ``gen_batch_size``, in the model's context."""
-    return generate_responses(
-        model,
-        test_data,
-        tokenizer,
-        context_size=model.context_length,
-        style=cfg.prompt_style,
-        max_new_tokens=cfg.max_new_tokens,
-        batch_size=cfg.gen_batch_size,
-        progress=progress,
-        precision=precision,
-    )
 
 
 def write_responses(

@@ -13,7 +13,7 @@ import torch
 
 import instruction_finetuning as ift
 import previous_chapters as pc
-from course import lora
+from course import finetuning, lora
 from helpers import tiny_config, tiny_model, varied_entries
 from runtime import engine
 
@@ -306,7 +306,7 @@ def test_lora_run_saves_the_merged_model_and_the_adapter_and_resumes(tmp_path, c
     plain.load_state_dict(torch.load(model_file, weights_only=True))
     responses = json.loads((run_dir / ift.RESPONSES_FILE).read_text())
     tokenizer = ift.prepare_tokenizer(cfg)
-    again = ift.generate_responses(
+    again = finetuning.generate_responses(
         plain, responses, tokenizer, context_size=192, max_new_tokens=4, progress=False
     )
     assert [e["model_response"] for e in again] == [e["model_response"] for e in responses]
