@@ -330,4 +330,6 @@ def test_cudnn_attention_is_off():
     """cuDNN's attention builds a plan per new sequence length (ours change every step; on an
     H200 bf16 ran 7x slower than fp32); importing the model module turns it off."""
     assert not torch.backends.cuda.cudnn_sdp_enabled()
-    assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+    assert (
+        torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+    )
