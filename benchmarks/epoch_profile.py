@@ -35,6 +35,7 @@ import previous_chapters as pc  # noqa: E402
 from benchmarks import contenders as c  # noqa: E402
 from benchmarks.bench import MODEL  # noqa: E402
 from benchmarks.workload import load_data  # noqa: E402
+from course import pretraining  # noqa: E402
 from course.instruction_data import create_dataloaders  # noqa: E402
 
 PHASES = ("forward (loss)", "backward", "optimizer", "evaluation", "sample", "rest")
@@ -58,8 +59,9 @@ def timed_pieces(seconds: dict[str, float]):
     with ExitStack() as stack:
         for owner, name, phase in (
             (torch.Tensor, "backward", "backward"),
-            (pc, "evaluate_model", "evaluation"),
-            (pc, "generate", "sample"),
+            (pretraining, "evaluate_model", "evaluation"),  # (pc's is served from there)
+            (pc, "generate", "sample"),  # the course-style epoch's sample
+            (pretraining, "generate", "sample"),  # the sample of train_model_simple
         ):
             real = getattr(owner, name)
             setattr(owner, name, timing(phase, real))

@@ -41,7 +41,7 @@ from course.dpo_figures import (  # noqa: F401 (re-exported: the course's plots 
     plot_dpo_tracking,
     plot_loss_against_margin,
 )
-from previous_chapters import train_model_simple
+from course.pretraining import train_model_simple
 from runtime.engine import ends_after_last
 from runtime.trainer import ResumableRun
 

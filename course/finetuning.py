@@ -3,9 +3,10 @@
     build_model (GPT-2's weights into GPTModel) -> finetune (the course's training loop)
     -> generate_responses (batched, greedy) -> extract_response
 
-The training and generation themselves are the course's (``previous_chapters.py``); this
-module chooses the fast engine for them explicitly: ``engine.packed_loss_batch`` as the loss,
-fused AdamW, and ``engine.generate_batch`` for the responses.
+The training and generation themselves are the course's (``course/pretraining.py``,
+``previous_chapters.py``); this module chooses the fast engine for them explicitly:
+``engine.packed_loss_batch`` as the loss, fused AdamW, and ``engine.generate_batch`` for the
+responses.
 """
 
 from __future__ import annotations
@@ -25,15 +26,8 @@ from course.instruction_data import (
     format_input,
     get_prompt_style,
 )
-from previous_chapters import (
-    GPTModel,
-    LossFn,
-    gpt2_config,
-    gpt2_config_from_hparams,
-    load_weights_into_gpt,
-    plot_losses,
-    resolve_model_name,
-)
+from course.pretraining import LossFn, load_weights_into_gpt, plot_losses
+from previous_chapters import GPTModel, gpt2_config, gpt2_config_from_hparams, resolve_model_name
 from runtime.distributed import SINGLE_PROCESS, Ranks
 from runtime.engine import generate_batch, in_precision, make_optimizer, packed_loss_batch
 from runtime.trainer import train_resumable

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from previous_chapters import LoopState
+from course.pretraining import LoopState
 from runtime.errors import ChapterError
 from runtime.outputs import keep_previous, load_failure, verify_file, write_atomically
 

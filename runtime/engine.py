@@ -1,8 +1,8 @@
 """The fast engine: the course's maths, organised for speed.
 
-The course functions in ``previous_chapters.py`` are the reference. Each function here gives
-the same numbers as its course counterpart (the tests check it) with less work, and runs
-only where a caller asks for it by name:
+The course functions in ``previous_chapters.py`` and ``course/pretraining.py`` are the
+reference. Each function here gives the same numbers as its course counterpart (the tests
+check it) with less work, and runs only where a caller asks for it by name:
 
 =========================  =============================  ======================================
 course                     fast counterpart               what it saves
@@ -40,9 +40,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import Sampler
 
+from course.pretraining import calc_loss_batch
 from previous_chapters import (
     KVCache,
-    calc_loss_batch,
     check_generation_settings,
     next_token_logits,
     sample_next_token,

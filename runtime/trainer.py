@@ -1,6 +1,6 @@
 """Fine-tuning that loses nothing: checkpoints, resume, Ctrl-C, and a stop on a non-finite loss.
 
-There is one training loop, the course's ``previous_chapters.train_model_simple``.
+There is one training loop, the course's ``train_model_simple`` (``course/pretraining.py``).
 ``ResumableRun`` is the set of pieces it calls for a real run (``train_resumable`` puts them
 together), and the course's loop stays as the course writes it:
 
@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from previous_chapters import (
+from course.pretraining import (
     LossFn,
     TrainingRun,
     calc_loss_batch,

@@ -32,6 +32,7 @@ MODULES = (
     "course.instruction_data",
     "course.collate_drafts",
     "previous_chapters",
+    "course.pretraining",
     "course.finetuning",
     "runtime.engine",
     "ollama_evaluate",
