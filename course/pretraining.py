@@ -207,8 +207,9 @@ def train_model_simple(
     run = run or TrainingRun(loss_fn)
     step_loss = run.step_loss(model, loss_fn, device)
     steps = num_epochs * len(train_loader)
-    bar = progress_bar(total=steps, unit="step", enabled=progress and run.is_main)
-    with run as state, bar:  # (a run that resumes starts where its checkpoint stopped)
+    # (the bar appears once the run has started: a checkpoint that fails to load draws none)
+    enabled = progress and run.is_main
+    with run as state, progress_bar(total=steps, unit="step", enabled=enabled) as bar:
         bar.update(state.epoch * len(train_loader) + state.batches_done)
         while state.epoch < num_epochs:
             model.train()

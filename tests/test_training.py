@@ -175,6 +175,26 @@ def test_train_model_simple_without_progress_bar(tokenizer, capsys):
     assert "step/s" not in captured.err and "Ep 1 (Step 000001)" in captured.out
 
 
+def test_a_run_that_fails_to_start_draws_no_progress_bar(tokenizer, capsys, monkeypatch):
+    """A run whose start fails (a checkpoint that cannot be loaded, say) ends in its one-line
+    error, with no empty 0/N bar drawn before it."""
+    monkeypatch.setattr(progress_bars, "on_terminal", lambda stream=None: True)  # (draw bars)
+
+    class FailingStart(pc.TrainingRun):
+        def __enter__(self):
+            raise RuntimeError("checkpoint.pt is corrupt")
+
+    model = tiny_model(**GPT2_VOCAB)
+    batches = [batch_with_ignored_targets(seed) for seed in range(2)]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    with pytest.raises(RuntimeError, match="corrupt"):
+        pc.train_model_simple(
+            model, batches, batches, optimizer, "cpu", 1, 1, 1, "Hi", tokenizer,
+            run=FailingStart(),
+        )  # fmt: skip
+    assert capsys.readouterr().err == ""
+
+
 def test_plot_losses_writes_file(tmp_path):
     path = tmp_path / "loss.png"
     epochs = torch.linspace(0, 2, 5)
