@@ -26,7 +26,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from previous_chapters import GPTModel, generate, text_to_token_ids, token_ids_to_text
+from previous_chapters import (
+    CHAPTER_5_NAMES,
+    GPTModel,
+    generate,
+    text_to_token_ids,
+    token_ids_to_text,
+)
 from runtime.progress_bars import progress_bar
 
 # ---------------------------------------------------------------------------
@@ -334,16 +340,4 @@ def load_weights_into_gpt(gpt: GPTModel, params: Mapping[str, Any]) -> None:
             param.copy_(value)
 
 
-__all__ = [
-    "LossFn",
-    "LossHistory",
-    "LoopState",
-    "TrainingRun",
-    "calc_loss_batch",
-    "calc_loss_loader",
-    "evaluate_model",
-    "generate_and_print_sample",
-    "load_weights_into_gpt",
-    "plot_losses",
-    "train_model_simple",
-]
+__all__ = list(CHAPTER_5_NAMES)  # (previous_chapters serves these names from here)
