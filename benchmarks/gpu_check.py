@@ -24,7 +24,6 @@ or not met. benchmarks/README.md ("GPU check") says more.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import gc
 import inspect
@@ -32,8 +31,6 @@ import json
 import os
 import re
 import shlex
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -49,6 +46,7 @@ from benchmarks import REPO_ROOT  # noqa: E402  (puts main/ on sys.path)
 from benchmarks.gpu_report import COURSE_SECONDS, GOALS, machine, markdown  # noqa: E402
 from benchmarks.report import RESULTS_DIR  # noqa: E402
 from benchmarks.synthetic_alpaca import make_entries  # noqa: E402
+from benchmarks.worker_processes import emit, run_process  # noqa: E402
 from course.instruction_data import ChapterError, ConfigError, load_instruction_data  # noqa: E402
 from runtime.outputs import save_json, write_atomically  # noqa: E402
 
@@ -58,7 +56,6 @@ DATA_CANDIDATES = [
     REPO_ROOT / "shared" / "data" / "instruction-data.json",
 ]
 PART_ENDS = {"workload": 0.70, "torchrun": 0.85, "bench": 1.0}  # shares of the budget
-ROW = "@gpu-check "  # a worker's result line: ROW + JSON
 TINY_ENTRIES = 40
 # Words per field of the chapter's 1,100 entries (median, log-sigma, min, max), times 1.3
 # GPT-2 tokens per English word (the synthetic words are one token each); 30% have an input.
@@ -111,10 +108,6 @@ def prepare_data_file(args: argparse.Namespace, work: Path) -> dict:
 # --------------------------------------------------------------------------------------
 # Workers: the processes that measure
 # --------------------------------------------------------------------------------------
-
-
-def emit(**row) -> None:
-    print(ROW + json.dumps(row), flush=True)
 
 
 def synchronized_seconds(device: torch.device, work) -> tuple[float, object]:
@@ -268,65 +261,6 @@ def collective_worker(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------
 # The parts: each runs its processes until its deadline
 # --------------------------------------------------------------------------------------
-
-
-def stop_process(proc: subprocess.Popen) -> None:
-    """SIGTERM to the process and its children (its own session); SIGKILL to whatever of
-    them is left once it has ended, or after 10 s."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=10)
-
-
-def error_line(text: str) -> str:
-    """What went wrong, in a process's output: its last ``error:`` line, else its last
-    exception (torchrun's ChildFailedError only names the rank), else its last line."""
-    lines = [line.strip() for line in text.splitlines() if line.strip() and ROW not in line]
-    errors = [line for line in lines if re.match(r"(\[rank \d+\] )?error:", line)]
-    exceptions = [
-        line
-        for line in lines
-        if re.match(r"[\w.]*(Error|Exception)\b", line) and "ChildFailedError" not in line
-    ]
-    return ((errors or exceptions or lines or ["no output"])[-1])[:300]
-
-
-def run_process(cmd: list[str], deadline: float, log: Path, env: dict) -> dict:
-    """Run ``cmd`` (its output appended to ``log``) until it ends or ``deadline`` (monotonic)
-    passes: its status (ok, failed, stopped), seconds, rows, and unless ok its error."""
-    start = time.monotonic()
-    with log.open("ab") as out:
-        out.write(f"\n$ {shlex.join(cmd)}\n".encode())
-        out.flush()
-        offset = out.tell()
-        proc = subprocess.Popen(
-            cmd,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            cwd=REPO_ROOT,
-            env=env,
-            start_new_session=True,
-        )
-        try:
-            rc = proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
-        except BaseException as exc:  # the deadline, or Ctrl-C
-            stop_process(proc)
-            if not isinstance(exc, subprocess.TimeoutExpired):
-                raise
-            rc = None
-    with log.open("rb") as f:
-        f.seek(offset)
-        text = f.read().decode(errors="replace")
-    rows = [json.loads(line.split(ROW, 1)[1]) for line in text.splitlines() if ROW in line]
-    part = {"status": {None: "stopped", 0: "ok"}.get(rc, "failed"), "rows": rows}
-    part["seconds"] = time.monotonic() - start
-    if rc is None:
-        part["error"] = "the time budget ran out"
-    elif rc != 0:
-        part["error"] = f"exit status {rc}: {error_line(text)}"
-    return part
 
 
 def workload_part(args: argparse.Namespace, deadline: float, log: Path, env: dict) -> dict:

@@ -90,13 +90,12 @@ from runtime.run_config import (
     allowed_max_length,
     check_settings,
     describe,
-    latest_run,
     make_config,
     model_config,
-    release_run,
     start_run,
 )
 from runtime.run_data import Splits, prepare_data, prepare_loaders, prepare_tokenizer
+from runtime.run_folders import latest_run, release_run
 from runtime.run_settings import add_flags, flag_settings
 from runtime.trainer import NonFiniteLossError, TrainingInterrupted
 

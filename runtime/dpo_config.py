@@ -28,10 +28,9 @@ from runtime.run_config import (
     check_ranges,
     check_writable_folder,
     given_settings,
-    latest_run,
-    new_run_folder,
     read_saved_config,
 )
+from runtime.run_folders import latest_run, new_run_folder
 from runtime.run_settings import FLOAT, SWITCH, TEXT, Setting, above_zero, ranges, setting
 
 DPO_CONFIG_FILE = "dpo-config.json"

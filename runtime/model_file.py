@@ -32,7 +32,8 @@ from course.instruction_data import PromptStyle, get_prompt_style
 from previous_chapters import MODEL_CONFIGS, GPTModel, gpt2_config
 from runtime.errors import ModelFileError  # noqa: F401 (re-exported)
 from runtime.outputs import load_failure, read_json, verify_file
-from runtime.run_config import RUN_CONFIG_FILE, latest_run, run_folders
+from runtime.run_config import RUN_CONFIG_FILE
+from runtime.run_folders import latest_run, run_folders
 
 MODEL_FILE_GLOB = "*-sft.pth"
 MAKE_ONE = (

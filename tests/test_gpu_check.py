@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import gpu_check
+from benchmarks import gpu_check, worker_processes
 from course.instruction_data import format_input, load_instruction_data, validate_instruction_data
 from helpers import REPO_ROOT
 from runtime.gpt2_tokenizer import get_tokenizer
@@ -73,14 +73,14 @@ def test_a_process_past_its_deadline_is_stopped_and_keeps_what_it_reported(tmp_p
     """The budget: a part still running at its deadline is stopped, with the processes it
     started, and the rows it printed before are kept."""
     log, start = tmp_path / "log", time.monotonic()
-    command = [sys.executable, "-c", CHILD, gpu_check.ROW]
-    part = gpu_check.run_process(command, start + 3, log, {})
+    command = [sys.executable, "-c", CHILD, worker_processes.ROW]
+    part = worker_processes.run_process(command, start + 3, log, {})
     assert time.monotonic() - start < 20
     assert part["status"] == "stopped" and part["error"] == "the time budget ran out"
     (row,) = part["rows"]
     assert row["step"] == "train" and ends(row["sleeper"])
     command = [sys.executable, "-c", "raise RuntimeError('CUDA error: no kernel image')"]
-    failed = gpu_check.run_process(command, time.monotonic() + 60, log, {})
+    failed = worker_processes.run_process(command, time.monotonic() + 60, log, {})
     assert failed["status"] == "failed"
     assert failed["error"] == "exit status 1: RuntimeError: CUDA error: no kernel image"
 
@@ -92,10 +92,10 @@ def test_a_failure_is_told_by_its_own_line_not_by_torchruns_summary():
         "torch.distributed.elastic.multiprocessing.errors.ChildFailedError:",
         "main/instruction_finetuning.py FAILED",
     ]
-    assert gpu_check.error_line("\n".join(torchrun)) == torchrun[1]
+    assert worker_processes.error_line("\n".join(torchrun)) == torchrun[1]
     chapter = ["Training set length: 34", "[rank 1] error: no such file", "Exception ignored"]
-    assert gpu_check.error_line("\n".join(chapter)) == chapter[1]
-    assert gpu_check.error_line("step 3\nKilled\n") == "Killed"
+    assert worker_processes.error_line("\n".join(chapter)) == chapter[1]
+    assert worker_processes.error_line("step 3\nKilled\n") == "Killed"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")

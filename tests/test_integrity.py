@@ -27,7 +27,7 @@ import export_model
 import instruction_finetuning as ift
 from course.instruction_data import ChapterError
 from helpers import tiny_model, tiny_model_file
-from runtime import interrupts, outputs, run_config, trainer
+from runtime import interrupts, outputs, run_config, run_folders, trainer
 from runtime.model_file import find_model_file, read_state_dict
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -82,8 +82,8 @@ def copy_run(run: Path, out: Path, name: str | None = None) -> Path:
     """A copy of ``run`` in ``out`` (which ``out/latest`` then points to)."""
     target = out / (name or run.name)
     shutil.copytree(run, target)
-    (target / run_config.LOCK_FILE).unlink(missing_ok=True)
-    run_config._point_latest(out, target.name)
+    (target / run_folders.LOCK_FILE).unlink(missing_ok=True)
+    run_folders._point_latest(out, target.name)
     return target
 
 
@@ -154,7 +154,7 @@ def test_stale_temporary_files_are_removed(tmp_path):
     (tmp_path / "m-sft-hf").mkdir()
     (tmp_path / ".m-sft-hf.ef56.old").mkdir()  # moved aside and replaced: no longer needed
     (tmp_path / "keep.tmp").write_text("")  # not ours: not hidden
-    (tmp_path / run_config.LOCK_FILE).write_text("")
+    (tmp_path / run_folders.LOCK_FILE).write_text("")
     removed = outputs.remove_stale_temp_files(tmp_path)
     assert len(removed) == 5
     assert sorted(p.name for p in tmp_path.iterdir()) == [
@@ -300,11 +300,11 @@ def test_two_run_folders_in_the_same_second(tmp_path, monkeypatch):
         def now(cls, tz=None):
             return cls(2026, 1, 2, 3, 4, 5)
 
-    monkeypatch.setattr(run_config.datetime, "datetime", Frozen)
+    monkeypatch.setattr(run_folders.datetime, "datetime", Frozen)
     # another process creates the name between our look and our mkdir: looking says nothing
     monkeypatch.setattr(Path, "exists", lambda self: False)
-    first = run_config.new_run_folder(tmp_path, "smoke")
-    second = run_config.new_run_folder(tmp_path, "smoke")
+    first = run_folders.new_run_folder(tmp_path, "smoke")
+    second = run_folders.new_run_folder(tmp_path, "smoke")
     monkeypatch.undo()
     assert (first.name, second.name) == ("20260102-030405-smoke", "20260102-030405-smoke-2")
     assert (tmp_path / "latest").resolve() == second
@@ -319,11 +319,11 @@ def test_a_temporary_latest_link_left_by_a_killed_process_is_removed(tmp_path):
     try:
         for pid, link in ((dead.pid, "latest"), (alive.pid, "latest"), (dead.pid, "latest-dpo")):
             (tmp_path / f".{link}-{pid}").symlink_to("gone", target_is_directory=True)
-        run = run_config.new_run_folder(tmp_path, "smoke")
+        run = run_folders.new_run_folder(tmp_path, "smoke")
         left = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("."))
         assert left == [f".latest-{alive.pid}", f".latest-dpo-{dead.pid}"]
         assert (tmp_path / "latest").resolve() == run
-        run_config.new_run_folder(tmp_path, "dpo", link="latest-dpo")
+        run_folders.new_run_folder(tmp_path, "dpo", link="latest-dpo")
         assert not (tmp_path / f".latest-dpo-{dead.pid}").is_symlink()
     finally:
         alive.kill()
@@ -349,7 +349,7 @@ def test_run_folders_are_named_after_what_they_hold(tmp_path):
 
 def _hold_lock(folder: Path) -> subprocess.Popen:
     code = (
-        "import sys, time; from runtime import run_config; run_config.lock_run(sys.argv[1]); "
+        "import sys, time; from runtime import run_folders; run_folders.lock_run(sys.argv[1]); "
         "print('locked', flush=True); time.sleep(60)"
     )
     holder = subprocess.Popen(
@@ -472,12 +472,12 @@ def test_latest_without_a_model_looks_back_and_says_which_run(finished_run, tmp_
     older = copy_run(finished_run, out, "20200101-000000-smoke")
     failed = out / "20300101-000000-smoke"  # the newest run stopped before saving a model
     failed.mkdir()
-    run_config._point_latest(out, failed.name)
+    run_folders._point_latest(out, failed.name)
     found = find_model_file(out)
     assert found == older / "gpt-random-init-sft.pth"
     err = capsys.readouterr().err
     assert f"latest run, {failed.name}, holds no model file" in err and str(found) in err
-    run_config._point_latest(out, older.name)
+    run_folders._point_latest(out, older.name)
     assert find_model_file(out) == found
     assert f"Using the latest run's model: {found}" in capsys.readouterr().err
 
@@ -563,7 +563,7 @@ def test_export_finds_the_latest_usable_model(finished_run, tmp_path, capsys, mo
     older = copy_run(finished_run, out, "20200101-000000-smoke")
     failed = out / "20300101-000000-smoke-lora16"
     failed.mkdir()
-    run_config._point_latest(out, failed.name)
+    run_folders._point_latest(out, failed.name)
     monkeypatch.chdir(tmp_path)
     assert export_model.main(["--format", "hf", "--output", str(tmp_path / "hf")]) == 0
     err = capsys.readouterr().err
