@@ -29,6 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from runtime.gemv import Linear  # nn.Linear; batch-1 decoding uses every CPU thread
+
 # cuDNN's attention, PyTorch's first choice for bf16 on recent GPUs, builds a plan for every new
 # sequence length, and ours change at every step (decoding, packed training): on an H200 that
 # cost 2 ms of CPU per call and made bf16 7x slower than fp32. PyTorch's flash and
@@ -163,8 +165,8 @@ class MultiHeadAttention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = d_out // num_heads
         self.dropout = dropout  # on the attention weights, as in the course
-        self.qkv = nn.Linear(d_in, 3 * d_out, bias=qkv_bias)  # = [W_query | W_key | W_value]
-        self.out_proj = nn.Linear(d_out, d_out)
+        self.qkv = Linear(d_in, 3 * d_out, bias=qkv_bias)  # = [W_query | W_key | W_value]
+        self.out_proj = Linear(d_out, d_out)
 
     def split_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries, keys and values of ``x`` [b, t, d_in], each [b, num_heads, t, head_dim]."""
@@ -214,9 +216,9 @@ class FeedForward(nn.Module):
     def __init__(self, emb_dim: int):
         super().__init__()
         self.layers = nn.Sequential(
-            nn.Linear(emb_dim, 4 * emb_dim),
+            Linear(emb_dim, 4 * emb_dim),
             nn.GELU(approximate="tanh"),  # GPT-2's GELU
-            nn.Linear(4 * emb_dim, emb_dim),
+            Linear(4 * emb_dim, emb_dim),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -268,7 +270,7 @@ class GPTModel(nn.Module):
         self.drop_emb = nn.Dropout(cfg["drop_rate"])
         self.trf_blocks = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg["n_layers"]))
         self.final_norm = nn.LayerNorm(cfg["emb_dim"], eps=1e-5)
-        self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False)
+        self.out_head = Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False)
         self.kv_cache: KVCache | None = None  # use_cache=True's keys and values
         self._init_weights(cfg["n_layers"])
 

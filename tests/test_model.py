@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import gpt_download as gd
 import previous_chapters as pc
 from helpers import TINY_CHECKPOINT, hf_to_course_params, needs_transformers, tiny_config
+from runtime import gemv
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -333,3 +336,66 @@ def test_cudnn_attention_is_off():
     assert (
         torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
     )
+
+
+@pytest.fixture
+def two_threads():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_few_row_products_are_shared_among_threads(two_threads, monkeypatch):
+    """``gemv.Linear``: a product of one or a few rows (batch-1 decoding, prompt lookup) goes
+    through ``threaded_gemv`` and equals ``F.linear`` up to float rounding; everything else is
+    ``nn.Linear`` exactly."""
+    calls = []
+    real = gemv.threaded_gemv
+    monkeypatch.setattr(gemv, "threaded_gemv", lambda *a: calls.append(a) or real(*a))
+    torch.manual_seed(0)
+    layer = gemv.Linear(96, 1001)  # (an odd number of outputs: one row is left over)
+    x = torch.randn(1, 1, 96)
+    with torch.no_grad():
+        got = layer(x)
+        assert len(calls) == 1 and got.shape == (1, 1, 1001)
+        torch.testing.assert_close(got, F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-6)
+        few = torch.randn(2, 3, 96)  # (prompt lookup's drafted tokens)
+        expected = F.linear(few, layer.weight, layer.bias)
+        torch.testing.assert_close(layer(few), expected, rtol=1e-5, atol=1e-6)
+        assert len(calls) == 2
+        rows = torch.randn(1, gemv.FEW_ROWS + 1, 96)
+        assert torch.equal(layer(rows), F.linear(rows, layer.weight, layer.bias))
+        half = copy.deepcopy(layer).to(torch.bfloat16)
+        assert torch.equal(half(x.bfloat16()), F.linear(x.bfloat16(), half.weight, half.bias))
+        torch.set_num_threads(1)
+        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+    torch.set_num_threads(2)
+    assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))  # (with gradients)
+    assert len(calls) == 2
+
+
+def test_greedy_tokens_are_the_same_with_the_threaded_products(two_threads):
+    """Batch-1 decoding with the cache (one-row products, shared among threads) gives the
+    tokens of the course's uncached loop (whole windows, plain products)."""
+    torch.manual_seed(3)
+    model = pc.GPTModel(tiny_config(vocab_size=2000, emb_dim=128, n_heads=4, n_layers=2)).eval()
+    prompt = torch.randint(0, 2000, (1, 9), generator=torch.Generator().manual_seed(4))
+    cached = pc.generate(model, prompt, 40, 64)
+    assert torch.equal(cached, pc.generate(model, prompt, 40, 64, use_cache=False))
+
+
+def test_prompt_lookup_gives_plain_greedy_tokens_with_the_threaded_products(two_threads):
+    """Prompt lookup checks its drafted tokens a few rows at a time (threaded products too);
+    its tokens are plain greedy decoding's, on prompts whose spans repeat (drafts are found)."""
+    from runtime.engine import generate_batch
+
+    torch.manual_seed(5)
+    model = pc.GPTModel(
+        tiny_config(vocab_size=2000, context_length=128, emb_dim=128, n_heads=4, n_layers=2)
+    ).eval()
+    span = torch.randint(0, 2000, (12,), generator=torch.Generator().manual_seed(6)).tolist()
+    prompts = [span * 3, span[:5] + span]
+    common = dict(batch_size=1, pad_token_id=0)
+    plain = generate_batch(model, prompts, 30, 128, **common)
+    assert generate_batch(model, prompts, 30, 128, draft_tokens=4, **common) == plain
