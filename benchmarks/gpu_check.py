@@ -24,9 +24,7 @@ or not met. benchmarks/README.md ("GPU check") says more.
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
-import inspect
 import json
 import os
 import re
@@ -174,22 +172,17 @@ def timed_training(args: argparse.Namespace, cfg, device, model, loaders, tokeni
 
 
 def timed_responses(cfg, device, model, test_data, tokenizer: CountingTokenizer) -> dict:
-    """``generate_responses`` as the chapter's ``write_responses`` step calls it, in the
-    run's precision (where it has no ``precision`` yet: the bf16 copy it would make)."""
-    from course.finetuning import generate_responses
+    """The responses as the chapter's ``write_responses`` step makes them
+    (``generate_test_responses``, in the run's precision), timed."""
+    from course.finetuning import generate_test_responses
 
-    settings = dict(context_size=model.context_length, style=cfg.prompt_style, progress=False)
-    settings.update(max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size)
-    maker, how = (lambda: model), "fp32 model and KV cache"
-    if cfg.precision == "bf16":
-        how = "bf16 model and KV cache"
-        if "precision" in inspect.signature(generate_responses).parameters:
-            settings["precision"] = "bf16"
-        else:
-            maker = lambda: copy.deepcopy(model).to(torch.bfloat16)  # noqa: E731
     seconds, _ = synchronized_seconds(
-        device, lambda: generate_responses(maker(), test_data, tokenizer, **settings)
+        device,
+        lambda: generate_test_responses(
+            cfg, model, test_data, tokenizer, progress=False, precision=cfg.precision
+        ),
     )
+    how = f"{cfg.precision} model and KV cache"
     n, ends = len(test_data), tokenizer.decoded[-len(test_data) :]
     row = {"seconds": seconds, "responses": n, "max_new_tokens": cfg.max_new_tokens}
     row.update(batch_size=cfg.gen_batch_size, generation=how)
