@@ -3,8 +3,9 @@
 With one prompt, each new token reads every weight once (the token and position tables
 aside: one row each) and the cached keys and values of the text so far, and does little
 arithmetic, so the machine's memory bandwidth bounds the tokens/s. ``bench_decoding``
-measures that bandwidth in the same run (the best of a few large ``torch`` copies) and
-reports each front end's tokens/s as a share of the bound. The same section times prompt
+measures that bandwidth in the same turns as the decoding (a large read-only ``sum`` and a
+copy, next to each round of each front end) and reports each front end's tokens/s as a
+share of the bound. The same section times prompt
 lookup (``draft_tokens``) and bf16 weights and cache against fp32 and transformers.
 """
 
@@ -17,7 +18,7 @@ import torch
 
 import previous_chapters as pc
 from benchmarks import contenders as c
-from benchmarks.measure import alternate, best_seconds, compare_outputs, fastest_hf_cache
+from benchmarks.measure import alternate, compare_outputs, fastest_hf_cache
 from benchmarks.report import yes
 from benchmarks.workload import Data, Sizes
 from runtime.engine import generate_batch, stream_tokens
@@ -25,16 +26,6 @@ from runtime.run_config import check_precision
 
 TARGET_SHARE = 0.8  # of the bandwidth bound, fp32, batch 1
 DRAFT_TOKENS = 4
-
-
-def memory_bandwidth(device: torch.device, mib: int = 1024, repeats: int = 5) -> float:
-    """Bytes/s of memory traffic: the best of ``repeats`` copies of ``mib`` MiB (read + write)
-    and of ``repeats`` sums over it (read only; decoding mostly reads), whichever is faster."""
-    src = torch.ones(mib * 2**18, device=device)  # float32: 4 bytes each
-    dst = torch.empty_like(src)
-    size = src.numel() * src.element_size()
-    kernels = ((2 * size, lambda: dst.copy_(src)), (size, lambda: src.sum()))
-    return max(moved / best_seconds(kernel, device, repeats) for moved, kernel in kernels)
 
 
 def bytes_per_token(model: torch.nn.Module, prompt_len: int, new_tokens: int) -> float:
@@ -48,22 +39,42 @@ def bytes_per_token(model: torch.nn.Module, prompt_len: int, new_tokens: int) ->
     return weights + 2 * cfg["n_layers"] * cfg["emb_dim"] * mean_cached * size
 
 
-def _rate(run, n: int, rounds: int, device) -> float:
-    """New tokens/s of ``run()`` (n tokens), the median of ``rounds`` after one warm-up."""
-    times = alternate({"x": lambda r: run}, rounds, 1, device)["x"]
-    return n / statistics.median(times)
+def front_end_shares(model, prompt: list[int], n: int, rounds: int, device) -> dict:
+    """Batch-1 greedy tokens/s of the course's generate, stream_tokens and generate_batch, and
+    each as a share of the bandwidth bound, the bandwidth timed in the same turns.
 
-
-def front_end_rates(model, prompt: list[int], n: int, rounds: int, device) -> dict[str, float]:
-    """Batch-1 greedy tokens/s of the course's generate, stream_tokens and generate_batch."""
-    ctx = model.context_length
+    The machine's bandwidth drifts (other work shares it: 30-55 GB/s within minutes here), so
+    each round times a read-only sum and a copy of as many bytes as a token reads, next to the
+    three front ends, and each round's share divides by that round's bandwidth (the faster of
+    the two kernels); the reported share is the median over the rounds.
+    """
+    ctx, per_token = model.context_length, bytes_per_token(model, len(prompt), n)
     idx = torch.tensor([prompt], device=device)
+    src = torch.ones(int(per_token) // 4, device=device)  # float32: 4 bytes each
+    dst, size = torch.empty_like(src), src.numel() * 4
     runs = {
         "generate": lambda: pc.generate(model, idx, n, ctx),
         "stream_tokens": lambda: list(stream_tokens(model, prompt, n, ctx)),
         "generate_batch": lambda: generate_batch(model, [prompt], n, ctx, eos_id=None),
+        "read": lambda: src.sum(),
+        "copy": lambda: dst.copy_(src),
     }
-    return {name: _rate(run, n, rounds, device) for name, run in runs.items()}
+    turns = {name: (lambda r, run=run: run) for name, run in runs.items()}
+    times = alternate(turns, rounds, 1, device)
+    pairs = zip(times["read"], times["copy"], strict=True)
+    bandwidth = [max(size / read, 2 * size / copied) for read, copied in pairs]
+    fronts = list(runs)[:3]
+    return {
+        "bandwidth": statistics.median(bandwidth),
+        "bytes_per_token": per_token,
+        "tokens_per_s": {name: n / statistics.median(times[name]) for name in fronts},
+        "share": {
+            name: statistics.median(
+                per_token * n / t / bw for t, bw in zip(times[name], bandwidth, strict=True)
+            )
+            for name in fronts
+        },
+    }
 
 
 def lookup_row(model, prompt: list[int], n: int, rounds: int, device) -> dict:
@@ -127,15 +138,9 @@ def bench_decoding(ours, hf, data: Data, sizes: Sizes, device, precision: str | 
     ``precision`` is "fp32")."""
     n = sizes.decode_tokens
     prompt = data.prompts(1)[0]
-    bandwidth = memory_bandwidth(device)
-    rates = front_end_rates(ours, prompt, n, sizes.gen_rounds, device)
-    per_token = bytes_per_token(ours, len(prompt), n)
     hf_cache = fastest_hf_cache(hf, [prompt], n, device)
     return {
-        "bandwidth": bandwidth,
-        "bytes_per_token": per_token,
-        "tokens_per_s": rates,
-        "share": {name: per_token * rate / bandwidth for name, rate in rates.items()},
+        **front_end_shares(ours, prompt, n, sizes.gen_rounds, device),
         "lookup": {
             name: lookup_row(ours, p, n, sizes.gen_rounds, device)
             for name, p in (("non-copying", prompt), ("copying", copying_prompt(data)))
