@@ -23,15 +23,22 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def machine_info(device: torch.device) -> dict:
-    import transformers
+def transformers_version() -> str:
+    """transformers' version, or "not installed" (revisions.py runs without it)."""
+    try:
+        import transformers
+    except ImportError:
+        return "not installed"
+    return transformers.__version__
 
+
+def machine_info(device: torch.device) -> dict:
     info = {
         "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "transformers": transformers.__version__,
+        "transformers": transformers_version(),
         "python": platform.python_version(),
         "device": str(device),
         "date": datetime.date.today().isoformat(),

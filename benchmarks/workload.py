@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -68,9 +69,11 @@ class Data:
         return [self.tokenizer.encode(format_input(entries[i % len(entries)])) for i in range(n)]
 
 
-def load_data() -> Data:
-    """The chapter's dataset when ../shared has it, else the project's sample data."""
-    path = SHARED_DATA if SHARED_DATA.is_file() else SAMPLE_DATA_PATH
+def load_data(path: Path | None = None) -> Data:
+    """The instruction data at ``path``; by default the chapter's dataset when ../shared has
+    it, else the project's sample data."""
+    if path is None:
+        path = SHARED_DATA if SHARED_DATA.is_file() else SAMPLE_DATA_PATH
     train, test, val = split_data(load_instruction_data(path))
     return Data(str(path), train, val, test, get_tokenizer(offline=True))
 
