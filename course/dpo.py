@@ -243,29 +243,6 @@ def compute_dpo_loss_loader(
     return m.loss, m.chosen_reward, m.rejected_reward
 
 
-def evaluate_dpo_metrics(
-    policy_model: nn.Module,
-    reference_model: nn.Module,
-    train_loader: Iterable,
-    val_loader: Iterable,
-    beta: float,
-    eval_iter: int,
-    *,
-    reduction: str = "sum",
-) -> tuple[DPOMetrics, DPOMetrics]:
-    """The metrics on ``eval_iter`` batches of each loader, in eval mode: (train, val)."""
-    was_training = policy_model.training
-    policy_model.eval()
-    train, val = (
-        compute_dpo_metrics_loader(
-            loader, policy_model, reference_model, beta, eval_iter, reduction=reduction
-        )
-        for loader in (train_loader, val_loader)
-    )
-    policy_model.train(was_training)
-    return train, val
-
-
 def evaluate_dpo_loss_loader(
     policy_model: nn.Module,
     reference_model: nn.Module,
@@ -276,22 +253,19 @@ def evaluate_dpo_loss_loader(
     *,
     reduction: str = "sum",
 ) -> dict[str, float]:
-    """``evaluate_dpo_metrics`` as the course returns it: a dict with the course's keys
-    ("train_loss", "val_chosen_reward", ...) and ours ("train_reward_margin", ...)."""
-    metrics = evaluate_dpo_metrics(
-        policy_model,
-        reference_model,
-        train_loader,
-        val_loader,
-        beta,
-        eval_iter,
-        reduction=reduction,
-    )
-    return {
-        f"{split}_{name}": value
-        for split, m in zip(("train", "val"), metrics, strict=True)
-        for name, value in asdict(m).items()
-    }
+    """``DPOMetrics`` on ``eval_iter`` batches of each loader, in eval mode, as the course
+    returns them: a dict with the course's keys ("train_loss", "val_chosen_reward", ...) and
+    ours ("train_reward_margin", "val_accuracy", ...)."""
+    was_training = policy_model.training
+    policy_model.eval()
+    res = {}
+    for split, loader in (("train", train_loader), ("val", val_loader)):
+        metrics = compute_dpo_metrics_loader(
+            loader, policy_model, reference_model, beta, eval_iter, reduction=reduction
+        )
+        res.update({f"{split}_{name}": value for name, value in asdict(metrics).items()})
+    policy_model.train(was_training)
+    return res
 
 
 # --------------------------------------------------------------------------------------
@@ -325,19 +299,20 @@ class DPOHistory:
     train_accuracies: list[float] = field(default_factory=list)
     val_accuracies: list[float] = field(default_factory=list)
 
-    def record(self, train: DPOMetrics, val: DPOMetrics, step: int, tokens_seen: int) -> None:
+    def record(self, res: dict[str, float], step: int, tokens_seen: int) -> None:
+        """Append one evaluation: ``res`` as ``evaluate_dpo_loss_loader`` returns it."""
         self.steps.append(step)
         self.track_tokens_seen.append(tokens_seen)
-        self.train_losses.append(train.loss)
-        self.val_losses.append(val.loss)
-        self.train_chosen_rewards.append(train.chosen_reward)
-        self.val_chosen_rewards.append(val.chosen_reward)
-        self.train_rejected_rewards.append(train.rejected_reward)
-        self.val_rejected_rewards.append(val.rejected_reward)
-        self.train_reward_margins.append(train.reward_margin)
-        self.val_reward_margins.append(val.reward_margin)
-        self.train_accuracies.append(train.accuracy)
-        self.val_accuracies.append(val.accuracy)
+        self.train_losses.append(res["train_loss"])
+        self.val_losses.append(res["val_loss"])
+        self.train_chosen_rewards.append(res["train_chosen_reward"])
+        self.val_chosen_rewards.append(res["val_chosen_reward"])
+        self.train_rejected_rewards.append(res["train_rejected_reward"])
+        self.val_rejected_rewards.append(res["val_rejected_reward"])
+        self.train_reward_margins.append(res["train_reward_margin"])
+        self.val_reward_margins.append(res["val_reward_margin"])
+        self.train_accuracies.append(res["train_accuracy"])
+        self.val_accuracies.append(res["val_accuracy"])
 
 
 def dpo_loss(reference_model: nn.Module, beta: float, *, reduction: str = "sum") -> Callable:
@@ -393,7 +368,7 @@ class DPORun(ResumableRun):
         return batch["chosen"].numel() + batch["rejected"].numel()
 
     def evaluate(self, model, train_loader, val_loader, device, eval_iter, state) -> None:
-        train, val = evaluate_dpo_metrics(
+        res = evaluate_dpo_loss_loader(
             model,
             self.reference,
             train_loader,
@@ -402,12 +377,13 @@ class DPORun(ResumableRun):
             eval_iter,
             reduction=self.reduction,
         )
-        state.history.record(train, val, state.global_step, state.tokens_seen)
+        state.history.record(res, state.global_step, state.tokens_seen)
         tqdm.write(
             f"Ep {state.epoch + 1} (Step {state.global_step:06d}): "
-            f"Train loss {train.loss:.3f}, Val loss {val.loss:.3f}, "
-            f"Train reward margin {train.reward_margin:.3f}, "
-            f"Val reward margin {val.reward_margin:.3f}, Val accuracy {val.accuracy:.2f}"
+            f"Train loss {res['train_loss']:.3f}, Val loss {res['val_loss']:.3f}, "
+            f"Train reward margin {res['train_reward_margin']:.3f}, "
+            f"Val reward margin {res['val_reward_margin']:.3f}, "
+            f"Val accuracy {res['val_accuracy']:.2f}"
         )
 
 

@@ -28,7 +28,6 @@ from course.instruction_data import (
 )
 from course.pretraining import LossFn, load_weights_into_gpt, plot_losses
 from previous_chapters import GPTModel, gpt2_config, gpt2_config_from_hparams, resolve_model_name
-from runtime.distributed import SINGLE_PROCESS, Ranks
 from runtime.engine import generate_batch, in_precision, make_optimizer, packed_loss_batch
 from runtime.trainer import train_resumable
 
@@ -151,17 +150,14 @@ def finetune(
     seed: int = 123,
     progress: bool = True,
     loss_fn: LossFn = packed_loss_batch,
-    checkpoint_path: str | os.PathLike | None = None,
-    checkpoint_every: int = 0,
-    resume: bool = False,
-    grad_accum: int = 1,
-    ranks: Ranks = SINGLE_PROCESS,
     precision: str = "fp32",
+    **resumable: Any,
 ) -> TrainingResult:
     """Section 7.6: AdamW on the chapter's settings, trained by the course's loop.
 
     The loop is the course's ``train_model_simple``, with ``trainer.train_resumable``'s
-    pieces: the losses before training, checkpoints at ``checkpoint_path`` and ``resume``.
+    pieces (``resumable``: ``ResumableRun``'s keywords): the losses before training,
+    checkpoints at ``checkpoint_path`` every ``checkpoint_every`` steps, and ``resume``.
     The fast engine is chosen here: ``loss_fn`` is ``engine.packed_loss_batch`` (the
     course's ``calc_loss_batch`` gives the same numbers, slower) and AdamW is fused.
     The loaders' batches are global batches: ``grad_accum`` micro-batches on each of the
@@ -183,13 +179,9 @@ def finetune(
         start_context=start_context,
         tokenizer=tokenizer,
         loss_fn=loss_fn,
-        checkpoint_path=checkpoint_path,
-        checkpoint_every=checkpoint_every,
-        resume=resume,
         progress=progress,
-        grad_accum=grad_accum,
-        ranks=ranks,
         precision=precision,
+        **resumable,
     )
     result = TrainingResult.of_state(state, num_epochs)
     print(f"Training completed in {result.minutes:.2f} minutes.")

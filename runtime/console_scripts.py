@@ -5,12 +5,14 @@ A console script imports the module it names before it calls anything, so the sc
 here, at a module that imports nothing slow: ``guard_startup()`` comes first (Ctrl-C or
 SIGTERM while PyTorch loads is one line and exit status 130), then the command's module is
 imported and its ``main()`` runs through ``interrupts.run_command``. One function per
-command, named after its module in main/ (pyproject.toml's ``[project.scripts]``).
+command, named after its module in main/ (pyproject.toml's ``[project.scripts]``), made by
+``entry_point`` for each name in ``COMMANDS``.
 """
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 
 from runtime import interrupts
 
@@ -23,45 +25,32 @@ def run(module_name: str) -> int:
     return interrupts.run_command(module.main)
 
 
-def instruction_finetuning() -> int:
-    return run("instruction_finetuning")
+# main/'s commands; pyproject.toml's [project.scripts] names each one's entry point here
+COMMANDS = (
+    "instruction_finetuning",
+    "ollama_evaluate",
+    "export_model",
+    "chat",
+    "chat_page",
+    "dpo_finetuning",
+    "preference_data",
+    "find_near_duplicates",
+    "compare_judges",
+    "compare_models",
+    "generate_instruction_data",
+)
 
 
-def ollama_evaluate() -> int:
-    return run("ollama_evaluate")
+def entry_point(module_name: str) -> Callable[[], int]:
+    """The console script's function for the command ``module_name``: ``run(module_name)``."""
+
+    def command() -> int:
+        return run(module_name)
+
+    command.__name__ = command.__qualname__ = module_name
+    command.__doc__ = f"``python main/{module_name}.py``, as an installed command."
+    return command
 
 
-def export_model() -> int:
-    return run("export_model")
-
-
-def chat() -> int:
-    return run("chat")
-
-
-def chat_page() -> int:
-    return run("chat_page")
-
-
-def dpo_finetuning() -> int:
-    return run("dpo_finetuning")
-
-
-def preference_data() -> int:
-    return run("preference_data")
-
-
-def find_near_duplicates() -> int:
-    return run("find_near_duplicates")
-
-
-def compare_judges() -> int:
-    return run("compare_judges")
-
-
-def compare_models() -> int:
-    return run("compare_models")
-
-
-def generate_instruction_data() -> int:
-    return run("generate_instruction_data")
+for _name in COMMANDS:  # (module attributes: an entry point imports them by name)
+    globals()[_name] = entry_point(_name)

@@ -31,7 +31,16 @@ from runtime.run_config import (
     read_saved_config,
 )
 from runtime.run_folders import latest_run, new_run_folder
-from runtime.run_settings import FLOAT, SWITCH, TEXT, Setting, above_zero, ranges, setting
+from runtime.run_settings import (
+    FLOAT,
+    SWITCH,
+    TEXT,
+    ResponseSettings,
+    Setting,
+    above_zero,
+    ranges,
+    setting,
+)
 
 DPO_CONFIG_FILE = "dpo-config.json"
 THE_SFT_RUNS = "the SFT run's"
@@ -64,8 +73,9 @@ def _dpo(name: str) -> Any:
 
 
 @dataclass
-class DPOConfig:
-    """Every choice of a DPO run. The defaults are the course's (beta 0.1, lr 5e-6, 1 epoch)."""
+class DPOConfig(ResponseSettings):
+    """Every choice of a DPO run. The defaults are the course's (beta 0.1, lr 5e-6, 1 epoch);
+    the responses' and the judge's settings are inherited, the chapter run's own."""
 
     model: str | None = _dpo("model")  # None: outputs/latest's
     preferences: str | None = _dpo("preferences")  # None: PREFERENCE_FILE
@@ -90,15 +100,6 @@ class DPOConfig:
     allowed_max_length: int = setting("allowed_max_length", flag=None)
     seed: int = setting("seed")
     device: str | None = setting("device")
-    max_new_tokens: int = setting("max_new_tokens")
-    gen_batch_size: int = setting("gen_batch_size")
-    use_judge: bool = setting("use_judge")
-    judge_url: str | None = setting("judge_url")
-    judge_model: str = setting("judge_model")
-    judge_api: str = setting("judge_api")
-    judge_timeout: float = setting("judge_timeout")
-    judge_max_failures: int = setting("judge_max_failures")
-    judge_rubric: str = setting("judge_rubric")
     models_dir: str = setting("models_dir", help="where GPT-2's tokenizer files are kept")
     output_dir: str = setting("output_dir")
     run_name: str | None = None  # set when the run starts

@@ -16,6 +16,7 @@ A file without a checksum file (copied elsewhere, or made by hand) is read unche
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -24,7 +25,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +126,27 @@ def _install(tmp: Path, path: Path, checksum: bool | None) -> None:
     _record(path, [digest])
 
 
+@contextlib.contextmanager
+def _temporary_file(folder: Path, target: Path) -> Iterator[Path]:
+    """A new empty file in ``folder`` (made if missing), named after ``target`` as
+    ``remove_stale_temp_files`` knows it, for the block to fill and rename to ``target``.
+    If the block fails, the file is deleted and a disk problem becomes ``OutputError``."""
+    tmp = None
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=folder, prefix=f".{target.name}.", suffix=".tmp")
+        os.close(fd)
+        tmp = Path(name)
+        yield tmp
+    except BaseException as exc:
+        error = _write_failed(target, exc) if isinstance(exc, Exception) else None
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        if error is not None:
+            raise error from exc
+        raise
+
+
 def write_atomically(
     path: str | os.PathLike, write: Callable[[Path], Any], *, checksum: bool | None = None
 ) -> Path:
@@ -135,21 +157,10 @@ def write_atomically(
     full disk or a folder that cannot be written raises ``OutputError`` with one line.
     """
     path = Path(path)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        write(Path(tmp))
+    with _temporary_file(path.parent, path) as tmp:
+        write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private; ours are ordinary
-        _install(Path(tmp), path, checksum)
-    except BaseException as exc:
-        error = _write_failed(path, exc) if isinstance(exc, Exception) else None
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        if error is not None:
-            raise error from exc
-        raise
+        _install(tmp, path, checksum)
     return path
 
 
@@ -212,25 +223,15 @@ def keep_previous(path: str | os.PathLike, previous: str | os.PathLike) -> Path 
             shutil.copyfile(path, tmp)
 
     digests = recorded_checksums(path)
-    tmp = None
     if digests is not None:  # (during the rename the earlier previous file checks too)
         try:
             earlier = recorded_checksums(previous) or [] if previous.is_file() else []
         except FileCheckError:
             earlier = []
         _record(previous, [*digests, *earlier])
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{previous.name}.", suffix=".tmp")
-        os.close(fd)
-        link(Path(tmp))
+    with _temporary_file(path.parent, previous) as tmp:
+        link(tmp)
         os.replace(tmp, previous)
-    except BaseException as exc:
-        error = _write_failed(previous, exc) if isinstance(exc, Exception) else None
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        if error is not None:
-            raise error from exc
-        raise
     if digests is None:
         checksum_path(previous).unlink(missing_ok=True)
     else:

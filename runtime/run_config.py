@@ -35,7 +35,7 @@ from previous_chapters import gpt2_config, resolve_model_name
 from runtime.judge_host import judge_endpoint, redact_url, redact_urls
 from runtime.outputs import read_json, remove_stale_temp_files, save_json
 from runtime.run_folders import latest_run, lock_run, new_run_folder
-from runtime.run_settings import PRECISIONS, ranges, setting
+from runtime.run_settings import PRECISIONS, ResponseSettings, ranges, setting
 
 # The smoke run's model: GPT-2's vocabulary and layout, tiny sizes, random weights.
 SMOKE_MODEL_OVERRIDES = {"emb_dim": 64, "n_layers": 2, "n_heads": 4, "context_length": 256}
@@ -47,8 +47,9 @@ TRAINING_RESULT_FILE = "training-result.json"  # 7.6: the losses, once training 
 
 
 @dataclass
-class RunConfig:
-    """Every choice of a chapter run. The defaults are the chapter's."""
+class RunConfig(ResponseSettings):
+    """Every choice of a chapter run. The defaults are the chapter's. The responses' and the
+    judge's settings (``max_new_tokens``, ``use_judge``, ``judge_url`` ...) are inherited."""
 
     # Each setting's default, range and help text are defined once, in run_settings.SETTINGS.
     # model
@@ -82,17 +83,6 @@ class RunConfig:
     # LoRA (exercise 7.4): train low-rank adapters on the frozen model (None: full fine-tuning)
     lora_rank: int | None = setting("lora_rank")
     lora_alpha: float = setting("lora_alpha")
-    # responses
-    max_new_tokens: int = setting("max_new_tokens")
-    gen_batch_size: int = setting("gen_batch_size")
-    # judge
-    use_judge: bool = setting("use_judge")
-    judge_url: str | None = setting("judge_url")
-    judge_model: str = setting("judge_model")
-    judge_api: str = setting("judge_api")
-    judge_timeout: float = setting("judge_timeout")
-    judge_max_failures: int = setting("judge_max_failures")
-    judge_rubric: str = setting("judge_rubric")
     # outputs
     output_dir: str = setting("output_dir")  # each run gets a folder of its own in here
     run_name: str | None = None  # that folder's name, set when the run starts

@@ -10,7 +10,8 @@ or the config's own table) then gives the field its default, and the rest comes 
   ``parameter_line`` writes the line that declares one, with the default in its comment.
 
 A config may change a shared setting's default (DPO trains with lr 5e-6) or help text; the
-rest of the definition stays the shared one.
+rest of the definition stays the shared one. The settings both configs declare alike (the
+responses' and the judge's) are declared once, in ``ResponseSettings``, which both inherit.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import argparse
 import math
 import re
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import MISSING, Field, dataclass, field, fields, replace
+from dataclasses import MISSING, Field, dataclass, field, fields, is_dataclass, replace
 from typing import Any
 
 from course.instruction_data import DATA_URL, PROMPT_STYLES
@@ -63,7 +64,7 @@ INT, FLOAT, TEXT = {"type": int}, {"type": float}, {}
 SWITCH = {"action": "store_const", "const": True}  # the flag alone sets True
 
 # The settings of a chapter run, which a DPO run shares (--help lists a config's flags in the
-# order of its fields).
+# order of its fields, its own before the inherited ones: see ``definitions``).
 SETTINGS: dict[str, Setting] = {
     "model_size": Setting(
         "gpt2-medium (355M)",
@@ -204,9 +205,33 @@ def setting(name: str, table: Mapping[str, Setting] = SETTINGS, **changes: Any) 
     return field(default=definition.default, metadata={"setting": definition})
 
 
+@dataclass
+class ResponseSettings:
+    """The settings of the test set's responses and of their judge, which a chapter run and
+    a DPO run share (``RunConfig`` and ``DPOConfig`` inherit them)."""
+
+    # responses
+    max_new_tokens: int = setting("max_new_tokens")
+    gen_batch_size: int = setting("gen_batch_size")
+    # judge
+    use_judge: bool = setting("use_judge")
+    judge_url: str | None = setting("judge_url")
+    judge_model: str = setting("judge_model")
+    judge_api: str = setting("judge_api")
+    judge_timeout: float = setting("judge_timeout")
+    judge_max_failures: int = setting("judge_max_failures")
+    judge_rubric: str = setting("judge_rubric")
+
+
 def definitions(config_class: type) -> Iterator[tuple[str, Setting]]:
-    """(field name, definition) of each of ``config_class``'s settings, in field order."""
-    for f in fields(config_class):
+    """(field name, definition) of each of ``config_class``'s settings, in field order, but
+    its own fields before those it inherits (``ResponseSettings``'): --help lists a run's
+    model and training flags first, whatever its config shares."""
+    inherited = {
+        f.name for base in config_class.__mro__[1:] if is_dataclass(base) for f in fields(base)
+    }
+    ordered = sorted(fields(config_class), key=lambda f: f.name in inherited)  # (stable)
+    for f in ordered:
         if "setting" in f.metadata:
             yield f.name, f.metadata["setting"]
 

@@ -398,17 +398,14 @@ def train_resumable(
     tokenizer: Any,
     *,
     loss_fn: LossFn = calc_loss_batch,
-    checkpoint_path: str | os.PathLike | None = None,
-    checkpoint_every: int = 0,
-    resume: bool = False,
     progress: bool = True,
-    grad_accum: int = 1,
-    ranks: Ranks = SINGLE_PROCESS,
     precision: str = "fp32",
+    **resumable: Any,
 ) -> TrainState:
-    """``train_model_simple`` with the pieces of ``ResumableRun`` (see there for the
-    keywords); ``precision="bf16"`` computes the losses under bf16 autocast. Returns the
-    state (rank 0's on every rank): the losses before and during training, its time."""
+    """``train_model_simple`` with the pieces of ``ResumableRun`` (``resumable``: its keywords
+    ``checkpoint_path``, ``checkpoint_every``, ``resume``, ``grad_accum``, ``ranks``; see
+    there); ``precision="bf16"`` computes the losses under bf16 autocast. Returns the state
+    (rank 0's on every rank): the losses before and during training, its time."""
     loss_fn = with_precision(loss_fn, device, precision)
     run = ResumableRun(
         model,
@@ -419,11 +416,7 @@ def train_resumable(
         eval_iter,
         num_epochs,
         loss_fn=loss_fn,
-        checkpoint_path=checkpoint_path,
-        checkpoint_every=checkpoint_every,
-        resume=resume,
-        grad_accum=grad_accum,
-        ranks=ranks,
+        **resumable,
     )
     train_model_simple(
         model,
