@@ -131,21 +131,11 @@ def query_model(
     return "".join(pieces)
 
 
-def ask_judge(
-    prompt: str,
-    model: str = "llama3",
-    url: str | None = None,
-    *,
-    api: str = "ollama",
-    timeout: float | tuple[float, float] = JUDGE_TIMEOUT,
-    max_bytes: int = MAX_REPLY_BYTES,
-    key: str | None = None,
-) -> str:
-    """``query_model`` within ``judge_client``'s limits, its reply checked: an unusable
-    reply or a failed request raises ``JudgeUnavailableError`` (see ``judge_client.ask``)."""
-    return judge_client.ask(
-        query_model, prompt, model, url, api=api, timeout=timeout, max_bytes=max_bytes, key=key
-    )
+def ask_judge(prompt: str, model: str = "llama3", url: str | None = None, **limits: Any) -> str:
+    """``query_model`` within ``judge_client.ask``'s ``limits`` (``api``, ``timeout``,
+    ``max_bytes``, ``key``), its reply checked: an unusable reply or a failed request raises
+    ``JudgeUnavailableError``."""
+    return judge_client.ask(query_model, prompt, model, url, **limits)
 
 
 def judge_prompt(entry: dict, json_key: str = "model_response", rubric: str = "0-100") -> str:
