@@ -42,7 +42,7 @@ import torch
 
 from chat import add_generation_args, load_for_chat, stream_reply
 from course.instruction_data import ChapterError
-from runtime.interrupts import failed, stopped
+from runtime.interrupts import stopped_or_failed
 from runtime.model_file import LoadedModel
 
 # Nothing is fetched from the internet (set before Gradio is imported, which reads them)
@@ -201,10 +201,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         print(f"Chat page for {loaded.path}: open {url} in a browser; {reach}. Ctrl-C stops it.")
         serve_until_interrupted(page)
-    except (ChapterError, OSError) as exc:
-        return failed(exc)
-    except KeyboardInterrupt as exc:
-        return stopped(exc, "the chat page stopped")
+    except (ChapterError, OSError, KeyboardInterrupt) as exc:
+        return stopped_or_failed(exc, "the chat page stopped")
     return 0
 
 

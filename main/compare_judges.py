@@ -42,7 +42,7 @@ from ollama_evaluate import (
     judge_responses,
     read_responses,
 )
-from runtime.interrupts import failed, stopped
+from runtime.interrupts import stopped_or_failed
 from runtime.outputs import save_figure, save_json, verify_file
 
 PLOT = "outputs/judge-agreement.png"
@@ -226,11 +226,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print_report(report)
         plot = save_figure(plot_agreement(report), args.plot)
         saved = save_json(report, Path(args.plot).with_suffix(".json"))
-        print(f"Scatter plot: {plot}\nNumbers: {saved}")
-    except KeyboardInterrupt as exc:
-        return stopped(exc, "the scores so far are saved; run the same command again")
-    except (ChapterError, OSError) as exc:
-        return failed(exc)
+    except (ChapterError, OSError, KeyboardInterrupt) as exc:
+        return stopped_or_failed(exc, "the scores so far are saved; run the same command again")
+    print(f"Scatter plot: {plot}\nNumbers: {saved}")
     return 0
 
 

@@ -52,7 +52,7 @@ from ollama_evaluate import (
     read_responses,
     with_judge_hint,
 )
-from runtime.interrupts import failed, stopped
+from runtime.interrupts import stopped_or_failed
 from runtime.outputs import save_json
 
 LENGTH_TOLERANCE = 10  # tokens: pairs this close in length make the length-controlled rate
@@ -384,11 +384,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 std = "n/a" if s["std"] is None else f"{s['std']:.3f}"
                 mean = "n/a" if s["mean"] is None else f"{s['mean']:.3f}"
                 print(f"across {s['n_seeds']} seeds: {metric} mean {mean}, std {std}")
-    except KeyboardInterrupt as exc:
-        saved = "the verdicts so far are saved; run the same command again"
-        return stopped(exc, saved)
-    except (ChapterError, OSError) as exc:
-        return failed(exc)
+    except (ChapterError, OSError, KeyboardInterrupt) as exc:
+        return stopped_or_failed(exc, "the verdicts so far are saved; run the same command again")
     return 0
 
 

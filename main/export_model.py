@@ -56,7 +56,7 @@ from runtime.errors import ExportError  # noqa: F401 (re-exported)
 
 # (gpt2_tokenizer's own search for GPT-2's BPE files on disk, and its checksum)
 from runtime.gpt2_tokenizer import ENDOFTEXT, find_bpe_files
-from runtime.interrupts import failed, stopped
+from runtime.interrupts import stopped_or_failed
 from runtime.model_file import LoadedModel, find_model_file, load_model_file
 from runtime.outputs import write_folder_atomically
 from runtime.progress_bars import on_terminal
@@ -382,10 +382,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             n_heads=args.n_heads,
             overwrite=args.overwrite,
         )
-    except (ChapterError, OSError) as exc:
-        return failed(exc)
-    except KeyboardInterrupt as exc:
-        return stopped(exc, "nothing was exported")
+    except (ChapterError, OSError, KeyboardInterrupt) as exc:
+        return stopped_or_failed(exc, "nothing was exported")
     return 0
 
 

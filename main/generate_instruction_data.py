@@ -53,7 +53,7 @@ from ollama_evaluate import (
     with_judge_hint,
 )
 from runtime import judge_client
-from runtime.interrupts import failed, stopped
+from runtime.interrupts import stopped_or_failed
 from runtime.judge_host import JudgeReplyError, judge_base, redact_url
 from runtime.outputs import save_json, verify_file
 
@@ -442,11 +442,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_attempts=args.max_attempts,
             max_failures=args.max_failures,
         )
-    except KeyboardInterrupt as exc:
+    except (ChapterError, OSError, KeyboardInterrupt) as exc:
         saved = f"the entries so far are saved in {args.output}; run the same command again"
-        return stopped(exc, f"{saved} to go on")
-    except (ChapterError, OSError) as exc:
-        return failed(exc)
+        return stopped_or_failed(exc, f"{saved} to go on")
     print(
         f"{len(entries)} entries in {args.output} (python main/instruction_finetuning.py "
         f"--data {args.output})"

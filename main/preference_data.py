@@ -68,7 +68,7 @@ from ollama_evaluate import (
     judge_endpoint,
     with_judge_hint,
 )
-from runtime.interrupts import describe as describe_stop
+from runtime.interrupts import stopped_or_failed
 from runtime.outputs import save_json, verify_file
 from runtime.token_ids import shared_prefix_length
 
@@ -437,16 +437,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_failures=args.judge_max_failures,
             seed=args.seed,
         )
-    except KeyboardInterrupt as exc:
-        print(
-            f"\n{describe_stop(exc)}: the rewrites so far are saved in {args.output}; "
-            "run the same command again to ask the rest",
-            file=sys.stderr,
-        )
-        return 130
-    except (ChapterError, DownloadError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except (ChapterError, DownloadError, OSError, KeyboardInterrupt) as exc:
+        saved = f"the rewrites so far are saved in {args.output}"
+        return stopped_or_failed(exc, f"{saved}; run the same command again to ask the rest")
     return 0
 
 

@@ -86,3 +86,9 @@ def failed(exc: BaseException) -> int:
     """A command's end on an expected failure: its one ``error:`` line; returns 2."""
     print(f"error: {exc}", file=sys.stderr)
     return 2
+
+
+def stopped_or_failed(exc: BaseException, what: str) -> int:
+    """A command's end on Ctrl-C or SIGTERM (``stopped``, with ``what`` stands now: 130) or on
+    an expected failure (``failed``: 2)."""
+    return stopped(exc, what) if isinstance(exc, KeyboardInterrupt) else failed(exc)
