@@ -35,6 +35,7 @@ import json
 import os
 import re
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 from course.instruction_data import (
@@ -71,12 +72,14 @@ from runtime.judge_host import (  # noqa: F401 (re-exported: ollama_evaluate.jud
     with_judge_hint,
 )
 from runtime.judge_scores import (  # noqa: F401 (re-exported: ollama_evaluate.JudgeResult etc.)
+    DEFAULT_JUDGE,
     JUDGE_MAX_FAILURES,
     NO_SCORE,
     RUBRICS,
     JudgeFailure,
     JudgeReplyWarning,
     JudgeResult,
+    JudgeSettings,
     ask_each,
     check_rubric,
     collect_result,
@@ -136,6 +139,57 @@ def ask_judge(prompt: str, model: str = "llama3", url: str | None = None, **limi
     ``max_bytes``, ``key``), its reply checked: an unusable reply or a failed request raises
     ``JudgeUnavailableError``."""
     return judge_client.ask(query_model, prompt, model, url, **limits)
+
+
+def ask_about_each(
+    records: list[dict],
+    todo: Sequence[int],
+    prompt: Callable[[dict], str],
+    keep: Callable[[dict, str], str | None],
+    judge: JudgeSettings,
+    save_path: Path,
+    desc: str,
+    *,
+    check: bool = True,
+    progress: bool = True,
+    ask: Callable[[str], str] | None = None,
+) -> None:
+    """Put ``prompt(record)`` to the ``judge`` for each record in ``todo``, each reply stored by
+    ``keep`` and saved in ``save_path`` as it arrives (``ask_each``, its bar named ``desc``);
+    ``check``: first ask whether the judge is up. ``ask(prompt)`` replaces the judge server (a
+    stand-in judge). A judge that stops raises ``JudgeUnavailableError`` saying how to start
+    it and that a rerun asks only the missing entries."""
+    endpoint = judge_endpoint(judge.url, judge.api)
+
+    def question(record: dict) -> str:
+        text = prompt(record)
+        if ask is not None:
+            return ask(text)
+        return ask_judge(text, judge.model, endpoint, api=judge.api, timeout=judge.timeout)
+
+    try:
+        if todo and check and ask is None:
+            check_judge(endpoint, judge.model, api=judge.api)
+        ask_each(
+            records,
+            todo,
+            question,
+            model=judge.model,
+            max_failures=judge.max_failures,
+            request_failures={},
+            save_path=save_path,
+            progress=progress,
+            keep=keep,
+            desc=desc,
+        )
+    except JudgeUnavailableError as exc:
+        message = with_judge_hint(exc, judge.api, judge.model)
+        if save_path.is_file():
+            message += (
+                f" The replies so far are saved in {save_path}; the same command again asks "
+                "only the missing entries."
+            )
+        raise JudgeUnavailableError(message) from None
 
 
 def judge_prompt(entry: dict, json_key: str = "model_response", rubric: str = "0-100") -> str:
