@@ -19,10 +19,9 @@ saves the numbers as JSON beside the plot.
 
 from __future__ import annotations
 
-if __name__ == "__main__":  # (before the slow imports: Ctrl-C there is one line too)
-    from runtime import interrupts
+from runtime import interrupts
 
-    interrupts.guard_startup()
+interrupts.guard_startup(__name__)  # before the slow imports: Ctrl-C there is one line too
 
 import argparse
 import os
@@ -42,7 +41,6 @@ from ollama_evaluate import (
     judge_responses,
     read_responses,
 )
-from runtime.interrupts import stopped_or_failed
 from runtime.outputs import save_figure, save_json, verify_file
 
 PLOT = "outputs/judge-agreement.png"
@@ -227,7 +225,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         plot = save_figure(plot_agreement(report), args.plot)
         saved = save_json(report, Path(args.plot).with_suffix(".json"))
     except (ChapterError, OSError, KeyboardInterrupt) as exc:
-        return stopped_or_failed(exc, "the scores so far are saved; run the same command again")
+        return interrupts.stopped_or_failed(
+            exc, "the scores so far are saved; run the same command again"
+        )
     print(f"Scatter plot: {plot}\nNumbers: {saved}")
     return 0
 

@@ -23,10 +23,9 @@ runs of each seed and reports each metric's mean and spread across the seeds.
 
 from __future__ import annotations
 
-if __name__ == "__main__":  # (before the slow imports: Ctrl-C there is one line too)
-    from runtime import interrupts
+from runtime import interrupts
 
-    interrupts.guard_startup()
+interrupts.guard_startup(__name__)  # before the slow imports: Ctrl-C there is one line too
 
 import argparse
 import functools
@@ -49,7 +48,6 @@ from ollama_evaluate import (
     ask_about_each,
     read_responses,
 )
-from runtime.interrupts import stopped_or_failed
 from runtime.outputs import save_json
 
 LENGTH_TOLERANCE = 10  # tokens: pairs this close in length make the length-controlled rate
@@ -352,7 +350,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 mean = "n/a" if s["mean"] is None else f"{s['mean']:.3f}"
                 print(f"across {s['n_seeds']} seeds: {metric} mean {mean}, std {std}")
     except (ChapterError, OSError, KeyboardInterrupt) as exc:
-        return stopped_or_failed(exc, "the verdicts so far are saved; run the same command again")
+        return interrupts.stopped_or_failed(
+            exc, "the verdicts so far are saved; run the same command again"
+        )
     return 0
 
 

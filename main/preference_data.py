@@ -23,10 +23,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-if __name__ == "__main__":  # (before the slow imports: Ctrl-C there is one line too)
-    from runtime import interrupts
+from runtime import interrupts
 
-    interrupts.guard_startup()
+interrupts.guard_startup(__name__)  # before the slow imports: Ctrl-C there is one line too
 
 import argparse
 import functools
@@ -65,7 +64,6 @@ from ollama_evaluate import (
     JudgeSettings,
     ask_about_each,
 )
-from runtime.interrupts import stopped_or_failed
 from runtime.outputs import save_json, verify_file
 from runtime.token_ids import shared_prefix_length
 
@@ -405,8 +403,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         judge = JudgeSettings.of(args, prefix="judge_")
         generate_preference_data(entries, args.output, judge, seed=args.seed)
     except (ChapterError, DownloadError, OSError, KeyboardInterrupt) as exc:
-        saved = f"the rewrites so far are saved in {args.output}"
-        return stopped_or_failed(exc, f"{saved}; run the same command again to ask the rest")
+        saved = f"the rewrites so far are saved in {args.output}; run the same command again"
+        return interrupts.stopped_or_failed(exc, f"{saved} to ask the rest")
     return 0
 
 
