@@ -34,6 +34,7 @@ import json
 import os
 import re
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -441,31 +442,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         key = judge_client.api_key(args.api, args.api_key_env)
         entries = read_responses(args.file_path, args.json_key)
+        judge = asdict(JudgeSettings.of(args))  # model, url, api, timeout, max_failures
         result = judge_responses(
             entries,
             args.json_key,
-            args.model,
-            url=args.url,
-            api=args.api,
-            timeout=args.timeout,
-            max_failures=args.max_failures,
+            **judge,
             save_path=args.file_path,
             api_key=key,
             rescore_unscored=args.rescore_unscored,
             rubric=args.rubric,
         )
-    except KeyboardInterrupt:
-        print(
-            f"\ninterrupted: the scores so far are saved in {args.file_path}; "
-            "run the same command again to score the rest",
-            file=sys.stderr,
-        )
-        return 130
-    except ChapterError as exc:
+    except (ChapterError, KeyboardInterrupt) as exc:
         if isinstance(exc, JudgeUnavailableError) and exc.result and exc.result.n_scored:
             print_scores(exc.result)  # what the judge scored before it stopped
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        saved = f"the scores so far are saved in {args.file_path}; run the same command again"
+        return interrupts.stopped_or_failed(exc, f"{saved} to score the rest")
     print_scores(result)
     return 0
 
