@@ -28,6 +28,7 @@ import os
 import re
 import sys
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 from course.instruction_data import ChapterError, DatasetError, read_instruction_file
@@ -38,6 +39,7 @@ from ollama_evaluate import (
     JUDGE_TIMEOUT,
     RUBRICS,
     JudgeResult,
+    JudgeSettings,
     judge_responses,
     read_responses,
 )
@@ -77,32 +79,19 @@ def _saved_records(entries: list[dict], path: Path, json_key: str) -> list[dict]
 def judge_scores(
     entries: list[dict],
     file_path: str | os.PathLike,
-    model: str,
+    judge: JudgeSettings,
     *,
-    url: str | None = None,
-    api: str = "ollama",
     rubric: str = "0-100",
     json_key: str = "model_response",
-    timeout: float = JUDGE_TIMEOUT,
-    max_failures: int = JUDGE_MAX_FAILURES,
     progress: bool = True,
 ) -> JudgeResult:
-    """Judge ``model``'s scores of ``entries``: the saved ones, the missing ones asked (and
+    """The ``judge``'s scores of ``entries``: the saved ones, the missing ones asked (and
     saved in ``scores_path``). A judge that is down raises ``JudgeUnavailableError``."""
-    path = scores_path(file_path, model, rubric)
+    path = scores_path(file_path, judge.model, rubric)
     records = _saved_records(entries, path, json_key)
-    print(f"Judge {model} ({api}): scores in {path}")
+    print(f"Judge {judge.model} ({judge.api}): scores in {path}")
     return judge_responses(
-        records,
-        json_key,
-        model,
-        url=url,
-        api=api,
-        timeout=timeout,
-        max_failures=max_failures,
-        save_path=path,
-        progress=progress,
-        rubric=rubric,
+        records, json_key, **asdict(judge), save_path=path, progress=progress, rubric=rubric
     )
 
 
@@ -193,6 +182,20 @@ def build_arg_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _judges(args: argparse.Namespace) -> list[JudgeSettings]:
+    """Judges A and B as ``--judge_a``, ``--judge_a_url`` ... and the shared limits name them."""
+    return [
+        JudgeSettings(
+            getattr(args, f"judge_{side}"),
+            getattr(args, f"judge_{side}_url"),
+            getattr(args, f"judge_{side}_api"),
+            args.timeout,
+            args.max_failures,
+        )
+        for side in ("a", "b")
+    ]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line entry point: 0 when done, 2 with one ``error:`` line, 130 on Ctrl-C."""
     import matplotlib
@@ -207,18 +210,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         entries = read_responses(args.file_path, args.json_key)
         results = [
-            judge_scores(
-                entries,
-                args.file_path,
-                getattr(args, f"judge_{side}"),
-                url=getattr(args, f"judge_{side}_url"),
-                api=getattr(args, f"judge_{side}_api"),
-                rubric=args.rubric,
-                json_key=args.json_key,
-                timeout=args.timeout,
-                max_failures=args.max_failures,
-            )
-            for side in ("a", "b")
+            judge_scores(entries, args.file_path, judge, rubric=args.rubric, json_key=args.json_key)
+            for judge in _judges(args)
         ]
         report = compare_judges(*results, rubric=args.rubric)
         print_report(report)

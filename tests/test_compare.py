@@ -258,10 +258,10 @@ def test_bad_judge_replies_are_failures_and_left_out_of_the_agreement(judge_serv
     entries = responses(5)
     with pytest.warns(oe.JudgeReplyWarning, match="no integer score in 1..5"):
         result_a = cj.judge_scores(
-            entries, tmp_path / "r.json", "llama3", url=a.base, rubric="1-5", progress=False
+            entries, tmp_path / "r.json", JudgeSettings(url=a.base), rubric="1-5", progress=False
         )
     result_b = cj.judge_scores(
-        entries, tmp_path / "r.json", "other", url=b.base, rubric="1-5", progress=False
+        entries, tmp_path / "r.json", JudgeSettings("other", b.base), rubric="1-5", progress=False
     )
     assert result_a.n_failed == 3 and result_a.scored_indices == [3, 4]
     report = cj.compare_judges(result_a, result_b, rubric="1-5")
