@@ -10,13 +10,13 @@ reference-based numbers (exact match and ROUGE-L), which are not the judge's sco
 A judge that stops answering cannot stall a run: ``ask_judge`` sends ``query_model`` through
 ``judge_client``, which gives each whole reply ``timeout`` seconds and a size limit and
 refuses an unusable reply; after ``max_failures`` failed attempts in a row the judge counts
-as down. (``JudgeSettings`` holds these with the judge's model, URL and API;
-``ask_about_each`` is the same loop for the other questions put to the judge: the pairwise
-verdicts of ``compare_models`` and the rewrites of ``preference_data``.) Each entry's score and a short excerpt of the judge's reply are saved into the
+as down. Each entry's score and a short excerpt of the judge's reply are saved into the
 responses file as they arrive, so Ctrl-C, a crash or a judge that went away loses nothing,
 and the next run asks only the entries still missing (``--rescore-unscored``: also those
 whose reply had no score). That bookkeeping lives in ``runtime/judge_scores.py``; its names
-are re-exported here.
+are re-exported here. ``JudgeSettings`` names a judge (model, URL, API) and its limits as
+one value; ``ask_about_each`` is the same loop for the other questions put to the judge:
+the pairwise verdicts of ``compare_models`` and the rewrites of ``preference_data``.
 
 Score an existing responses file (again), as the course's script does:
 
