@@ -25,10 +25,9 @@ from __future__ import annotations
 
 import sys
 
-if __name__ == "__main__":  # (before the slow imports: Ctrl-C there is one line too)
-    from runtime import interrupts
+from runtime import interrupts
 
-    interrupts.guard_startup()
+interrupts.guard_startup(__name__)  # before the slow imports: Ctrl-C there is one line too
 
 import argparse
 import errno
@@ -42,7 +41,6 @@ import torch
 
 from chat import add_generation_args, load_for_chat, stream_reply
 from course.instruction_data import ChapterError
-from runtime.interrupts import failed, stopped
 from runtime.model_file import LoadedModel
 
 # Nothing is fetched from the internet (set before Gradio is imported, which reads them)
@@ -201,10 +199,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         print(f"Chat page for {loaded.path}: open {url} in a browser; {reach}. Ctrl-C stops it.")
         serve_until_interrupted(page)
-    except (ChapterError, OSError) as exc:
-        return failed(exc)
-    except KeyboardInterrupt as exc:
-        return stopped(exc, "the chat page stopped")
+    except (ChapterError, OSError, KeyboardInterrupt) as exc:
+        return interrupts.stopped_or_failed(exc, "the chat page stopped")
     return 0
 
 

@@ -19,16 +19,16 @@ saves the numbers as JSON beside the plot.
 
 from __future__ import annotations
 
-if __name__ == "__main__":  # (before the slow imports: Ctrl-C there is one line too)
-    from runtime import interrupts
+from runtime import interrupts
 
-    interrupts.guard_startup()
+interrupts.guard_startup(__name__)  # before the slow imports: Ctrl-C there is one line too
 
 import argparse
 import os
 import re
 import sys
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 from course.instruction_data import ChapterError, DatasetError, read_instruction_file
@@ -39,10 +39,10 @@ from ollama_evaluate import (
     JUDGE_TIMEOUT,
     RUBRICS,
     JudgeResult,
+    JudgeSettings,
     judge_responses,
     read_responses,
 )
-from runtime.interrupts import failed, stopped
 from runtime.outputs import save_figure, save_json, verify_file
 
 PLOT = "outputs/judge-agreement.png"
@@ -79,32 +79,19 @@ def _saved_records(entries: list[dict], path: Path, json_key: str) -> list[dict]
 def judge_scores(
     entries: list[dict],
     file_path: str | os.PathLike,
-    model: str,
+    judge: JudgeSettings,
     *,
-    url: str | None = None,
-    api: str = "ollama",
     rubric: str = "0-100",
     json_key: str = "model_response",
-    timeout: float = JUDGE_TIMEOUT,
-    max_failures: int = JUDGE_MAX_FAILURES,
     progress: bool = True,
 ) -> JudgeResult:
-    """Judge ``model``'s scores of ``entries``: the saved ones, the missing ones asked (and
+    """The ``judge``'s scores of ``entries``: the saved ones, the missing ones asked (and
     saved in ``scores_path``). A judge that is down raises ``JudgeUnavailableError``."""
-    path = scores_path(file_path, model, rubric)
+    path = scores_path(file_path, judge.model, rubric)
     records = _saved_records(entries, path, json_key)
-    print(f"Judge {model} ({api}): scores in {path}")
+    print(f"Judge {judge.model} ({judge.api}): scores in {path}")
     return judge_responses(
-        records,
-        json_key,
-        model,
-        url=url,
-        api=api,
-        timeout=timeout,
-        max_failures=max_failures,
-        save_path=path,
-        progress=progress,
-        rubric=rubric,
+        records, json_key, **asdict(judge), save_path=path, progress=progress, rubric=rubric
     )
 
 
@@ -195,6 +182,20 @@ def build_arg_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _judges(args: argparse.Namespace) -> list[JudgeSettings]:
+    """Judges A and B as ``--judge_a``, ``--judge_a_url`` ... and the shared limits name them."""
+    return [
+        JudgeSettings(
+            getattr(args, f"judge_{side}"),
+            getattr(args, f"judge_{side}_url"),
+            getattr(args, f"judge_{side}_api"),
+            args.timeout,
+            args.max_failures,
+        )
+        for side in ("a", "b")
+    ]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line entry point: 0 when done, 2 with one ``error:`` line, 130 on Ctrl-C."""
     import matplotlib
@@ -209,28 +210,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         entries = read_responses(args.file_path, args.json_key)
         results = [
-            judge_scores(
-                entries,
-                args.file_path,
-                getattr(args, f"judge_{side}"),
-                url=getattr(args, f"judge_{side}_url"),
-                api=getattr(args, f"judge_{side}_api"),
-                rubric=args.rubric,
-                json_key=args.json_key,
-                timeout=args.timeout,
-                max_failures=args.max_failures,
-            )
-            for side in ("a", "b")
+            judge_scores(entries, args.file_path, judge, rubric=args.rubric, json_key=args.json_key)
+            for judge in _judges(args)
         ]
         report = compare_judges(*results, rubric=args.rubric)
         print_report(report)
         plot = save_figure(plot_agreement(report), args.plot)
         saved = save_json(report, Path(args.plot).with_suffix(".json"))
-        print(f"Scatter plot: {plot}\nNumbers: {saved}")
-    except KeyboardInterrupt as exc:
-        return stopped(exc, "the scores so far are saved; run the same command again")
-    except (ChapterError, OSError) as exc:
-        return failed(exc)
+    except (ChapterError, OSError, KeyboardInterrupt) as exc:
+        return interrupts.stopped_or_failed(
+            exc, "the scores so far are saved; run the same command again"
+        )
+    print(f"Scatter plot: {plot}\nNumbers: {saved}")
     return 0
 
 

@@ -23,10 +23,9 @@ runs of each seed and reports each metric's mean and spread across the seeds.
 
 from __future__ import annotations
 
-if __name__ == "__main__":  # (before the slow imports: Ctrl-C there is one line too)
-    from runtime import interrupts
+from runtime import interrupts
 
-    interrupts.guard_startup()
+interrupts.guard_startup(__name__)  # before the slow imports: Ctrl-C there is one line too
 
 import argparse
 import functools
@@ -41,18 +40,14 @@ import numpy as np
 from course.instruction_data import ChapterError, ConfigError, DatasetError, format_input
 from course.judge_stats import mean_and_spread, mean_with_ci
 from ollama_evaluate import (
+    DEFAULT_JUDGE,
     JUDGE_APIS,
     JUDGE_MAX_FAILURES,
     JUDGE_TIMEOUT,
-    JudgeUnavailableError,
-    ask_each,
-    ask_judge,
-    check_judge,
-    judge_endpoint,
+    JudgeSettings,
+    ask_about_each,
     read_responses,
-    with_judge_hint,
 )
-from runtime.interrupts import failed, stopped
 from runtime.outputs import save_json
 
 LENGTH_TOLERANCE = 10  # tokens: pairs this close in length make the length-controlled rate
@@ -130,57 +125,30 @@ def _resume(records: list[dict], save_path: Path) -> list[dict]:
     return saved
 
 
+def _question(record: dict) -> str:
+    """The pairwise prompt of a question, its responses shown in the question's order."""
+    first, second = ("a", "b") if record["order"] == "ab" else ("b", "a")
+    return pairwise_prompt(record, record[f"response_{first}"], record[f"response_{second}"])
+
+
 def ask_pairs(
     pairs: Sequence[dict],
     save_path: str | os.PathLike,
+    judge: JudgeSettings = DEFAULT_JUDGE,
     *,
-    model: str = "llama3",
-    url: str | None = None,
-    api: str = "ollama",
-    timeout: float = JUDGE_TIMEOUT,
-    max_failures: int = JUDGE_MAX_FAILURES,
     ask: Callable[[str], str] | None = None,
     progress: bool = True,
 ) -> list[dict]:
-    """Both orders of every pair put to the judge; the questions with their verdicts (saved
-    in ``save_path`` as they arrive; a rerun asks only the missing ones). ``ask(prompt)``
-    replaces the judge server (a stand-in judge in an offline notebook)."""
+    """Both orders of every pair put to the ``judge``; the questions with their verdicts
+    (saved in ``save_path`` as they arrive; a rerun asks only the missing ones).
+    ``ask(prompt)`` replaces the judge server (a stand-in judge in an offline notebook)."""
     save_path = Path(save_path)
     records = _resume(questions(pairs), save_path)
-    todo = [i for i, r in enumerate(records) if r.get("verdict_model") != model]
-    endpoint = judge_endpoint(url, api)
-
-    def question(record: dict) -> str:
-        shown = (
-            ("response_a", "response_b")
-            if record["order"] == "ab"
-            else ("response_b", "response_a")
-        )
-        prompt = pairwise_prompt(record, record[shown[0]], record[shown[1]])
-        if ask is not None:
-            return ask(prompt)
-        return ask_judge(prompt, model, endpoint, api=api, timeout=timeout)
-
-    try:
-        if todo and ask is None:
-            check_judge(endpoint, model, api=api)
-        ask_each(
-            records,
-            todo,
-            question,
-            model=model,
-            max_failures=max_failures,
-            request_failures={},
-            save_path=save_path,
-            progress=progress,
-            keep=functools.partial(keep_verdict, model=model),
-            desc="Comparing pairs",
-        )
-    except JudgeUnavailableError as exc:
-        raise JudgeUnavailableError(
-            f"{with_judge_hint(exc, api, model)} The verdicts so far are saved in {save_path}; "
-            "the same command again asks only the missing ones."
-        ) from None
+    todo = [i for i, r in enumerate(records) if r.get("verdict_model") != judge.model]
+    keep, desc = functools.partial(keep_verdict, model=judge.model), "Comparing pairs"
+    ask_about_each(
+        records, todo, _question, keep, judge, save_path, desc, ask=ask, progress=progress
+    )
     return records
 
 
@@ -243,18 +211,23 @@ def compare_models(
     file_path_a: str | os.PathLike,
     file_path_b: str | os.PathLike,
     output: str | os.PathLike,
+    judge: JudgeSettings = DEFAULT_JUDGE,
     *,
     json_key: str = "model_response",
-    **judge: object,
+    progress: bool = True,
 ) -> dict:
-    """Read both responses files, put every pair to the judge (``ask_pairs``'s keywords),
-    and summarize; the report names the files and the judge."""
+    """Read both responses files, put every pair to the ``judge`` (``ask_pairs``), and
+    summarize; the report names the files and the judge."""
     pairs = pair_entries(
         read_responses(file_path_a, json_key), read_responses(file_path_b, json_key), json_key
     )
-    records = ask_pairs(pairs, output, **judge)
-    model = judge.get("model", "llama3")
-    return {"a": str(file_path_a), "b": str(file_path_b), "judge": model, **summarize(records)}
+    records = ask_pairs(pairs, output, judge, progress=progress)
+    return {
+        "a": str(file_path_a),
+        "b": str(file_path_b),
+        "judge": judge.model,
+        **summarize(records),
+    }
 
 
 def _shown(rate: dict) -> str:
@@ -362,20 +335,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         seeds = _seeds(args.seeds)
         if seeds != [None] and "{seed}" not in args.file_path_a + args.file_path_b:
             raise ConfigError("--seeds needs {seed} in --file_path_a and --file_path_b")
+        judge = JudgeSettings(args.judge, args.url, args.api, args.timeout, args.max_failures)
         reports = []
         for seed in seeds:
             a, b = (p.replace("{seed}", str(seed)) for p in (args.file_path_a, args.file_path_b))
-            report = compare_models(
-                a,
-                b,
-                _output(args, a, b, seed),
-                json_key=args.json_key,
-                model=args.judge,
-                url=args.url,
-                api=args.api,
-                timeout=args.timeout,
-                max_failures=args.max_failures,
-            )
+            output = _output(args, a, b, seed)
+            report = compare_models(a, b, output, judge, json_key=args.json_key)
             print_report(report)
             reports.append(report)
         if len(reports) > 1:
@@ -384,11 +349,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 std = "n/a" if s["std"] is None else f"{s['std']:.3f}"
                 mean = "n/a" if s["mean"] is None else f"{s['mean']:.3f}"
                 print(f"across {s['n_seeds']} seeds: {metric} mean {mean}, std {std}")
-    except KeyboardInterrupt as exc:
-        saved = "the verdicts so far are saved; run the same command again"
-        return stopped(exc, saved)
-    except (ChapterError, OSError) as exc:
-        return failed(exc)
+    except (ChapterError, OSError, KeyboardInterrupt) as exc:
+        return interrupts.stopped_or_failed(
+            exc, "the verdicts so far are saved; run the same command again"
+        )
     return 0
 
 

@@ -20,10 +20,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-if __name__ == "__main__":  # (before the slow imports: Ctrl-C there is one line too)
-    from runtime import interrupts
+from runtime import interrupts
 
-    interrupts.guard_startup()
+interrupts.guard_startup(__name__)  # before the slow imports: Ctrl-C there is one line too
 
 import argparse
 import time
@@ -51,7 +50,7 @@ from course.instruction_data import (
 )
 from gpt_download import DownloadError
 from instruction_finetuning import generate_test_responses
-from ollama_evaluate import judge_settings, score_responses
+from ollama_evaluate import JudgeSettings, judge_settings, score_responses
 from preference_data import (
     PREFERENCE_FILE,
     create_preference_loaders,
@@ -130,16 +129,9 @@ def prepare_preferences(cfg: DPOConfig, *, progress: bool = True) -> list[dict]:
     if cfg.make_preferences:
         entries = load_instruction_data(cfg.data, cache_path=cfg.data_cache)
         print(f"Asking {cfg.judge_model} to rewrite {len(entries)} answers into {cfg.preferences}")
+        judge = JudgeSettings.of(cfg, prefix="judge_")
         return generate_preference_data(
-            entries,
-            cfg.preferences,
-            model=cfg.judge_model,
-            url=cfg.judge_url,
-            api=cfg.judge_api,
-            timeout=cfg.judge_timeout,
-            max_failures=cfg.judge_max_failures,
-            seed=cfg.seed,
-            progress=progress,
+            entries, cfg.preferences, judge, seed=cfg.seed, progress=progress
         )
     return load_preference_data(cfg.preferences)
 

@@ -30,10 +30,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-if __name__ == "__main__":  # (before the slow imports: Ctrl-C there is one line too)
-    from runtime import interrupts
+from runtime import interrupts
 
-    interrupts.guard_startup()
+interrupts.guard_startup(__name__)  # before the slow imports: Ctrl-C there is one line too
 
 import argparse
 import functools
@@ -56,7 +55,6 @@ from runtime.errors import ExportError  # noqa: F401 (re-exported)
 
 # (gpt2_tokenizer's own search for GPT-2's BPE files on disk, and its checksum)
 from runtime.gpt2_tokenizer import ENDOFTEXT, find_bpe_files
-from runtime.interrupts import failed, stopped
 from runtime.model_file import LoadedModel, find_model_file, load_model_file
 from runtime.outputs import write_folder_atomically
 from runtime.progress_bars import on_terminal
@@ -382,10 +380,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             n_heads=args.n_heads,
             overwrite=args.overwrite,
         )
-    except (ChapterError, OSError) as exc:
-        return failed(exc)
-    except KeyboardInterrupt as exc:
-        return stopped(exc, "nothing was exported")
+    except (ChapterError, OSError, KeyboardInterrupt) as exc:
+        return interrupts.stopped_or_failed(exc, "nothing was exported")
     return 0
 
 

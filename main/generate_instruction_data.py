@@ -25,10 +25,9 @@ the first version under ``original`` (with the critiques), so the two can be com
 
 from __future__ import annotations
 
-if __name__ == "__main__":  # (before the slow imports: Ctrl-C there is one line too)
-    from runtime import interrupts
+from runtime import interrupts
 
-    interrupts.guard_startup()
+interrupts.guard_startup(__name__)  # before the slow imports: Ctrl-C there is one line too
 
 import argparse
 import json
@@ -53,7 +52,6 @@ from ollama_evaluate import (
     with_judge_hint,
 )
 from runtime import judge_client
-from runtime.interrupts import failed, stopped
 from runtime.judge_host import JudgeReplyError, judge_base, redact_url
 from runtime.outputs import save_json, verify_file
 
@@ -442,11 +440,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_attempts=args.max_attempts,
             max_failures=args.max_failures,
         )
-    except KeyboardInterrupt as exc:
+    except (ChapterError, OSError, KeyboardInterrupt) as exc:
         saved = f"the entries so far are saved in {args.output}; run the same command again"
-        return stopped(exc, f"{saved} to go on")
-    except (ChapterError, OSError) as exc:
-        return failed(exc)
+        return interrupts.stopped_or_failed(exc, f"{saved} to go on")
     print(
         f"{len(entries)} entries in {args.output} (python main/instruction_finetuning.py "
         f"--data {args.output})"

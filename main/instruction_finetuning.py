@@ -23,10 +23,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-if __name__ == "__main__":  # (before the slow imports: Ctrl-C there is one line too)
-    from runtime import interrupts
+from runtime import interrupts
 
-    interrupts.guard_startup()
+interrupts.guard_startup(__name__)  # before the slow imports: Ctrl-C there is one line too
 
 import argparse
 from collections.abc import Sequence

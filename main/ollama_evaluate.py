@@ -14,7 +14,9 @@ as down. Each entry's score and a short excerpt of the judge's reply are saved i
 responses file as they arrive, so Ctrl-C, a crash or a judge that went away loses nothing,
 and the next run asks only the entries still missing (``--rescore-unscored``: also those
 whose reply had no score). That bookkeeping lives in ``runtime/judge_scores.py``; its names
-are re-exported here.
+are re-exported here. ``JudgeSettings`` names a judge (model, URL, API) and its limits as
+one value; ``ask_about_each`` is the same loop for the other questions put to the judge:
+the pairwise verdicts of ``compare_models`` and the rewrites of ``preference_data``.
 
 Score an existing responses file (again), as the course's script does:
 
@@ -25,16 +27,17 @@ from __future__ import annotations
 
 import sys
 
-if __name__ == "__main__":  # (before the slow imports: Ctrl-C there is one line too)
-    from runtime import interrupts
+from runtime import interrupts
 
-    interrupts.guard_startup()
+interrupts.guard_startup(__name__)  # before the slow imports: Ctrl-C there is one line too
 
 import argparse
 import json
 import os
 import re
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from course.instruction_data import (
@@ -71,12 +74,14 @@ from runtime.judge_host import (  # noqa: F401 (re-exported: ollama_evaluate.jud
     with_judge_hint,
 )
 from runtime.judge_scores import (  # noqa: F401 (re-exported: ollama_evaluate.JudgeResult etc.)
+    DEFAULT_JUDGE,
     JUDGE_MAX_FAILURES,
     NO_SCORE,
     RUBRICS,
     JudgeFailure,
     JudgeReplyWarning,
     JudgeResult,
+    JudgeSettings,
     ask_each,
     check_rubric,
     collect_result,
@@ -131,21 +136,62 @@ def query_model(
     return "".join(pieces)
 
 
-def ask_judge(
-    prompt: str,
-    model: str = "llama3",
-    url: str | None = None,
+def ask_judge(prompt: str, model: str = "llama3", url: str | None = None, **limits: Any) -> str:
+    """``query_model`` within ``judge_client.ask``'s ``limits`` (``api``, ``timeout``,
+    ``max_bytes``, ``key``), its reply checked: an unusable reply or a failed request raises
+    ``JudgeUnavailableError``."""
+    return judge_client.ask(query_model, prompt, model, url, **limits)
+
+
+def ask_about_each(
+    records: list[dict],
+    todo: Sequence[int],
+    prompt: Callable[[dict], str],
+    keep: Callable[[dict, str], str | None],
+    judge: JudgeSettings,
+    save_path: Path,
+    desc: str,
     *,
-    api: str = "ollama",
-    timeout: float | tuple[float, float] = JUDGE_TIMEOUT,
-    max_bytes: int = MAX_REPLY_BYTES,
-    key: str | None = None,
-) -> str:
-    """``query_model`` within ``judge_client``'s limits, its reply checked: an unusable
-    reply or a failed request raises ``JudgeUnavailableError`` (see ``judge_client.ask``)."""
-    return judge_client.ask(
-        query_model, prompt, model, url, api=api, timeout=timeout, max_bytes=max_bytes, key=key
-    )
+    check: bool = True,
+    progress: bool = True,
+    ask: Callable[[str], str] | None = None,
+) -> None:
+    """Put ``prompt(record)`` to the ``judge`` for each record in ``todo``, each reply stored by
+    ``keep`` and saved in ``save_path`` as it arrives (``ask_each``, its bar named ``desc``);
+    ``check``: first ask whether the judge is up. ``ask(prompt)`` replaces the judge server (a
+    stand-in judge). A judge that stops raises ``JudgeUnavailableError`` saying how to start
+    it and that a rerun asks only the missing entries."""
+    endpoint = judge_endpoint(judge.url, judge.api)
+
+    def question(record: dict) -> str:
+        text = prompt(record)
+        if ask is not None:
+            return ask(text)
+        return ask_judge(text, judge.model, endpoint, api=judge.api, timeout=judge.timeout)
+
+    try:
+        if todo and check and ask is None:
+            check_judge(endpoint, judge.model, api=judge.api)
+        ask_each(
+            records,
+            todo,
+            question,
+            model=judge.model,
+            max_failures=judge.max_failures,
+            request_failures={},
+            save_path=save_path,
+            progress=progress,
+            keep=keep,
+            desc=desc,
+        )
+    except JudgeUnavailableError as exc:
+        message = with_judge_hint(exc, judge.api, judge.model)
+        if save_path.is_file():
+            message += (
+                f" The replies so far are saved in {save_path}; the same command again asks "
+                "only the missing entries."
+            )
+        raise JudgeUnavailableError(message) from None
 
 
 def judge_prompt(entry: dict, json_key: str = "model_response", rubric: str = "0-100") -> str:
@@ -398,31 +444,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         key = judge_client.api_key(args.api, args.api_key_env)
         entries = read_responses(args.file_path, args.json_key)
+        judge = asdict(JudgeSettings.of(args))  # model, url, api, timeout, max_failures
         result = judge_responses(
             entries,
             args.json_key,
-            args.model,
-            url=args.url,
-            api=args.api,
-            timeout=args.timeout,
-            max_failures=args.max_failures,
+            **judge,
             save_path=args.file_path,
             api_key=key,
             rescore_unscored=args.rescore_unscored,
             rubric=args.rubric,
         )
-    except KeyboardInterrupt:
-        print(
-            f"\ninterrupted: the scores so far are saved in {args.file_path}; "
-            "run the same command again to score the rest",
-            file=sys.stderr,
-        )
-        return 130
-    except ChapterError as exc:
+    except (ChapterError, KeyboardInterrupt) as exc:
         if isinstance(exc, JudgeUnavailableError) and exc.result and exc.result.n_scored:
             print_scores(exc.result)  # what the judge scored before it stopped
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        saved = f"the scores so far are saved in {args.file_path}; run the same command again"
+        return interrupts.stopped_or_failed(exc, f"{saved} to score the rest")
     print_scores(result)
     return 0
 

@@ -23,10 +23,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-if __name__ == "__main__":  # (before the slow imports: Ctrl-C there is one line too)
-    from runtime import interrupts
+from runtime import interrupts
 
-    interrupts.guard_startup()
+interrupts.guard_startup(__name__)  # before the slow imports: Ctrl-C there is one line too
 
 import argparse
 import functools
@@ -57,18 +56,14 @@ from course.instruction_data import (
 )
 from gpt_download import DownloadError
 from ollama_evaluate import (
+    DEFAULT_JUDGE,
     JUDGE_APIS,
     JUDGE_MAX_FAILURES,
     JUDGE_TIMEOUT,
     JudgeReplyWarning,
-    JudgeUnavailableError,
-    ask_each,
-    ask_judge,
-    check_judge,
-    judge_endpoint,
-    with_judge_hint,
+    JudgeSettings,
+    ask_about_each,
 )
-from runtime.interrupts import describe as describe_stop
 from runtime.outputs import save_json, verify_file
 from runtime.token_ids import shared_prefix_length
 
@@ -211,63 +206,41 @@ def _resume_records(entries: Sequence[dict], save_path: Path) -> list[dict]:
     return saved
 
 
+def _question(entry: dict) -> str:
+    """The judge's instruction for ``entry``, in the direction of its coin flip."""
+    return rewrite_prompt(entry, entry["politeness"])
+
+
 def generate_preference_data(
     entries: Sequence[dict],
     save_path: str | os.PathLike,
+    judge: JudgeSettings = DEFAULT_JUDGE,
     *,
-    model: str = "llama3",
-    url: str | None = None,
-    api: str = "ollama",
-    timeout: float | tuple[float, float] = JUDGE_TIMEOUT,
-    max_failures: int = JUDGE_MAX_FAILURES,
     seed: int = 123,
     check: bool = True,
     progress: bool = True,
 ) -> list[dict]:
-    """Ask the judge ``model`` for a polite or impolite rewrite of every entry's answer.
+    """Ask the ``judge`` for a polite or impolite rewrite of every entry's answer.
 
     All entries are saved to ``save_path`` after each reply (atomically), each answered one
     with ``politeness``, ``preference_model`` and its pair (see ``keep_rewrite``). Entries
-    already answered there by this ``model`` are not asked again, so a re-run after Ctrl-C,
-    a crash or a judge that went away asks only the others. After ``max_failures`` failed
-    requests in a row: ``JudgeUnavailableError``, saying how to go on. Returns all entries,
-    as saved (``usable_pairs`` gives the pairs).
+    already answered there by this judge model are not asked again, so a re-run after Ctrl-C,
+    a crash or a judge that went away asks only the others. After ``judge.max_failures``
+    failed requests in a row: ``JudgeUnavailableError``, saying how to go on. Returns all
+    entries, as saved (``usable_pairs`` gives the pairs).
     """
-    endpoint, save_path = judge_endpoint(url, api), Path(save_path)
+    save_path = Path(save_path)
     records = _resume_records(entries, save_path)
     for record, politeness in zip(records, politeness_choices(len(records), seed), strict=True):
         record.setdefault("politeness", politeness)
+    model = judge.model
     todo = [i for i, record in enumerate(records) if not _is_asked(record, model)]
     if len(todo) < len(records):
         print(f"{len(records) - len(todo)} of {len(records)} entries have a rewrite of {model}")
-
-    def ask(entry: dict) -> str:
-        prompt = rewrite_prompt(entry, entry["politeness"])
-        return ask_judge(prompt, model, endpoint, api=api, timeout=timeout)
-
-    try:
-        if todo and check:
-            check_judge(endpoint, model, api=api)
-        ask_each(
-            records,
-            todo,
-            ask,
-            model=model,
-            max_failures=max_failures,
-            request_failures={},
-            save_path=save_path,
-            progress=progress,
-            keep=functools.partial(keep_rewrite, model=model),
-            desc="Rewriting answers",
-        )
-    except JudgeUnavailableError as exc:
-        message = with_judge_hint(exc, api, model)
-        if save_path.is_file():
-            message += (
-                f" The rewrites so far are saved in {save_path}; the same command again asks "
-                "only the missing entries."
-            )
-        raise JudgeUnavailableError(message) from None
+    keep, desc = functools.partial(keep_rewrite, model=model), "Rewriting answers"
+    ask_about_each(
+        records, todo, _question, keep, judge, save_path, desc, check=check, progress=progress
+    )
     save_json(records, save_path, checksum=True)
     _report(records, save_path)
     return records
@@ -427,26 +400,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if Path(args.output).is_dir():
             raise ChapterError(f"--output {args.output} is a folder; give a file name")
         entries = load_instruction_data(args.data, cache_path=args.data_cache)
-        generate_preference_data(
-            entries,
-            args.output,
-            model=args.judge_model,
-            url=args.judge_url,
-            api=args.judge_api,
-            timeout=args.judge_timeout,
-            max_failures=args.judge_max_failures,
-            seed=args.seed,
-        )
-    except KeyboardInterrupt as exc:
-        print(
-            f"\n{describe_stop(exc)}: the rewrites so far are saved in {args.output}; "
-            "run the same command again to ask the rest",
-            file=sys.stderr,
-        )
-        return 130
-    except (ChapterError, DownloadError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        judge = JudgeSettings.of(args, prefix="judge_")
+        generate_preference_data(entries, args.output, judge, seed=args.seed)
+    except (ChapterError, DownloadError, OSError, KeyboardInterrupt) as exc:
+        saved = f"the rewrites so far are saved in {args.output}; run the same command again"
+        return interrupts.stopped_or_failed(exc, f"{saved} to ask the rest")
     return 0
 
 

@@ -1,7 +1,7 @@
 """Ctrl-C and SIGTERM end a command with one clear line, from its very first moment.
 
 Python turns Ctrl-C into a ``KeyboardInterrupt`` traceback, and SIGTERM ends a process
-silently. A command calls ``guard_startup()`` before its slow imports (PyTorch takes
+silently. A command calls ``guard_startup(__name__)`` before its slow imports (PyTorch takes
 seconds): until ``main()`` takes over, either signal ends it at once with one line and exit
 status 130. It then runs ``main()`` through ``run_command``: from there on Ctrl-C raises
 ``KeyboardInterrupt`` and SIGTERM raises ``Terminated`` (one), so that ``main()``'s handler
@@ -50,9 +50,13 @@ def _install(handlers: dict[signal.Signals, Any]) -> None:
                 signal.signal(signum, handler)
 
 
-def guard_startup() -> None:
-    """Until ``handle_interrupts``: Ctrl-C or SIGTERM exits at once, with one line and 130."""
-    _install({signal.SIGINT: _stop_during_startup, signal.SIGTERM: _stop_during_startup})
+def guard_startup(name: str = "__main__") -> None:
+    """Until ``handle_interrupts``: Ctrl-C or SIGTERM exits at once, with one line and 130.
+
+    A command's module passes its ``__name__``: only the program itself is guarded, and
+    importing the module changes nothing."""
+    if name == "__main__":
+        _install({signal.SIGINT: _stop_during_startup, signal.SIGTERM: _stop_during_startup})
 
 
 def handle_interrupts() -> None:
@@ -86,3 +90,9 @@ def failed(exc: BaseException) -> int:
     """A command's end on an expected failure: its one ``error:`` line; returns 2."""
     print(f"error: {exc}", file=sys.stderr)
     return 2
+
+
+def stopped_or_failed(exc: BaseException, what: str) -> int:
+    """A command's end on Ctrl-C or SIGTERM (``stopped``, with ``what`` stands now: 130) or on
+    an expected failure (``failed``: 2)."""
+    return stopped(exc, what) if isinstance(exc, KeyboardInterrupt) else failed(exc)

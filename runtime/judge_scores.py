@@ -3,7 +3,7 @@ resumed, summed up with a bootstrap interval, printed.
 
 ``ollama_evaluate`` holds the course's pieces (``query_model``, ``judge_prompt``,
 ``parse_score``, ``generate_model_scores``); this module holds what makes them a tool that
-loses nothing: ``ask_each`` asks the judge about each entry still missing and saves every
+loses nothing: ``JudgeSettings`` names the judge and its limits as one value, ``ask_each`` asks the judge about each entry still missing and saves every
 reply as it arrives, stopping after ``max_failures`` failed requests in a row;
 ``has_judge_reply`` and ``to_ask`` decide what a re-run asks again; ``JudgeResult`` holds the
 scores and every failure, never dropped, and ``summary()`` is what run-summary.json keeps.
@@ -14,13 +14,13 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from course.instruction_data import ConfigError, DatasetError, first_few, read_instruction_file
 from course.judge_stats import mean_with_ci
 from runtime.errors import JudgeUnavailableError
-from runtime.judge_client import excerpt
+from runtime.judge_client import JUDGE_TIMEOUT, excerpt
 from runtime.judge_host import redact_url, with_judge_hint
 from runtime.outputs import checksum_path, save_json, verify_file
 from runtime.progress_bars import progress_bar
@@ -28,6 +28,26 @@ from runtime.progress_bars import progress_bar
 JUDGE_MAX_FAILURES = 3  # failed requests in a row after which the judge counts as down
 RUBRICS = {"0-100": (0, 100), "1-5": (1, 5)}  # the scales a judge scores on: (lowest, highest)
 NO_SCORE = "no integer score in 0..100"
+
+
+@dataclass(frozen=True)
+class JudgeSettings:
+    """Which judge to ask and how patiently (``judge_responses``'s keywords of these names)."""
+
+    model: str = "llama3"
+    url: str | None = None  # host or endpoint; None: $OLLAMA_HOST
+    api: str = "ollama"
+    timeout: float | tuple[float, float] = JUDGE_TIMEOUT  # seconds per whole reply
+    max_failures: int = JUDGE_MAX_FAILURES  # failed requests in a row before it counts as down
+
+    @classmethod
+    def of(cls, settings: Any, prefix: str = "") -> JudgeSettings:
+        """The judge named by a command's arguments or a run's settings: their attributes
+        ``{prefix}model``, ``{prefix}url`` ... (``prefix="judge_"``: ``judge_model`` ...)."""
+        return cls(**{f.name: getattr(settings, prefix + f.name) for f in fields(cls)})
+
+
+DEFAULT_JUDGE = JudgeSettings()
 
 
 class JudgeReplyWarning(UserWarning):

@@ -12,6 +12,7 @@ from test_llama_cpp import gguf_file, llama_cpp, llama_server, model_path  # noq
 import compare_judges as cj
 import compare_models as cm
 import ollama_evaluate as oe
+from ollama_evaluate import JudgeSettings
 from runtime.outputs import save_json
 
 pytestmark = pytest.mark.filterwarnings("ignore::ollama_evaluate.JudgeReplyWarning")
@@ -144,7 +145,7 @@ def test_pairwise_counts_only_verdicts_that_survive_the_swap(judge_server, tmp_p
 
     judge = judge_server(reply)
     out = tmp_path / "verdicts.json"
-    report = cm.compare_models(a_path, b_path, out, model="llama3", url=judge.base, progress=False)
+    report = cm.compare_models(a_path, b_path, out, JudgeSettings(url=judge.base), progress=False)
     assert report["n_pairs"] == 10 and report["wins_b"] == 5 and report["ties"] == 5
     assert report["win_rate"]["value"] == pytest.approx(0.75)
     low, high = report["win_rate"]["ci95"]
@@ -156,7 +157,7 @@ def test_pairwise_counts_only_verdicts_that_survive_the_swap(judge_server, tmp_p
     saved = json.loads(out.read_text())
     assert all(r["verdict_model"] == "llama3" and r["verdict"] in "AB" for r in saved)
     # a rerun asks nobody and reports the same
-    assert cm.compare_models(a_path, b_path, out, url=judge.base, progress=False) == report
+    assert cm.compare_models(a_path, b_path, out, JudgeSettings(url=judge.base)) == report
     assert len(judge.bodies) == 20
 
 
@@ -175,7 +176,7 @@ def test_unparsable_verdicts_are_ties_and_length_control_drops_long_pairs(judge_
             else ("A" if _shown_first_is(p, "more") else "B")
         )
     )
-    report = cm.compare_models(a_path, b_path, tmp_path / "v.json", url=judge.base, progress=False)
+    report = cm.compare_models(a_path, b_path, tmp_path / "v.json", JudgeSettings(url=judge.base))
     assert report["wins_b"] == 3 and report["ties"] == 3 and report["failed_replies"] == 2
     lc = report["length_controlled_win_rate"]
     assert lc["n"] == 3 and lc["value"] == pytest.approx(0.5)  # the short pairs are all ties
@@ -242,10 +243,7 @@ def test_the_real_llama_cpp_server_judges_beside_the_ollama_fake(
         a_path,
         b_path,
         out,
-        model="tiny-sft",
-        url=llama_server,
-        api="openai",
-        timeout=300,
+        JudgeSettings("tiny-sft", llama_server, "openai", timeout=300),
         progress=False,
     )
     verdicts = json.loads(out.read_text())
@@ -260,10 +258,10 @@ def test_bad_judge_replies_are_failures_and_left_out_of_the_agreement(judge_serv
     entries = responses(5)
     with pytest.warns(oe.JudgeReplyWarning, match="no integer score in 1..5"):
         result_a = cj.judge_scores(
-            entries, tmp_path / "r.json", "llama3", url=a.base, rubric="1-5", progress=False
+            entries, tmp_path / "r.json", JudgeSettings(url=a.base), rubric="1-5", progress=False
         )
     result_b = cj.judge_scores(
-        entries, tmp_path / "r.json", "other", url=b.base, rubric="1-5", progress=False
+        entries, tmp_path / "r.json", JudgeSettings("other", b.base), rubric="1-5", progress=False
     )
     assert result_a.n_failed == 3 and result_a.scored_indices == [3, 4]
     report = cj.compare_judges(result_a, result_b, rubric="1-5")
@@ -287,7 +285,7 @@ def test_a_failed_request_leaves_its_pair_unanswered_and_a_rerun_asks_it_again(
     base = responses(4)
     a_path = save_json(base, tmp_path / "a" / "r.json")
     b_path = save_json([dict(e, model_response="GOOD") for e in base], tmp_path / "b" / "r.json")
-    kwargs = dict(url=judge.base, progress=False)
+    kwargs = dict(judge=JudgeSettings(url=judge.base), progress=False)
     with pytest.warns(oe.JudgeReplyWarning, match="HTTP 500"):
         first = cm.compare_models(a_path, b_path, tmp_path / "v.json", **kwargs)
     assert first["unanswered"] == 2 and first["wins_b"] == 3 and first["ties"] == 1
@@ -309,7 +307,7 @@ def test_damaged_saved_verdicts_and_scores_are_refused_in_one_line(judge_server,
     a_path = save_json(responses(4), tmp_path / "a" / "r.json")
     b_path = save_json(responses(4), tmp_path / "b" / "r.json")
     out = tmp_path / "verdicts.json"
-    cm.compare_models(a_path, b_path, out, url=judge.base, progress=False)
+    cm.compare_models(a_path, b_path, out, JudgeSettings(url=judge.base), progress=False)
     assert (tmp_path / "verdicts.json.sha256").is_file()
     damaged = _flip_one_bit(out)
     argv = ["--file_path_a", str(a_path), "--file_path_b", str(b_path), "--output", str(out)]

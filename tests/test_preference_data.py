@@ -14,7 +14,7 @@ import torch
 import preference_data as pd
 from course.instruction_data import DatasetError, format_input, read_instruction_file
 from helpers import closed_port
-from ollama_evaluate import JudgeReplyWarning, JudgeUnavailableError
+from ollama_evaluate import JudgeReplyWarning, JudgeSettings, JudgeUnavailableError
 
 
 def entries(n: int) -> list[dict]:
@@ -131,7 +131,9 @@ def test_entries_the_judge_made_no_pair_for_pass_but_are_not_pairs(tmp_path):
 def test_the_judge_rewrites_each_answer_and_the_polite_side_is_chosen(judge_server, tmp_path):
     server = judge_server(rewriter)
     path = tmp_path / "prefs.json"
-    records = pd.generate_preference_data(entries(6), path, url=server.base, progress=False)
+    records = pd.generate_preference_data(
+        entries(6), path, JudgeSettings(url=server.base), progress=False
+    )
     choices = pd.politeness_choices(6, seed=123)
     assert set(choices) == {"polite", "impolite"}  # the course's coin flip, per entry
     for record, politeness in zip(records, choices, strict=True):
@@ -154,7 +156,10 @@ def test_the_judge_rewrites_each_answer_and_the_polite_side_is_chosen(judge_serv
 def test_the_openai_compatible_api_works_too(judge_server, tmp_path):
     server = judge_server(rewriter)
     records = pd.generate_preference_data(
-        entries(2), tmp_path / "p.json", url=server.base, api="openai", progress=False
+        entries(2),
+        tmp_path / "p.json",
+        JudgeSettings(url=server.base, api="openai"),
+        progress=False,
     )
     pd.validate_preference_data(records, "made over the OpenAI API")  # every pair is valid
     assert all("chosen" in r for r in records)
@@ -177,7 +182,7 @@ def test_a_judge_that_goes_away_keeps_the_pairs_and_a_rerun_asks_only_the_rest(
     with pytest.warns(JudgeReplyWarning, match="request failed"):
         with pytest.raises(JudgeUnavailableError) as info:
             pd.generate_preference_data(
-                entries(8), path, url=server.base, max_failures=2, progress=False
+                entries(8), path, JudgeSettings(url=server.base, max_failures=2), progress=False
             )
     message = str(info.value)
     assert "failed 2 requests in a row" in message and "ollama serve" in message
@@ -188,7 +193,9 @@ def test_a_judge_that_goes_away_keeps_the_pairs_and_a_rerun_asks_only_the_rest(
         pd.load_preference_data(path)  # an unfinished file is not trained on
 
     server2 = judge_server(rewriter)
-    records = pd.generate_preference_data(entries(8), path, url=server2.base, progress=False)
+    records = pd.generate_preference_data(
+        entries(8), path, JudgeSettings(url=server2.base), progress=False
+    )
     assert len(server2.bodies) == 5  # only the 5 entries still missing
     assert [r["chosen"] for r in records[:3]] == [e["chosen"] for e in saved[:3]]
     assert len(pd.usable_pairs(pd.load_preference_data(path))) == 8
@@ -207,7 +214,9 @@ def test_unusable_rewrites_are_kept_marked_and_not_asked_again(judge_server, tmp
     server = judge_server(lazy)
     path = tmp_path / "prefs.json"
     with pytest.warns(JudgeReplyWarning) as caught:
-        records = pd.generate_preference_data(entries(4), path, url=server.base, progress=False)
+        records = pd.generate_preference_data(
+            entries(4), path, JudgeSettings(url=server.base), progress=False
+        )
     # (only the judge's warnings: a stray ResourceWarning of a collected socket may land here too)
     messages = {str(w.message) for w in caught if issubclass(w.category, JudgeReplyWarning)}
     assert {m.split(":")[0] for m in messages} == {"entry 0", "'Task 1.'"}
@@ -218,16 +227,18 @@ def test_unusable_rewrites_are_kept_marked_and_not_asked_again(judge_server, tmp
     assert records[1]["preference_reply"] == "Answer 1."
     assert sum("chosen" in r for r in records) == 2
     with pytest.warns(JudgeReplyWarning, match="entry 0: request failed"):
-        pd.generate_preference_data(entries(4), path, url=server.base, progress=False)
+        pd.generate_preference_data(
+            entries(4), path, JudgeSettings(url=server.base), progress=False
+        )
     assert len(server.bodies) == 5  # entry 0 asked again; the kept failure of entry 1 is not
 
 
 def test_another_judge_model_rewrites_again(judge_server, tmp_path):
     server = judge_server(rewriter, models=["llama3:latest", "phi3:latest"])
     path = tmp_path / "prefs.json"
-    pd.generate_preference_data(entries(2), path, url=server.base, progress=False)
+    pd.generate_preference_data(entries(2), path, JudgeSettings(url=server.base), progress=False)
     records = pd.generate_preference_data(
-        entries(2), path, model="phi3", url=server.base, progress=False
+        entries(2), path, JudgeSettings("phi3", server.base), progress=False
     )
     assert len(server.bodies) == 4 and {r["preference_model"] for r in records} == {"phi3"}
 
@@ -238,7 +249,7 @@ def test_an_unreachable_judge_gives_up_after_k_refused_requests(tmp_path):
             pd.generate_preference_data(
                 entries(5),
                 tmp_path / "p.json",
-                url=f"127.0.0.1:{closed_port()}",
+                JudgeSettings(url=f"127.0.0.1:{closed_port()}"),
                 check=False,
                 progress=False,
             )
@@ -254,9 +265,7 @@ def test_a_judge_that_never_answers_times_out(judge_server, tmp_path):
                 pd.generate_preference_data(
                     entries(3),
                     tmp_path / "p.json",
-                    url=server.base,
-                    timeout=0.2,
-                    max_failures=2,
+                    JudgeSettings(url=server.base, timeout=0.2, max_failures=2),
                     progress=False,
                 )
     finally:
@@ -268,7 +277,9 @@ def test_a_progress_file_of_other_data_is_refused(judge_server, tmp_path):
     path = write(tmp_path, pair_entries(3))
     server = judge_server(rewriter)
     with pytest.raises(DatasetError, match="holds pairs of other data"):
-        pd.generate_preference_data(entries(4), path, url=server.base, progress=False)
+        pd.generate_preference_data(
+            entries(4), path, JudgeSettings(url=server.base), progress=False
+        )
     assert server.bodies == []
 
 
