@@ -329,32 +329,9 @@ class DPORun(ResumableRun):
     DPO's metrics at each evaluation, and no losses measured before training."""
 
     def __init__(
-        self,
-        policy_model,
-        reference_model,
-        optimizer,
-        train_loader,
-        val_loader,
-        eval_iter: int,
-        num_epochs: int,
-        beta: float,
-        *,
-        reduction: str = "sum",
-        **resumable: Any,
+        self, reference_model, beta: float, *, reduction: str = "sum", **resumable: Any
     ) -> None:
-        device = next(policy_model.parameters()).device
-        super().__init__(
-            policy_model,
-            optimizer,
-            train_loader,
-            val_loader,
-            device,
-            eval_iter,
-            num_epochs,
-            loss_fn=dpo_loss(reference_model, beta, reduction=reduction),
-            history_type=DPOHistory,
-            **resumable,
-        )
+        super().__init__(history_type=DPOHistory, **resumable)
         self.reference, self.beta, self.reduction = reference_model, beta, reduction
 
     def before_training(self, state) -> None:
@@ -416,13 +393,7 @@ def train_model_dpo_simple(
     (``TrainingInterrupted``), and ``resume=True`` continues from it.
     """
     run = DPORun(
-        policy_model,
         reference_model,
-        optimizer,
-        train_loader,
-        val_loader,
-        eval_iter,
-        num_epochs,
         beta,
         reduction=reduction,
         checkpoint_path=checkpoint_path,
@@ -434,13 +405,13 @@ def train_model_dpo_simple(
         train_loader,
         val_loader,
         optimizer,
-        run.device,
+        next(policy_model.parameters()).device,
         num_epochs,
         eval_freq,
         eval_iter,
         start_context,
         tokenizer,
-        loss_fn=run.loss_fn,
+        loss_fn=dpo_loss(reference_model, beta, reduction=reduction),
         progress=progress,
         run=run,
     )

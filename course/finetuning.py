@@ -26,10 +26,10 @@ from course.instruction_data import (
     format_input,
     get_prompt_style,
 )
-from course.pretraining import LossFn, load_weights_into_gpt, plot_losses
+from course.pretraining import LossFn, load_weights_into_gpt, plot_losses, train_model_simple
 from previous_chapters import GPTModel, gpt2_config, gpt2_config_from_hparams, resolve_model_name
 from runtime.engine import generate_batch, in_precision, make_optimizer, packed_loss_batch
-from runtime.trainer import train_resumable
+from runtime.trainer import ResumableRun, with_precision
 
 # --------------------------------------------------------------------------------------
 # 7.5 Loading a pretrained LLM
@@ -155,8 +155,8 @@ def finetune(
 ) -> TrainingResult:
     """Section 7.6: AdamW on the chapter's settings, trained by the course's loop.
 
-    The loop is the course's ``train_model_simple``, with ``trainer.train_resumable``'s
-    pieces (``resumable``: ``ResumableRun``'s keywords): the losses before training,
+    The loop is the course's ``train_model_simple``, with ``trainer.ResumableRun``'s
+    pieces (``resumable``: its keywords): the losses before training,
     checkpoints at ``checkpoint_path`` every ``checkpoint_every`` steps, and ``resume``.
     The fast engine is chosen here: ``loss_fn`` is ``engine.packed_loss_batch`` (the
     course's ``calc_loss_batch`` gives the same numbers, slower) and AdamW is fused.
@@ -167,7 +167,8 @@ def finetune(
     optimizer, start_context = start_training(
         model, train_loader, val_loader, lr, weight_decay, seed, start_context
     )
-    state = train_resumable(
+    run = ResumableRun(**resumable)
+    train_model_simple(
         model,
         train_loader,
         val_loader,
@@ -178,12 +179,11 @@ def finetune(
         eval_iter=eval_iter,
         start_context=start_context,
         tokenizer=tokenizer,
-        loss_fn=loss_fn,
+        loss_fn=with_precision(loss_fn, device, precision),
         progress=progress,
-        precision=precision,
-        **resumable,
+        run=run,
     )
-    result = TrainingResult.of_state(state, num_epochs)
+    result = TrainingResult.of_state(run.state, num_epochs)
     print(f"Training completed in {result.minutes:.2f} minutes.")
     model.eval()
     return result

@@ -140,18 +140,33 @@ class TrainingRun:
 
     is_main = True  # (under torchrun only rank 0 evaluates and prints)
 
-    def __init__(self, loss_fn: LossFn = calc_loss_batch) -> None:
-        self.loss_fn = loss_fn  # for the evaluations
+    def __init__(self) -> None:
         self.state = LoopState()
+
+    def start(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        train_loader: Iterable,
+        val_loader: Iterable,
+        device: torch.device | str,
+        eval_iter: int,
+        num_epochs: int,
+        loss_fn: LossFn,
+    ) -> None:
+        """Take the loop's pieces, which a real run also uses between the loop's calls (to
+        save, resume, evaluate). ``step_loss(*inputs)`` is the loss of a training step,
+        ``eval_loss_fn`` the loss function of the evaluations."""
+        self.model, self.optimizer, self.device = model, optimizer, device
+        self.train_loader, self.val_loader, self.eval_iter = train_loader, val_loader, eval_iter
+        self.num_epochs, self.loss_fn, self.eval_loss_fn = num_epochs, loss_fn, loss_fn
+        self.step_loss: Callable = lambda *inputs: loss_fn(*inputs, model, device)
 
     def __enter__(self) -> LoopState:
         return self.state
 
     def __exit__(self, *exc: object) -> None:
         pass
-
-    def step_loss(self, model: nn.Module, loss_fn: LossFn, device: Any) -> Callable:
-        return lambda *batch: loss_fn(*batch, model, device)
 
     def batches(self, train_loader: Iterable, state: LoopState) -> Iterable:
         return train_loader
@@ -169,7 +184,7 @@ class TrainingRun:
     def evaluate(self, model, train_loader, val_loader, device, eval_iter, state) -> None:
         """The course's periodic evaluation: record and print both losses."""
         train_loss, val_loss = evaluate_model(
-            model, train_loader, val_loader, device, eval_iter, loss_fn=self.loss_fn
+            model, train_loader, val_loader, device, eval_iter, loss_fn=self.eval_loss_fn
         )
         state.history.train_losses.append(train_loss)
         state.history.val_losses.append(val_loss)
@@ -210,8 +225,8 @@ def train_model_simple(
     (any function with ``calc_loss_batch``'s signature and value), and ``run``, the pieces
     a real run adds (see ``TrainingRun``; None: the course's loop as it is).
     """
-    run = run or TrainingRun(loss_fn)
-    step_loss = run.step_loss(model, loss_fn, device)
+    run = run or TrainingRun()
+    run.start(model, optimizer, train_loader, val_loader, device, eval_iter, num_epochs, loss_fn)
     steps = num_epochs * len(train_loader)
     # (the bar appears once the run has started: a checkpoint that fails to load draws none)
     enabled = progress and run.is_main
@@ -223,7 +238,7 @@ def train_model_simple(
                 optimizer.zero_grad()
                 batch_loss = 0.0  # (on the device: the loop never waits for it)
                 for inputs, share in run.micro_batches(batch):
-                    loss = step_loss(*inputs)
+                    loss = run.step_loss(*inputs)
                     (loss * share).backward()
                     batch_loss += loss.detach() * share
                 run.check_loss(batch_loss, state)

@@ -1,8 +1,9 @@
 """Fine-tuning that loses nothing: checkpoints, resume, Ctrl-C, and a stop on a non-finite loss.
 
 There is one training loop, the course's ``train_model_simple`` (``course/pretraining.py``).
-``ResumableRun`` is the set of pieces it calls for a real run (``train_resumable`` puts them
-together), and the course's loop stays as the course writes it:
+``ResumableRun`` is the set of pieces it calls for a real run (``train_model_simple(...,
+run=ResumableRun(...))``; ``run.state`` is then where training stands), and the course's
+loop stays as the course writes it:
 
 - a checkpoint every ``checkpoint_every`` steps and at the end of every epoch, written
   atomically: the model, the optimizer, where training stands in the epoch's data order,
@@ -36,7 +37,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +47,7 @@ from tqdm import tqdm
 from course.pretraining import (
     LossFn,
     TrainingRun,
-    calc_loss_batch,
     evaluate_model,
-    train_model_simple,
 )
 from runtime.checkpoints import TrainState, load_checkpoint, save_checkpoint
 from runtime.distributed import (
@@ -195,15 +194,7 @@ class ResumableRun(TrainingRun):
 
     def __init__(
         self,
-        model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
-        train_loader: Any,
-        val_loader: Any,
-        device: torch.device | str,
-        eval_iter: int,
-        num_epochs: int,
         *,
-        loss_fn: LossFn = calc_loss_batch,
         checkpoint_path: str | os.PathLike | None = None,
         checkpoint_every: int = 0,
         resume: bool = False,
@@ -211,12 +202,7 @@ class ResumableRun(TrainingRun):
         ranks: Ranks = SINGLE_PROCESS,
         history_type: type | None = None,
     ) -> None:
-        rows = _batch_rows(train_loader)  # (evaluation runs in chunks of a micro-batch)
-        chunk = rows // (ranks.world_size * grad_accum) if rows else 0
-        super().__init__(in_chunks(loss_fn, chunk) if 0 < chunk < rows else loss_fn)
-        self.model, self.optimizer, self.train_loader = model, optimizer, train_loader
-        self.val_loader, self.device, self.eval_iter = val_loader, device, eval_iter
-        self.num_epochs = num_epochs
+        super().__init__()
         self.checkpoint_path, self.checkpoint_every = checkpoint_path, checkpoint_every
         self.resume, self.grad_accum, self.ranks = resume, grad_accum, ranks
         self.is_main = ranks.is_main
@@ -226,7 +212,16 @@ class ResumableRun(TrainingRun):
         self.shuffle: dict = {"epoch_start": None, "now": None}
         self.step_flags: list[float] = []
         self.n_targets = 0  # of the global batch in progress
-        self._step_loss: Any = None
+
+    def start(self, *pieces: Any) -> None:
+        """``TrainingRun.start``: a step's loss on every rank (DDP: several ranks), and the
+        evaluations' in chunks of a micro-batch (in a step's memory)."""
+        super().start(*pieces)
+        self.step_loss = data_parallel(self.model, self.loss_fn, self.device, self.ranks)
+        rows = _batch_rows(self.train_loader)
+        chunk = rows // (self.ranks.world_size * self.grad_accum) if rows else 0
+        if 0 < chunk < rows:
+            self.eval_loss_fn = in_chunks(self.loss_fn, chunk)
 
     # --- before and after the loop ---------------------------------------------------------
 
@@ -285,17 +280,13 @@ class ResumableRun(TrainingRun):
                     self.val_loader,
                     self.device,
                     self.eval_iter,
-                    loss_fn=self.loss_fn,
+                    loss_fn=self.eval_loss_fn,
                 )
             )
             tqdm.write(f"Initial training loss: {state.initial_losses[0]:.3f}")
             tqdm.write(f"Initial validation loss: {state.initial_losses[1]:.3f}")
 
     # --- the steps ---------------------------------------------------------------------------
-
-    def step_loss(self, model, loss_fn, device):
-        self._step_loss = data_parallel(model, loss_fn, device, self.ranks)  # DDP: several ranks
-        return self._step_loss
 
     def batches(self, train_loader, state: TrainState) -> Iterator:
         sync_generator(_shuffle_generator(train_loader), self.ranks)  # one order for all ranks
@@ -321,7 +312,7 @@ class ResumableRun(TrainingRun):
         *counts, self.n_targets = torch.stack(
             [_count_targets(t) for _, t in parts] + [_count_targets(target_batch)]
         ).tolist()  # (the one wait for the device before the step)
-        no_sync = getattr(self._step_loss, "no_sync", None)  # (DDP: average the gradients once)
+        no_sync = getattr(self.step_loss, "no_sync", None)  # (DDP: average the gradients once)
         for i, (part, n) in enumerate(zip(parts, counts, strict=True)):
             if n == 0 and not self.ranks.distributed:
                 continue
@@ -383,54 +374,3 @@ class ResumableRun(TrainingRun):
                 f"{STOP_SIGNALS[flags.index(max(flags))]}: training stopped after step "
                 f"{self.state.global_step}{saved}"
             )
-
-
-def train_resumable(
-    model: torch.nn.Module,
-    train_loader: Iterable,
-    val_loader: Iterable,
-    optimizer: torch.optim.Optimizer,
-    device: torch.device | str,
-    num_epochs: int,
-    eval_freq: int,
-    eval_iter: int,
-    start_context: str,
-    tokenizer: Any,
-    *,
-    loss_fn: LossFn = calc_loss_batch,
-    progress: bool = True,
-    precision: str = "fp32",
-    **resumable: Any,
-) -> TrainState:
-    """``train_model_simple`` with the pieces of ``ResumableRun`` (``resumable``: its keywords
-    ``checkpoint_path``, ``checkpoint_every``, ``resume``, ``grad_accum``, ``ranks``; see
-    there); ``precision="bf16"`` computes the losses under bf16 autocast. Returns the state
-    (rank 0's on every rank): the losses before and during training, its time."""
-    loss_fn = with_precision(loss_fn, device, precision)
-    run = ResumableRun(
-        model,
-        optimizer,
-        train_loader,
-        val_loader,
-        device,
-        eval_iter,
-        num_epochs,
-        loss_fn=loss_fn,
-        **resumable,
-    )
-    train_model_simple(
-        model,
-        train_loader,
-        val_loader,
-        optimizer,
-        device,
-        num_epochs,
-        eval_freq,
-        eval_iter,
-        start_context,
-        tokenizer,
-        loss_fn=loss_fn,
-        progress=progress,
-        run=run,
-    )
-    return run.state

@@ -2,8 +2,8 @@
 
     RANK=r WORLD_SIZE=n MASTER_ADDR=127.0.0.1 MASTER_PORT=p python tests/distributed_worker.py SPEC
 
-SPEC is a JSON file: the training to run (see ``train_tiny`` in the test module, whose
-settings this mirrors) and where to write what happened. Each rank writes
+SPEC is a JSON file: the tiny run to train (``helpers.train_tiny``: its batch size,
+``grad_accum``, checkpoint, failures to cause) and where to write what happened. Each rank writes
 ``<out>.rank<r>.pt``: the state it returned (or the error it raised), the rows it trained
 on, and (rank 0) the final weights.
 """
@@ -20,11 +20,8 @@ from dataclasses import asdict
 import torch
 
 from course.instruction_data import create_dataloaders, custom_collate_fn
-from helpers import CharTokenizer, tiny_model, varied_entries
+from helpers import CharTokenizer, tiny_model, train_tiny, varied_entries
 from runtime import distributed, engine
-from runtime.trainer import train_resumable
-
-TRAINING = dict(num_epochs=2, eval_freq=3, eval_iter=2, start_context="i", progress=False)
 
 
 def tiny_training_setup(batch_size: int, *, group_by_length: bool = False, seed: int = 0):
@@ -85,15 +82,12 @@ def main(spec_path: str) -> int:
     result = {"rank": ranks.rank}
     with distributed.process_group(ranks, torch.device("cpu")):
         try:
-            state = train_resumable(
+            state = train_tiny(
                 model,
                 train_loader,
                 val_loader,
                 optimizer,
-                "cpu",
-                tokenizer=CharTokenizer(),
-                loss_fn=recorder,
-                **TRAINING,
+                recorder,
                 grad_accum=spec.get("grad_accum", 1),
                 ranks=ranks,
                 checkpoint_path=spec.get("checkpoint"),

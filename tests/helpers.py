@@ -33,6 +33,7 @@ import pytest
 import torch
 
 import previous_chapters as pc
+from runtime.trainer import ResumableRun
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = REPO_ROOT / "tests" / "fixtures"
@@ -353,6 +354,18 @@ class CharTokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         return "".join(chr(i) for i in ids)
+
+
+def train_tiny(model, train_loader, val_loader, optimizer, loss_fn, **resumable: Any):
+    """The tiny runs' training on the CPU: ``train_model_simple`` for two epochs, evaluating
+    two batches every three steps, with ``ResumableRun``'s pieces (``resumable``: its
+    keywords). Returns the state it ends in (rank 0's on every rank)."""
+    run = ResumableRun(**resumable)
+    pc.train_model_simple(
+        model, train_loader, val_loader, optimizer, "cpu", 2, 3, 2, "i", CharTokenizer(),
+        loss_fn=loss_fn, progress=False, run=run,
+    )  # fmt: skip
+    return run.state
 
 
 def make_entries(n: int) -> list[dict]:

@@ -21,9 +21,9 @@ import pytest
 import torch
 
 from course.instruction_data import ConfigError, custom_collate_fn
-from distributed_worker import TRAINING, Recorder, tiny_training_setup
-from helpers import REPO_ROOT, CharTokenizer, tiny_model
-from previous_chapters import calc_loss_batch
+from distributed_worker import Recorder, tiny_training_setup
+from helpers import REPO_ROOT, CharTokenizer, tiny_model, train_tiny
+from previous_chapters import calc_loss_batch, train_model_simple
 from runtime import distributed, engine, run_config, trainer
 from runtime.run_config import check_settings, make_config
 
@@ -37,17 +37,7 @@ def single_process_run(batch: int, grad_accum: int = 1, **setup) -> dict:
     """What one process trains (same shape as a worker's result)."""
     model, train_loader, val_loader, optimizer, loss_fn = tiny_training_setup(batch, **setup)
     recorder = Recorder({}, 0, loss_fn)
-    state = trainer.train_resumable(
-        model,
-        train_loader,
-        val_loader,
-        optimizer,
-        "cpu",
-        tokenizer=CharTokenizer(),
-        loss_fn=recorder,
-        grad_accum=grad_accum,
-        **TRAINING,
-    )
+    state = train_tiny(model, train_loader, val_loader, optimizer, recorder, grad_accum=grad_accum)
     return {"state": asdict(state), "rows": recorder.rows, "weights": model.state_dict()}
 
 
@@ -124,7 +114,7 @@ def one_step(model, optimizer, batch, grad_accum: int = 1, loss_fn=engine.packed
     on a loader that holds ``batch`` alone."""
     loader = [batch]
     settings = dict(num_epochs=1, eval_freq=1, eval_iter=1, start_context="!")  # (id 33)
-    trainer.train_resumable(
+    train_model_simple(
         model,
         loader,
         loader,
@@ -133,8 +123,8 @@ def one_step(model, optimizer, batch, grad_accum: int = 1, loss_fn=engine.packed
         **settings,
         tokenizer=CharTokenizer(),
         loss_fn=loss_fn,
-        grad_accum=grad_accum,
         progress=False,
+        run=trainer.ResumableRun(grad_accum=grad_accum),
     )
 
 

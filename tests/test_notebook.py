@@ -91,7 +91,7 @@ def test_no_wrapper_hides_a_step_of_the_chapter() -> None:
     assert set(re.findall(r"\bift\.(\w+)", code)) <= BOOKKEEPING
     for name in ("train_model_simple", "create_dataloaders", "generate", "query_model"):
         assert re.search(rf"(?<!def ){name}\(", code), f"the notebook never calls {name}"
-    assert "finetune(" not in code and "train_resumable" not in code
+    assert "finetune(" not in code and "ResumableRun(" not in code
 
 
 def test_notebook_sections_follow_the_chapter() -> None:

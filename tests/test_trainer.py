@@ -1,4 +1,4 @@
-"""trainer.train_resumable: the course's loop with ResumableRun's pieces (checkpoints, resume,
+"""trainer.ResumableRun: the course's loop with a real run's pieces (checkpoints, resume,
 signals, NaN stops)."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from course.instruction_data import create_dataloaders, custom_collate_fn
-from helpers import REPO_ROOT, CharTokenizer, tiny_model, varied_entries
+from helpers import REPO_ROOT, CharTokenizer, tiny_model, train_tiny, varied_entries
 from previous_chapters import train_model_simple
 from runtime import engine, trainer
 
@@ -43,29 +43,15 @@ def setup(seed: int = 0, **loader_kw):
     return model, train_loader, val_loader, optimizer
 
 
-def run(model, train_loader, val_loader, optimizer, **kw):
-    kw.setdefault("loss_fn", engine.packed_loss_batch)
-    return trainer.train_resumable(
-        model,
-        train_loader,
-        val_loader,
-        optimizer,
-        "cpu",
-        num_epochs=2,
-        eval_freq=3,
-        eval_iter=2,
-        start_context="i",
-        tokenizer=CharTokenizer(),
-        progress=False,
-        **kw,
-    )
+def run(model, train_loader, val_loader, optimizer, loss_fn=engine.packed_loss_batch, **kw):
+    return train_tiny(model, train_loader, val_loader, optimizer, loss_fn, **kw)
 
 
 def test_uninterrupted_run_is_train_model_simple_step_for_step(capsys):
     model, train_loader, val_loader, optimizer = setup()
     state = run(model, train_loader, val_loader, optimizer)
     reference, train_ref, val_ref, optimizer_ref = setup()
-    # train_resumable first measures the initial losses, which also iterates the loaders
+    # ResumableRun first measures the initial losses, which also iterates the loaders
     engine_eval = trainer.evaluate_model(reference, train_ref, val_ref, "cpu", 2)
     histories = train_model_simple(
         reference,
