@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import os
 import shutil
@@ -86,6 +87,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=int,
         help="measured rounds of each measurement, best even (default: 6 training steps, 4 "
         "generations; --quick 2 and 2)",
+    )
+    p.add_argument(
+        "--pairs",
+        type=int,
+        default=1,
+        help="worker pairs, one after the other, whose rounds are pooled (default: 1)",
     )
     p.add_argument(
         "--threads",
@@ -268,20 +275,19 @@ def turns(
 
 
 def bench_generation(sides: dict[str, Worker], sizes: Sizes) -> dict:
-    """New tokens/s of greedy ``generate_batch``; the tokens of both trees compared."""
+    """Seconds per round of greedy ``generate_batch``; the tokens of both trees compared."""
     answers = turns(sides, lambda r: {"cmd": "generate"}, sizes.gen_rounds, sizes.warmup)
-    tokens = sizes.gen_prompts * sizes.gen_tokens
     result: dict = {"shape": {"prompts": sizes.gen_prompts, "new_tokens": sizes.gen_tokens}}
+    result["tokens"] = [sizes.gen_prompts * sizes.gen_tokens] * sizes.gen_rounds
     for name, runs in answers.items():
-        seconds = [a["seconds"] for a in runs[sizes.warmup :]]
-        result[name] = {"tokens_per_s": tokens / statistics.median(seconds), "seconds": seconds}
+        result[name] = {"seconds": [a["seconds"] for a in runs[sizes.warmup :]]}
     base, current = (answers[name][-1]["tokens"] for name in ("base", "current"))
     result["same_tokens"] = measure.compare_outputs(current, base)
     return result
 
 
 def bench_train_step(sides: dict[str, Worker], batches: list[tuple], sizes: Sizes) -> dict:
-    """Non-padding tokens/s of a training step on the same batches; the losses compared."""
+    """Seconds per training step on the same batches; the losses compared."""
     answers = turns(
         sides,
         lambda r: {"cmd": "step", "batch": r % len(batches)},
@@ -292,15 +298,28 @@ def bench_train_step(sides: dict[str, Worker], batches: list[tuple], sizes: Size
     result: dict = {"tokens": [n_tokens(batches[r % len(batches)]) for r in rounds]}
     for name, runs in answers.items():
         seconds = [a["seconds"] for a in runs[sizes.warmup :]]
-        rates = [n / t for n, t in zip(result["tokens"], seconds, strict=True)]
-        result[name] = {
-            "tokens_per_s": statistics.median(rates),
-            "seconds": seconds,
-            "losses": [a["loss"] for a in runs],
-        }
+        result[name] = {"seconds": seconds, "losses": [a["loss"] for a in runs]}
     base, current = result["base"]["losses"], result["current"]["losses"]
     result["max_loss_difference"] = max(abs(a - b) for a, b in zip(base, current, strict=True))
     return result
+
+
+def pooled(results: list[dict]) -> dict:
+    """One measurement over several worker pairs: every pair's rounds together, each side's
+    tokens/s the median over all of them (a process can be slower as a whole, by where its
+    memory landed, so one pair of processes is not enough); the checks of the first pair,
+    with the largest loss difference and the fewest identical outputs of any pair."""
+    r = copy.deepcopy(results[0])
+    r["pairs"], r["tokens"] = len(results), [n for x in results for n in x["tokens"]]
+    for name in ("base", "current"):
+        r[name]["seconds"] = [t for x in results for t in x[name]["seconds"]]
+        rates = [n / t for n, t in zip(r["tokens"], r[name]["seconds"], strict=True)]
+        r[name]["tokens_per_s"] = statistics.median(rates)
+    if "max_loss_difference" in r:
+        r["max_loss_difference"] = max(x["max_loss_difference"] for x in results)
+    if "same_tokens" in r:
+        r["same_tokens"] = min((x["same_tokens"] for x in results), key=lambda s: s["identical"])
+    return r
 
 
 # --------------------------------------------------------------------------------------
@@ -347,13 +366,16 @@ def run(args: argparse.Namespace, folder: Path) -> dict:
         if engine_file(base_root) is None or not (base_root / "previous_chapters.py").is_file():
             raise RuntimeError(f"{args.base} has no previous_chapters.py and engine.py to time")
         trees = {"base": base_root, "current": REPO_ROOT}
-        with workers(trees, setup, folder) as sides:
-            r["modules"] = {name: w.ready["modules"] for name, w in sides.items()}
-            r["first_batch_loss"] = {name: w.ask(cmd="check")["loss"] for name, w in sides.items()}
-            stage("generation")
-            r["generation"] = bench_generation(sides, sizes)
-            stage("training step")
-            r["train_step"] = bench_train_step(sides, batches, sizes)
+        generation, train_step = [], []
+        for pair in range(1, args.pairs + 1):
+            with workers(trees, setup, folder) as sides:
+                r["modules"] = {name: w.ready["modules"] for name, w in sides.items()}
+                r["first_batch_loss"] = {n: w.ask(cmd="check")["loss"] for n, w in sides.items()}
+                stage(f"generation (worker pair {pair} of {args.pairs})")
+                generation.append(bench_generation(sides, sizes))
+                stage(f"training step (worker pair {pair} of {args.pairs})")
+                train_step.append(bench_train_step(sides, batches, sizes))
+    r["generation"], r["train_step"] = pooled(generation), pooled(train_step)
     return r
 
 
@@ -407,7 +429,8 @@ def save(r: dict, rows: list[list[str]], stem: Path) -> None:
         "",
         f"{m['date']}; {m['cpu']} ({m['cores']} cores, {m['torch_threads']} torch threads per "
         f"worker), device {m['device']}, torch {m['torch']}, Python {m['python']}. "
-        f"Model: {r['model']}. Data: {r['data']}.",
+        f"Model: {r['model']}. Data: {r['data']}. "
+        f"Worker pairs: {r['train_step'].get('pairs', 1)}, one after the other, rounds pooled.",
         "",
         report.markdown_table(rows, header(r)),
         "",
@@ -422,6 +445,8 @@ def main(argv=None) -> int:
     problem = why_not(args.base)
     if problem is None and args.data is not None and not args.data.is_file():
         problem = f"no data file {args.data}"
+    if problem is None and args.pairs < 1:
+        problem = f"--pairs must be at least 1, got {args.pairs}"
     if problem:
         print(f"revisions.py: {problem}", file=sys.stderr)
         return 2

@@ -93,3 +93,25 @@ def test_random_params_load_into_the_model_and_depend_only_on_the_seed():
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(x, y), name
     assert not torch.equal(random_params(cfg, 2)["wte"], random_params(cfg, 1)["wte"])
+
+
+def test_pooled_pairs_take_the_median_over_every_round_and_the_worst_check():
+    from benchmarks import revisions
+
+    def result(base, current, difference):
+        return {"tokens": [100, 200], "max_loss_difference": difference,
+                "base": {"seconds": base, "losses": [1.0]},
+                "current": {"seconds": current, "losses": [1.0]}}  # fmt: skip
+
+    r = revisions.pooled([result([1.0, 2.0], [1.0, 1.0], 0.0), result([1.0, 4.0], [2.0, 2.0], 0.5)])
+    assert r["pairs"] == 2 and r["tokens"] == [100, 200, 100, 200]
+    assert r["base"]["tokens_per_s"] == 100.0  # rates 100, 100, 100, 50
+    assert r["current"]["tokens_per_s"] == 100.0  # rates 100, 200, 50, 100
+    assert r["base"]["seconds"] == [1.0, 2.0, 1.0, 4.0] and r["max_loss_difference"] == 0.5
+
+
+def test_pairs_below_one_are_refused_in_one_line(capsys):
+    from benchmarks import revisions
+
+    assert revisions.main(["--base", "HEAD", "--pairs", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "revisions.py: --pairs must be at least 1, got 0"
