@@ -240,6 +240,17 @@ def parse_score(reply: str, rubric: str = "0-100") -> int | None:
     return score if low <= score <= high else None
 
 
+def checked_endpoint(
+    url: str | None, api: str, rubric: str, timeout: float | tuple, max_failures: int
+) -> str:
+    """The judge's endpoint, once the settings are checked (before any request is made)."""
+    endpoint, _ = judge_endpoint(url, api), check_rubric(rubric)
+    split_timeout(timeout)
+    if max_failures < 1:
+        raise ConfigError(f"max_failures={max_failures}: give at least 1")
+    return endpoint
+
+
 def judge_responses(
     json_data: Sequence[dict],
     json_key: str = "model_response",
@@ -269,10 +280,7 @@ def judge_responses(
     (an excerpt) and ``judge_rubric``; entries holding a reply of this ``model`` on this
     ``rubric`` are not asked again (with ``rescore_unscored``, those without a score are).
     """
-    endpoint, _ = judge_endpoint(url, api), check_rubric(rubric)
-    split_timeout(timeout)  # a bad timeout fails before any request
-    if max_failures < 1:
-        raise ConfigError(f"max_failures={max_failures}: give at least 1")
+    endpoint = checked_endpoint(url, api, rubric, timeout, max_failures)
     key = api_key if api_key is not None else judge_client.api_key(api)
     records = [with_short_reply(entry) for entry in json_data]
     todo = to_ask(records, model, rescore_unscored, rubric)
