@@ -106,7 +106,8 @@ class KVCache:
     capacity, head_dim], of which the first ``length`` positions are filled.
 
     Made with room for ``capacity`` positions (the engine knows how many it needs), it grows
-    when a forward needs more (the course's open-ended ``use_cache=True``).
+    when a forward needs more (the course's open-ended ``use_cache=True``), doubling up to the
+    model's ``context_length``.
     """
 
     def __init__(self, model: nn.Module, batch_size: int, capacity: int = 0) -> None:
@@ -117,6 +118,7 @@ class KVCache:
         self.keys = torch.zeros(shape, device=weight.device, dtype=weight.dtype)
         self.values = torch.zeros_like(self.keys)
         self.length = 0
+        self.max_length = model.context_length  # (no position past it: never grow beyond)
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Write one layer's new keys and values [batch, heads, new, head_dim] after the
@@ -129,7 +131,7 @@ class KVCache:
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
     def _grow(self, needed: int) -> None:
-        more = max(needed, 2 * self.keys.shape[3]) - self.keys.shape[3]
+        more = max(needed, min(2 * self.keys.shape[3], self.max_length)) - self.keys.shape[3]
         pad = self.keys.new_zeros((*self.keys.shape[:3], more, self.keys.shape[4]))
         self.keys, self.values = torch.cat((self.keys, pad), 3), torch.cat((self.values, pad), 3)
 
@@ -138,7 +140,7 @@ class KVCache:
         into this cache's memory)."""
         part = object.__new__(KVCache)
         part.keys, part.values = self.keys[:, rows, :, offset:], self.values[:, rows, :, offset:]
-        part.length = 0
+        part.length, part.max_length = 0, self.max_length - offset
         return part
 
     def keep_rows(self, index: torch.Tensor) -> None:

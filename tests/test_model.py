@@ -124,6 +124,20 @@ def test_cached_forward_in_chunks_equals_full_forward(model):
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
+def test_the_growing_cache_never_holds_more_than_the_context(model):
+    """``use_cache=True``'s cache doubles as the text grows, but stops at context_length
+    (no position lies past it), so one token at a time fills it to exactly that size."""
+    with torch.no_grad():
+        model.reset_kv_cache()
+        model(torch.zeros((1, 5), dtype=torch.long), use_cache=True)
+        sizes = []
+        while model.current_pos < CTX:
+            model(torch.zeros((1, 1), dtype=torch.long), use_cache=True)
+            sizes.append(model.kv_cache.keys.shape[3])
+        model.reset_kv_cache()
+    assert sizes == sorted(sizes) and sizes[-1] == CTX and len(set(sizes)) > 1
+
+
 def test_reset_kv_cache_starts_over(model):
     idx = torch.randint(0, 97, (1, 6), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
