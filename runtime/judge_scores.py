@@ -3,10 +3,11 @@ resumed, summed up with a bootstrap interval, printed.
 
 ``ollama_evaluate`` holds the course's pieces (``query_model``, ``judge_prompt``,
 ``parse_score``, ``generate_model_scores``); this module holds what makes them a tool that
-loses nothing: ``JudgeSettings`` names the judge and its limits as one value, ``ask_each`` asks the judge about each entry still missing and saves every
-reply as it arrives, stopping after ``max_failures`` failed requests in a row;
-``has_judge_reply`` and ``to_ask`` decide what a re-run asks again; ``JudgeResult`` holds the
-scores and every failure, never dropped, and ``summary()`` is what run-summary.json keeps.
+loses nothing: ``JudgeSettings`` names the judge and its limits as one value; ``ask_each``
+asks the judge about each entry still missing and saves every reply as it arrives, stopping
+after ``max_failures`` failed requests in a row; ``has_judge_reply`` and ``to_ask`` decide
+what a re-run asks again; ``JudgeResult`` holds the scores and every failure, never dropped,
+and ``summary()`` is what run-summary.json keeps.
 """
 
 from __future__ import annotations
